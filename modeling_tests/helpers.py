@@ -1,0 +1,135 @@
+"""Shared by the tests: tiny qwen2_moe configs, reproducible random weights that route far from uniform, hub-layout
+checkpoints, and the reference outputs recorded from transformers 5.23's built-in qwen2_moe."""
+
+import os
+import zlib
+
+import torch
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
+SHARED = os.path.normpath(SHARED)
+TOKENIZER_DIR = os.path.join(SHARED, "qwen-tokenizer")
+METADATA_DIR = os.path.join(SHARED, "qwen1.5-moe-metadata")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+# The release post's prompt, and the ids transformers 4.38.2 and 5.23.0 give for it (../shared/NOTES.md).
+BLOG_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Give me a short introduction to large language model."},
+]
+BLOG_PROMPT_IDS = [
+    151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 35127, 752, 264, 2805,
+    16800, 311, 3460, 4128, 1614, 13, 151645, 198, 151644, 77091, 198,
+]
+
+_BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    max_position_embeddings=256,
+    pad_token_id=0,
+)
+
+# The shapes the parity tests cover (each >= 3 layers).
+PARITY_CONFIGS = {
+    "gqa": dict(_BASE),
+    "sparse_step2_mha_norm": dict(_BASE, num_hidden_layers=4, num_key_value_heads=4, decoder_sparse_step=2,
+                                  norm_topk_prob=True),
+    "mlp_only_mqa_norm": dict(_BASE, num_key_value_heads=1, mlp_only_layers=[0, 2], norm_topk_prob=True),
+    "top3_of_8_wide_heads": dict(_BASE, num_attention_heads=8, num_key_value_heads=2, hidden_size=128,
+                                 num_experts=8, num_experts_per_tok=3),
+}
+
+
+def tiny_config_kwargs(name="gqa", **overrides):
+    kwargs = dict(PARITY_CONFIGS[name])
+    kwargs.update(overrides)
+    return kwargs
+
+
+def randomize_(model, seed):
+    """Reproducible random weights, scaled so the router is decisive: router weights std 1 give logits with a
+    spread of several units, so top-k picks are far from ties and a wrong router shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("mlp.gate.weight"):
+                values = torch.randn(param.shape, generator=gen)
+            elif "norm" in name:
+                values = 0.5 + torch.rand(param.shape, generator=gen)
+            elif "embed_tokens" in name:
+                values = torch.randn(param.shape, generator=gen)
+            else:
+                values = torch.randn(param.shape, generator=gen) * (1.0 / param.shape[-1] ** 0.5)
+            param.copy_(values.to(param.dtype))
+    return model
+
+
+def fingerprint(model):
+    """A checksum of the weights, to tell whether a rebuilt model is the one a fixture was recorded with."""
+    crc = 0
+    for name, tensor in sorted(model.state_dict().items()):
+        crc = zlib.crc32(tensor.detach().float().contiguous().numpy().tobytes(), zlib.crc32(name.encode(), crc))
+    return crc
+
+
+def build_model(name, seed=0, **overrides):
+    """Our model with the named tiny config and seeded weights, fp32, eval mode."""
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**tiny_config_kwargs(name, **overrides)))
+    return randomize_(model, seed).eval()
+
+
+def save_checkpoint(model, path, max_shard_size="200KB"):
+    """Hub layout: sharded safetensors + model.safetensors.index.json, per-expert keys."""
+    model.save_pretrained(path, max_shard_size=max_shard_size, safe_serialization=True)
+    return path
+
+
+def parity_inputs(vocab_size, seed=1):
+    """A left-padded batch of two: row 0 has 4 pads, row 1 none; position ids follow the padding, as generate's."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab_size, (2, 12), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0
+    input_ids[0, :4] = 0  # pad_token_id
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def fixture_path(name):
+    return os.path.join(FIXTURES, f"parity_{name}.safetensors")
+
+
+def run_outputs(model, vocab_size, max_new_tokens=32):
+    """What the parity tests compare: logits, router logits and aux loss of the left-padded batch, and greedy
+    continuations of it. Works on our model and on transformers' built-in one."""
+    input_ids, attention_mask, position_ids = parity_inputs(vocab_size)
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_router_logits=True)
+        generated = model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=0, eos_token_id=None,
+        )
+    return {
+        "logits": out.logits.float(),
+        "router_logits": torch.stack([r.float() for r in out.router_logits]),
+        "aux_loss": out.aux_loss.float().reshape(1),
+        "generated": generated[:, input_ids.shape[1]:].contiguous(),
+    }
+
+
+def relative_error(actual, expected, mask=None):
+    """max |actual - expected| / max |expected| over the rows `mask` selects (real tokens, not padding)."""
+    if mask is not None:
+        actual, expected = actual[..., mask, :], expected[..., mask, :]
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()

@@ -1,0 +1,572 @@
+"""Qwen1.5-MoE (model_type `qwen2_moe`), self-contained: it never imports transformers' own qwen2_moe, so it runs on
+transformers 4.38 (which has none) and replaces the built-in one on 5.x.
+
+Top to bottom: RMSNorm, RoPE, attention (q/k/v bias, GQA; sdpa, eager, flash-attention-2), the dense MLP, the sparse
+MoE block (router -> routed experts through the dispatch layer -> + sigmoid-gated shared expert), the decoder layer,
+the model, the load-balancing loss, and the heads. Parameter names are the hub's, so checkpoints load as they are.
+"""
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from . import compat
+from .configuration_qwen2_moe import Qwen2MoeConfig
+from .moe import experts_forward, requested_backend, route
+
+logger = logging.getLogger("qwen2_moe_hf")
+
+
+class Qwen2MoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        # Normalise in float32, scale in the model dtype: the released model's numerics.
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class Qwen2MoeRotaryEmbedding(nn.Module):
+    """cos/sin of plain RoPE for given positions. The frequencies are recomputed per call (head_dim/2 numbers), so
+    there is no buffer to get lost when models are built on the meta device."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dim = config.head_dim
+        self.base = config.rope_theta
+
+    def forward(self, x, position_ids):
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=x.device) / self.dim))
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q, k [batch, heads, seq, head_dim]; cos, sin [batch, seq, head_dim]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(hidden_states, n_rep):
+    """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_rep, seq, head_dim] (GQA)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq, head_dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, seq, head_dim)
+
+
+def build_attention_mask(attention_mask, batch, q_len, past_len, device, sliding_window=None):
+    """Boolean mask [batch, 1, q_len, kv_len] (True = may attend), or None when plain causal attention suffices.
+
+    attention_mask: None or [batch, past_len + q_len] with 1 for real tokens, 0 for padding (left or right).
+    Rows that may attend to nothing (queries at padding) attend to everything instead, so they stay finite and
+    never spread NaN through the values of later layers; their outputs are meaningless and unused.
+    """
+    kv_len = past_len + q_len
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_len):
+            raise ValueError(
+                f"attention_mask: expected shape [batch={batch}, past + new tokens={kv_len}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if attention_mask is None and sliding_window is None and (q_len == 1 or past_len == 0):
+        return None
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    kv_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = kv_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (kv_pos > q_pos - sliding_window)
+    mask = mask[None, None].expand(batch, 1, q_len, kv_len)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class Qwen2MoeAttention(nn.Module):
+    """Multi-head attention with q/k/v bias, grouped-query KV heads and RoPE."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                output_attentions=False):
+        batch, q_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        dropout = self.attention_dropout if self.training else 0.0
+        implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        weights = None
+        if implementation == "flash_attention_2" and attention_mask is None and not output_attentions:
+            from flash_attn import flash_attn_func
+
+            # flash-attn wants [batch, seq, heads, dim]; its causal mask is bottom-right aligned, as a cache needs.
+            out = flash_attn_func(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout,
+                softmax_scale=self.scaling, causal=q_len > 1,
+            )
+        elif implementation == "eager" or output_attentions:
+            key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
+            scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            elif q_len > 1:
+                causal = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=scores.device).tril(
+                    key.shape[2] - q_len
+                )
+                scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            weights = F.dropout(weights, p=dropout, training=self.training)
+            out = torch.matmul(weights, value).transpose(1, 2)
+        else:  # sdpa; also flash_attention_2 with padding, which flash_attn_func cannot mask
+            key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling,
+                is_causal=attention_mask is None and q_len > 1,
+            ).transpose(1, 2)
+        out = self.o_proj(out.reshape(batch, q_len, -1))
+        return out, weights
+
+
+class Qwen2MoeMLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x)). Dense layers, each routed expert and the shared expert."""
+
+    def __init__(self, config, intermediate_size=None):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2MoeExperts(nn.ModuleList):
+    """The routed experts, one Qwen2MoeMLP each, so the state dict speaks the hub's `experts.{e}.{gate,up,down}_proj`
+    names. The dispatch layer decides how they are computed."""
+
+    def __init__(self, config):
+        super().__init__([Qwen2MoeMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)])
+
+
+class Qwen2MoeSparseMoeBlock(nn.Module):
+    """router -> top-k routed experts (weighted) + sigmoid(shared_expert_gate(x)) * shared_expert(x).
+
+    forward(hidden_states [batch, seq, hidden]) -> [batch, seq, hidden]; with return_router_logits=True also the
+    router logits [batch * seq, num_experts].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Qwen2MoeExperts(config)
+        self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, hidden_states, return_router_logits=False):
+        batch, seq, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)
+        router_logits = self.gate(x)
+        topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob)
+        backend = requested_backend(getattr(self.config, "moe_backend", None))
+        routed = experts_forward(x, topk_ids, topk_weights, self.experts, backend=backend)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        out = (routed + shared).reshape(batch, seq, hidden)
+        return (out, router_logits) if return_router_logits else out
+
+
+class Qwen2MoeDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.self_attn = Qwen2MoeAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = Qwen2MoeSparseMoeBlock(config)
+        else:
+            self.mlp = Qwen2MoeMLP(config, intermediate_size=config.intermediate_size)
+        self.input_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                output_attentions=False):
+        """-> (hidden_states, attention weights or None, router logits or None)."""
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values,
+            output_attentions,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        router_logits = None
+        if isinstance(self.mlp, Qwen2MoeSparseMoeBlock):
+            hidden_states, router_logits = self.mlp(hidden_states, return_router_logits=True)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, attn_weights, router_logits
+
+
+class Qwen2MoePreTrainedModel(PreTrainedModel):
+    config_class = Qwen2MoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2MoeDecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+    _supports_sdpa = True
+    _supports_flash_attn_2 = True  # transformers 4.x
+    _supports_flash_attn = True  # transformers 5.x
+    _supports_cache_class = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            compat.init_normal_(module.weight, std)
+            if module.bias is not None:
+                compat.init_zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            compat.init_normal_(module.weight, std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, Qwen2MoeRMSNorm):
+            compat.init_ones_(module.weight)
+
+
+class Qwen2MoeModel(Qwen2MoePreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([Qwen2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2MoeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_router_logits=None,
+        return_dict=None,
+        cache_position=None,
+        **kwargs,
+    ):
+        config = self.config
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else config.output_router_logits
+        )
+        use_cache = use_cache if use_cache is not None else config.use_cache
+        return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids or inputs_embeds")
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, q_len = inputs_embeds.shape[:2]
+
+        past_key_values = compat.as_cache(past_key_values)
+        if use_cache and past_key_values is None:
+            past_key_values = compat.DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0).expand(batch, -1)
+
+        mask = build_attention_mask(
+            attention_mask, batch, q_len, past_len, inputs_embeds.device,
+            sliding_window=config.sliding_window if "sliding_attention" in config.layer_types else None,
+        )
+        # TODO(per-layer sliding windows) all layers share one mask; Qwen1.5-MoE uses none.
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_router_logits = () if output_router_logits else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if self.gradient_checkpointing and self.training:
+                hidden_states, attn, router_logits = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, position_embeddings, mask, None, output_attentions
+                )
+            else:
+                hidden_states, attn, router_logits = layer(
+                    hidden_states, position_embeddings, mask, past_key_values, output_attentions
+                )
+            if output_attentions:
+                all_attentions += (attn,)
+            if output_router_logits and router_logits is not None:
+                all_router_logits += (router_logits,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            router_logits=all_router_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask=None):
+    """Switch-Transformer load-balancing loss over the MoE layers' router logits (each [batch * seq, E]):
+    num_experts * sum_e (fraction of top-k slots routed to e) * (mean router probability of e), over real tokens.
+    """
+    if not router_logits:
+        return 0
+    device = router_logits[0].device
+    logits = torch.cat([layer.to(device) for layer in router_logits], dim=0)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    slots = F.one_hot(selected, num_experts).to(torch.float32)  # [rows, k, E]
+    if attention_mask is None:
+        tokens_per_expert = slots.sum(dim=(0, 1)) / probs.shape[0]
+        prob_per_expert = probs.mean(dim=0)
+    else:
+        rows_per_layer = router_logits[0].shape[0]
+        batch = attention_mask.shape[0]
+        # With a cache the mask also covers past tokens; the logits are for the last seq positions only.
+        mask = attention_mask[:, -(rows_per_layer // batch):].reshape(-1).to(device, torch.float32)
+        mask = mask.repeat(len(router_logits))
+        tokens_per_expert = (slots * mask[:, None, None]).sum(dim=(0, 1)) / mask.sum()
+        prob_per_expert = (probs * mask[:, None]).sum(dim=0) / mask.sum()
+    return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
+
+
+def _causal_lm_loss(logits, labels, ignore_index=-100):
+    shift_logits = logits[..., :-1, :].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[..., 1:].reshape(-1).to(shift_logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+
+
+class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if compat.IS_V5 else ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Qwen2MoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_router_logits=None,
+        return_dict=None,
+        cache_position=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        config = self.config
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else config.output_router_logits
+        )
+        return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            return_dict=True,
+            cache_position=cache_position,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits_to_keep = kwargs.get("num_logits_to_keep", logits_to_keep)  # the 4.4x name
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = _causal_lm_loss(logits, labels) if labels is not None else None
+        aux_loss = None
+        if output_router_logits:
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, config.num_experts, config.num_experts_per_tok, attention_mask
+            )
+            if loss is not None and torch.is_tensor(aux_loss):
+                loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        output = MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+    if not compat.HAS_GENERIC_PREPARE_INPUTS:
+
+        def prepare_inputs_for_generation(self, input_ids, **kwargs):
+            return compat.prepare_inputs_for_generation(self, input_ids, **kwargs)
+
+        @staticmethod
+        def _reorder_cache(past_key_values, beam_idx):
+            past_key_values.reorder_cache(beam_idx)
+            return past_key_values
+
+
+class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel):
+    """Scores each sequence from the hidden state of its last non-padding token."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = Qwen2MoeModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch = logits.shape[0]
+        if input_ids is not None and self.config.pad_token_id is not None:
+            # Rightmost non-pad token, which is correct for both left and right padding.
+            non_pad = (input_ids != self.config.pad_token_id).int()
+            positions = torch.arange(input_ids.shape[1], device=logits.device)
+            last = (positions * non_pad.to(logits.device)).argmax(-1)
+        else:
+            last = torch.full((batch,), logits.shape[1] - 1, device=logits.device)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(pooled.device)
+            if self.num_labels == 1:
+                loss = F.mse_loss(pooled.squeeze(-1).float(), labels.float())
+            elif labels.dtype in (torch.long, torch.int):
+                loss = F.cross_entropy(pooled.float(), labels)
+            else:
+                loss = F.binary_cross_entropy_with_logits(pooled.float(), labels.float())
+        output = SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "Qwen2MoeForCausalLM",
+    "Qwen2MoeForSequenceClassification",
+    "Qwen2MoeModel",
+    "Qwen2MoePreTrainedModel",
+    "Qwen2MoeSparseMoeBlock",
+    "load_balancing_loss_func",
+]

@@ -1,0 +1,16 @@
+"""The MoE layer's machinery: routing, the expert-dispatch entry point and its backends."""
+
+from .dispatch import Backend, env_report, experts_forward, register_backend, requested_backend, select_backend
+from .reference import experts_forward_reference
+from .routing import route
+
+__all__ = [
+    "Backend",
+    "env_report",
+    "experts_forward",
+    "experts_forward_reference",
+    "register_backend",
+    "requested_backend",
+    "route",
+    "select_backend",
+]
