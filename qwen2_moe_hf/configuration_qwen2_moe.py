@@ -108,6 +108,8 @@ class Qwen2MoeConfig(PretrainedConfig):
                 for i in range(self.num_hidden_layers)
             ]
         self.layer_types = list(layer_types)
+        # Before the base class: 5.x's own validators would otherwise report some of these less plainly.
+        self.validate()
 
         super().__init__(tie_word_embeddings=tie_word_embeddings, **compat.config_base_kwargs(kwargs))
         # 5.x's base __post_init__ standardizes rope_parameters in place; keep ours authoritative.
@@ -118,7 +120,6 @@ class Qwen2MoeConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
-        self.validate()
 
     def is_moe_layer(self, layer_idx):
         """Whether decoder layer `layer_idx` has the sparse MoE block (else a dense MLP)."""

@@ -1,0 +1,100 @@
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from qwen2_moe_hf import Qwen2MoeConfig, compat
+
+import helpers
+
+GPTQ_CONFIG = os.path.join(helpers.METADATA_DIR, "Qwen1.5-MoE-A2.7B-Chat-GPTQ-Int4.config.json")
+needs_metadata = pytest.mark.skipif(
+    not os.path.isfile(GPTQ_CONFIG), reason=f"../shared/qwen1.5-moe-metadata not found at {helpers.METADATA_DIR}"
+)
+
+
+def test_defaults_are_qwen15_moe_a27b():
+    config = Qwen2MoeConfig()
+    expected = dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=128, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, norm_topk_prob=False, rope_theta=1e6, rms_norm_eps=1e-6,
+        decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, tie_word_embeddings=False,
+        qkv_bias=True, router_aux_loss_coef=0.001, max_position_embeddings=32768, hidden_act="silu",
+    )
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert config.layer_types == ["full_attention"] * 24
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+
+
+@needs_metadata
+def test_hub_config_in_the_439_form_loads_every_field(tmp_path):
+    with open(GPTQ_CONFIG) as f:
+        hub = json.load(f)
+    hub.pop("quantization_config")
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config) is Qwen2MoeConfig
+    for key, value in hub.items():
+        if key in ("torch_dtype", "transformers_version", "architectures", "sliding_window"):
+            continue
+        assert getattr(config, key) == value, key
+    assert config.rope_parameters["rope_theta"] == hub["rope_theta"]
+    assert compat.config_dtype(config) in (torch.float16, "float16")
+
+
+def test_5x_form_loads(tmp_path):
+    data = dict(
+        helpers.tiny_config_kwargs(), model_type="qwen2_moe", dtype="bfloat16",
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5}, layer_types=["full_attention"] * 3,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config) is Qwen2MoeConfig
+    assert config.rope_theta == 5e5
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 5e5}
+    assert compat.config_dtype(config) in (torch.bfloat16, "bfloat16")
+
+
+def test_round_trip_through_save_pretrained(tmp_path):
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs("sparse_step2_mha_norm", rope_theta=12345.0))
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # Both spellings of the RoPE base, so 4.x and 5.x readers both find theirs.
+    assert saved["rope_theta"] == 12345.0 and saved["rope_parameters"]["rope_theta"] == 12345.0
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert type(again) is Qwen2MoeConfig
+    keys = set(config.to_diff_dict()) | {"decoder_sparse_step", "norm_topk_prob", "rope_parameters", "layer_types"}
+    for key in keys - {"transformers_version"}:
+        assert getattr(again, key) == getattr(config, key), key
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_experts_per_tok", 7),  # top-k > experts
+        ("num_experts_per_tok", 0),
+        ("num_key_value_heads", 3),  # heads not divisible by KV heads
+        ("hidden_size", 66),  # not a multiple of the heads
+        ("hidden_size", 0),
+        ("num_hidden_layers", -1),
+        ("vocab_size", 1.5),
+        ("moe_intermediate_size", -8),
+        ("mlp_only_layers", [3]),  # outside the 3 layers
+        ("decoder_sparse_step", 0),
+        ("hidden_act", "swiglu9"),
+        ("rms_norm_eps", 0.0),
+        ("rope_theta", -1.0),
+        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}),
+        ("layer_types", ["full_attention"]),
+        ("head_dim", 15),
+    ],
+)
+def test_invalid_values_raise_naming_the_field(field, value):
+    kwargs = helpers.tiny_config_kwargs()
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=field.split("_")[0]) as info:
+        Qwen2MoeConfig(**kwargs)
+    assert field in str(info.value) or field == "rope_parameters" and "rope_type" in str(info.value)
