@@ -123,7 +123,7 @@ def _train(model, tokenizer, steps, seed):
     return loss.item()
 
 
-def build_demo_checkpoint(path=None, train_steps=150, seed=0):
+def build_demo_checkpoint(path=None, train_steps=200, seed=0):
     """Make (once) and return the folder of the demo checkpoint: config, safetensors weights, generation config,
     tokenizer. An existing complete folder is reused."""
     from transformers import AutoTokenizer, GenerationConfig
