@@ -228,3 +228,17 @@ def test_never_imports_transformers_qwen2_moe():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok qwen2_moe_hf.modeling_qwen2_moe" in result.stdout
     assert compat.TRANSFORMERS_VERSION is not None
+
+
+def test_sliding_window_layers_see_only_the_window():
+    """Layers typed "sliding_attention" attend to the last `sliding_window` keys; full layers to all."""
+    kwargs = helpers.tiny_config_kwargs(use_sliding_window=True, sliding_window=3, max_window_layers=3)
+    config = Qwen2MoeConfig(**kwargs)
+    assert config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    model = helpers.randomize_(Qwen2MoeForCausalLM(config), seed=0).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(torch.randint(1, 128, (1, 6)), output_attentions=True)
+    sliding, full = out.attentions[0][0], out.attentions[1][0]
+    assert sliding[:, 5, :3].abs().max() == 0 and sliding[:, 5, 3:].sum(-1).allclose(torch.ones(4))
+    assert full[:, 5, :3].abs().max() > 0

@@ -343,18 +343,21 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(batch, -1)
 
-        mask = build_attention_mask(
-            attention_mask, batch, q_len, past_len, inputs_embeds.device,
-            sliding_window=config.sliding_window if "sliding_attention" in config.layer_types else None,
-        )
-        # TODO(per-layer sliding windows) all layers share one mask; Qwen1.5-MoE uses none.
+        masks = {
+            kind: build_attention_mask(
+                attention_mask, batch, q_len, past_len, inputs_embeds.device,
+                sliding_window=config.sliding_window if kind == "sliding_attention" else None,
+            )
+            for kind in set(config.layer_types)
+        }
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_router_logits = () if output_router_logits else None
-        for layer in self.layers:
+        for layer, kind in zip(self.layers, config.layer_types):
+            mask = masks[kind]
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if self.gradient_checkpointing and self.training:
