@@ -22,7 +22,7 @@ from transformers.modeling_outputs import (
 
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
-from .moe import experts_forward, requested_backend, route
+from .moe import moe_forward, requested_backend, route
 
 logger = logging.getLogger("qwen2_moe_hf")
 
@@ -219,9 +219,9 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         router_logits = self.gate(x)
         topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob)
         backend = requested_backend(getattr(self.config, "moe_backend", None))
-        routed = experts_forward(x, topk_ids, topk_weights, self.experts, backend=backend)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        out = (routed + shared).reshape(batch, seq, hidden)
+        out = moe_forward(
+            x, topk_ids, topk_weights, self.experts, self.shared_expert, self.shared_expert_gate, backend=backend
+        ).reshape(batch, seq, hidden)
         return (out, router_logits) if return_router_logits else out
 
 

@@ -1,7 +1,8 @@
 """Expert dispatch: one entry point for the routed experts, and the small registry of backends behind it.
 
 A backend is a function with the reference's signature:
-    fn(hidden_states [T, H], topk_ids [T, k], topk_weights [T, k], experts) -> [T, H]
+    fn(hidden_states [T, H], topk_ids [T, k], topk_weights [T, k], experts, shared_expert, shared_expert_gate)
+        -> [T, H] = routed experts' weighted sum + sigmoid(shared_expert_gate(x)) * shared_expert(x)
 `auto` takes the first registered backend that is available and supports the inputs; a backend asked for by name
 that cannot run raises. Choose per model with `config.moe_backend` (`from_pretrained(..., moe_backend=...)`) or for
 the process with env QWEN2_MOE_HF_MOE_BACKEND.
@@ -9,10 +10,13 @@ the process with env QWEN2_MOE_HF_MOE_BACKEND.
 
 import logging
 import os
+
+import torch
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
-from .reference import experts_forward_reference
+from . import cpu
+from .reference import moe_forward_reference
 
 logger = logging.getLogger("qwen2_moe_hf")
 
@@ -25,10 +29,12 @@ class Backend:
     forward: Callable
     # () -> (available, reason when not)
     available: Callable[[], Tuple[bool, str]]
-    # (hidden_states, experts) -> (supported, reason when not); checked per call, so keep it cheap
+    # (hidden_states, experts, shared_expert) -> (supported, reason when not); checked per call, so keep it cheap
     supports: Callable
     # Tried by `auto` in increasing order.
     priority: int = 100
+    # Without a backward, calls that need gradients run on the torch reference instead (training keeps working).
+    has_backward: bool = False
 
 
 _BACKENDS = {}
@@ -43,7 +49,8 @@ def _always(*_args):
     return True, ""
 
 
-register_backend(Backend("torch", experts_forward_reference, _always, _always, priority=1000))
+register_backend(Backend("torch", moe_forward_reference, _always, _always, priority=1000, has_backward=True))
+register_backend(Backend("cpu", cpu.moe_forward_cpu, cpu.available, cpu.supports, priority=50))
 
 
 def available_backends():
@@ -67,27 +74,47 @@ def requested_backend(config_value=None):
     return name
 
 
-def select_backend(name, hidden_states, experts):
-    """The Backend that runs these inputs. Named backends must run; `auto` falls back, logging once why."""
+def _needs_grad(hidden_states, modules):
+    if not torch.is_grad_enabled():
+        return False
+    return hidden_states.requires_grad or any(p.requires_grad for m in modules if m is not None for p in m.parameters())
+
+
+def _log_once(backend, why):
+    if (backend, why) not in _warned_fallback:
+        _warned_fallback.add((backend, why))
+        logger.info("qwen2_moe_hf: moe backend %r skipped (%s)", backend, why)
+
+
+def select_backend(name, hidden_states, experts, shared_expert=None):
+    """The Backend that runs these inputs. Named backends must run; `auto` falls back, logging once why.
+    Either way, a call that needs gradients goes to a backend with a backward (the torch reference)."""
+    if _needs_grad(hidden_states, (experts, shared_expert)) and not (
+        name != "auto" and _BACKENDS[name].has_backward
+    ):
+        if name != "auto":
+            _log_once(name, "autograd needs a backward; using the torch reference for this call")
+        return _BACKENDS["torch"]
     if name != "auto":
         backend = _BACKENDS[name]
-        for check in (backend.available(), backend.supports(hidden_states, experts)):
-            if not check[0]:
-                raise RuntimeError(f"moe_backend {name!r} cannot run here: {check[1]}")
+        ok, why = backend.available()
+        if ok:
+            ok, why = backend.supports(hidden_states, experts, shared_expert)
+        if not ok:
+            raise RuntimeError(f"moe_backend {name!r} cannot run here: {why}")
         return backend
     for backend in sorted(_BACKENDS.values(), key=lambda b: b.priority):
         ok, why = backend.available()
         if ok:
-            ok, why = backend.supports(hidden_states, experts)
+            ok, why = backend.supports(hidden_states, experts, shared_expert)
         if ok:
             return backend
-        key = (backend.name, why)
-        if key not in _warned_fallback:
-            _warned_fallback.add(key)
-            logger.info("qwen2_moe_hf: moe backend %r skipped (%s)", backend.name, why)
+        _log_once(backend.name, why)
     raise RuntimeError("no moe backend can run these inputs")  # unreachable: torch always runs
 
 
-def experts_forward(hidden_states, topk_ids, topk_weights, experts, backend="auto"):
-    """The routed experts' weighted output [T, H] through the chosen backend."""
-    return select_backend(backend, hidden_states, experts).forward(hidden_states, topk_ids, topk_weights, experts)
+def moe_forward(hidden_states, topk_ids, topk_weights, experts, shared_expert=None, shared_expert_gate=None,
+                backend="auto"):
+    """The MoE feed-forward [T, H] (routed experts, weighted, plus the gated shared expert) through a backend."""
+    chosen = select_backend(backend, hidden_states, experts, shared_expert)
+    return chosen.forward(hidden_states, topk_ids, topk_weights, experts, shared_expert, shared_expert_gate)

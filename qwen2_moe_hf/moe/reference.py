@@ -23,3 +23,11 @@ def experts_forward_reference(hidden_states, topk_ids, topk_weights, experts):
         y = y * topk_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def moe_forward_reference(hidden_states, topk_ids, topk_weights, experts, shared_expert=None, shared_expert_gate=None):
+    """Routed experts plus, when given, the shared expert scaled by sigmoid(shared_expert_gate(x))."""
+    out = experts_forward_reference(hidden_states, topk_ids, topk_weights, experts)
+    if shared_expert is not None:
+        out = out + torch.sigmoid(shared_expert_gate(hidden_states)) * shared_expert(hidden_states)
+    return out

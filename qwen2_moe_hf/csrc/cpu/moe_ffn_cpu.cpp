@@ -1,0 +1,357 @@
+// The MoE layer's feed-forward on CPU in one op: routed experts (grouped by expert) + the gated shared expert.
+//
+// Why: on CPUs without native bf16 matmul (AVX2-only machines) oneDNN's bf16 GEMM runs at ~20 GFLOP/s at every M,
+// so the expert GEMMs, which have few rows each, cost several times their memory floor. Here weights are read once
+// in their storage dtype (bf16 / fp16 / fp32), widened to fp32 in registers and multiplied with all of the
+// expert's rows at once; experts with many rows widen a weight slab to fp32 and use MKL's sgemm instead.
+//
+// Contract (schema in qwen2_moe_hf/moe/ops.py):
+//   moe_ffn_cpu(x [T,H], topk_ids [T,k] int64, topk_weights [T,k], w_gate E x [I,H], w_up E x [I,H],
+//               w_down E x [H,I], shared_gate [S,H]?, shared_up [S,H]?, shared_down [H,S]?,
+//               shared_expert_gate [1,H]?) -> [T,H]
+//   The experts' weights come as lists of the per-expert tensors the model already holds (the hub's layout), so
+//   nothing is restacked or copied.
+//   out[t] = sum_j topk_weights[t,j] * expert_{ids[t,j]}(x[t]) + sigmoid(x[t] . g) * shared(x[t]),
+//   expert(x) = W_down (silu(W_gate x) * (W_up x)). Accumulation is fp32; the result has x's dtype.
+//   Deterministic: every sum runs in a fixed order, whatever the thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QMOE_AVX2 1
+#endif
+
+namespace {
+
+using at::BFloat16;
+using at::Half;
+
+// Rows per expert from which widening a weight slab to fp32 and calling sgemm beats streaming it.
+constexpr int64_t kSgemmRows = 96;
+// Rows per expert up to which weights are streamed (read once per pair of rows) rather than widened first.
+constexpr int64_t kStreamRows = 4;
+// Output rows per parallel work item: 4 rows of a weight x K=2048 bf16 = 16 KiB, an L1-sized slab.
+constexpr int64_t kTileN = 64;
+// Elements ahead of use that the single-row path prefetches (bytes = this * sizeof(weight)).
+constexpr int64_t kPrefetch = 512;
+
+inline float to_float(float v) { return v; }
+inline float to_float(BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(Half v) { return static_cast<float>(v); }
+
+#ifdef QMOE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const BFloat16* p) {
+  // bf16 is the top half of an fp32: zero-extend to 32 bits and shift into place.
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+#ifdef QMOE_AVX2
+// Streams weight rows from memory for the 1-2 rows of x that decode gives each expert: every weight element is
+// loaded once (widened to fp32 in registers) and prefetched a few cache lines ahead. Bandwidth-bound by design.
+template <typename T, int ROWS>
+inline void stream4(const float* x, int64_t K, const T* w0, int64_t n, float* y, int64_t ldy) {
+  const T* w1 = w0 + K;
+  const T* w2 = w1 + K;
+  const T* w3 = w2 + K;
+  const int64_t K8 = K - K % 8;
+  __m256 acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) {
+    if ((k & 31) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + k + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + k + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w2 + k + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w3 + k + kPrefetch), _MM_HINT_T0);
+    }
+    const __m256 v[4] = {load8(w0 + k), load8(w1 + k), load8(w2 + k), load8(w3 + k)};
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 a = _mm256_loadu_ps(x + r * K + k);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(a, v[j], acc[r][j]);
+    }
+  }
+  const T* ws[4] = {w0, w1, w2, w3};
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < 4; ++j) {
+      float sum = hsum(acc[r][j]);
+      for (int64_t k = K8; k < K; ++k) sum += x[r * K + k] * to_float(ws[j][k]);
+      y[r * ldy + n + j] = sum;
+    }
+}
+
+// For experts with several rows: widen a 4-row weight tile to fp32 once (into an L1-sized buffer) and run
+// 3 x-rows x 4 weight-rows register blocks over it, so the widening is paid once per tile, not once per row.
+template <int ROWS>
+inline void block_from_buffer(const float* x, int64_t K, const float* buf, int64_t n, float* y, int64_t ldy) {
+  const int64_t K8 = K - K % 8;
+  __m256 acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 v[4] = {_mm256_loadu_ps(buf + k), _mm256_loadu_ps(buf + K + k), _mm256_loadu_ps(buf + 2 * K + k),
+                         _mm256_loadu_ps(buf + 3 * K + k)};
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 a = _mm256_loadu_ps(x + r * K + k);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(a, v[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < 4; ++j) {
+      float sum = hsum(acc[r][j]);
+      for (int64_t k = K8; k < K; ++k) sum += x[r * K + k] * buf[j * K + k];
+      y[r * ldy + n + j] = sum;
+    }
+}
+
+template <typename T>
+inline void widen(const T* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < count; ++i) dst[i] = to_float(src[i]);
+}
+#endif
+
+// y[m, n] = sum_k x[m, k] * w[n, k] for n in [n0, n1), all m < M. x: fp32 [M, K] (row stride K);
+// w: [N, K] row-major; y: fp32, row stride ldy.
+template <typename T>
+void rows_times_weight(const float* x, int64_t M, int64_t K, const T* w, int64_t n0, int64_t n1, float* y,
+                       int64_t ldy) {
+  int64_t n = n0;
+#ifdef QMOE_AVX2
+  if (M <= kStreamRows) {
+    // Pairs of rows per pass; after the first pass the 4-row tile is in L1/L2.
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) stream4<T, 2>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
+      if (m < M) stream4<T, 1>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
+    }
+  } else {
+    std::vector<float> buf(4 * K);
+    for (; n + 4 <= n1; n += 4) {
+      widen(w + n * K, 4 * K, buf.data());
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) block_from_buffer<3>(x + m * K, K, buf.data(), n, y + m * ldy, ldy);
+      if (M - m == 2) block_from_buffer<2>(x + m * K, K, buf.data(), n, y + m * ldy, ldy);
+      if (M - m == 1) block_from_buffer<1>(x + m * K, K, buf.data(), n, y + m * ldy, ldy);
+    }
+  }
+#endif
+  for (; n < n1; ++n) {  // leftover rows (and the whole job without AVX2)
+    const T* wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += xr[k] * to_float(wr[k]);
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+// One GEMM job: y[0:M, 0:N] (row stride ldy) = x[0:M, 0:K] @ w^T, with w [N, K] row-major in the job list's dtype.
+struct Job {
+  const float* x;
+  int64_t M;
+  const void* w;
+  float* y;
+  int64_t N, K, ldy;
+};
+
+// Runs all jobs (one weight dtype) in one parallel region over (job, tile of N): few synchronisations, and both
+// threads busy even when a single expert has a token. Jobs with many rows use sgemm instead.
+template <typename T>
+void run_jobs(const std::vector<Job>& jobs) {
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  std::vector<const Job*> streamed;
+  std::vector<int64_t> first_item{0};
+  for (const Job& job : jobs) {
+    if (job.M >= kSgemmRows) {
+      // Widen the weights once, then let MKL do a proper GEMM (itself multi-threaded).
+      at::Tensor w32 = at::empty({job.N, job.K}, f32);
+      const T* src = static_cast<const T*>(job.w);
+      float* dst = w32.data_ptr<float>();
+      at::parallel_for(0, job.N * job.K, 1 << 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) dst[i] = to_float(src[i]);
+      });
+      at::Tensor xm = at::from_blob(const_cast<float*>(job.x), {job.M, job.K}, f32);
+      at::Tensor ym = at::from_blob(job.y, {job.M, job.N}, {job.ldy, 1}, f32);
+      at::mm_out(ym, xm, w32.t());
+    } else if (job.M > 0) {
+      streamed.push_back(&job);
+      first_item.push_back(first_item.back() + (job.N + kTileN - 1) / kTileN);
+    }
+  }
+  at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
+    for (int64_t item = begin; item < end; ++item) {
+      while (item >= first_item[j + 1]) ++j;
+      const Job& job = *streamed[j];
+      const int64_t n0 = (item - first_item[j]) * kTileN;
+      const int64_t n1 = std::min(job.N, n0 + kTileN);
+      rows_times_weight(job.x, job.M, job.K, static_cast<const T*>(job.w), n0, n1, job.y, job.ldy);
+    }
+  });
+}
+
+void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs) {
+  switch (dtype) {
+    case at::kFloat: return run_jobs<float>(jobs);
+    case at::kBFloat16: return run_jobs<BFloat16>(jobs);
+    case at::kHalf: return run_jobs<Half>(jobs);
+    default: TORCH_CHECK(false, "moe_ffn_cpu: weights must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// act[r, i] = silu(gu[r, i]) * gu[r, I + i] for rows [0, R).
+void silu_mul(const float* gu, int64_t R, int64_t I, float* act) {
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t i = 0; i < I; ++i) act[r * I + i] = silu(gu[r * 2 * I + i]) * gu[r * 2 * I + I + i];
+  });
+}
+
+at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                       at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
+                       const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
+                       const c10::optional<at::Tensor>& shared_down,
+                       const c10::optional<at::Tensor>& shared_expert_gate) {
+  TORCH_CHECK(x.dim() == 2, "moe_ffn_cpu: x must be [tokens, hidden], got ", x.sizes());
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_ids.scalar_type() == at::kLong,
+              "moe_ffn_cpu: topk_ids must be int64 [tokens, k], got ", topk_ids.sizes(), " ", topk_ids.scalar_type());
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moe_ffn_cpu: topk_weights must match topk_ids' shape");
+  const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1);
+  const int64_t E = static_cast<int64_t>(w_gate.size());
+  TORCH_CHECK(E > 0 && w_up.size() == w_gate.size() && w_down.size() == w_gate.size(),
+              "moe_ffn_cpu: need one gate, up and down weight per expert");
+  const int64_t I = w_gate[0].size(0);
+  const at::ScalarType wdt = w_gate[0].scalar_type();
+  for (int64_t e = 0; e < E; ++e) {
+    for (const at::Tensor* t : {&w_gate[e], &w_up[e], &w_down[e]}) {
+      TORCH_CHECK(t->dim() == 2 && t->is_contiguous() && t->device().is_cpu() && t->scalar_type() == wdt,
+                  "moe_ffn_cpu: expert ", e, " weights must be contiguous 2-D CPU tensors of one dtype");
+    }
+    TORCH_CHECK(w_gate[e].size(0) == I && w_gate[e].size(1) == H && w_up[e].sizes() == w_gate[e].sizes(),
+                "moe_ffn_cpu: expert ", e, " gate/up must be [", I, ", ", H, "], got ", w_gate[e].sizes());
+    TORCH_CHECK(w_down[e].size(0) == H && w_down[e].size(1) == I,
+                "moe_ffn_cpu: expert ", e, " down must be [", H, ", ", I, "], got ", w_down[e].sizes());
+  }
+
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor ids = topk_ids.contiguous();
+  at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * k; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < E, "moe_ffn_cpu: expert id ", id[i], " out of range [0, ", E, ")");
+
+  // Align: (token, slot) pairs sorted by expert, tokens ascending within an expert (a stable counting sort).
+  std::vector<int64_t> offsets(E + 1, 0);
+  for (int64_t i = 0; i < T * k; ++i) offsets[id[i] + 1]++;
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int64_t> pair_of_slot(T * k), cursor(offsets.begin(), offsets.end() - 1);
+  std::vector<int64_t> token_of_pair(T * k);
+  for (int64_t i = 0; i < T * k; ++i) {
+    const int64_t p = cursor[id[i]]++;
+    pair_of_slot[i] = p;
+    token_of_pair[p] = i / k;
+  }
+  const int64_t P = T * k;
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor xs = at::empty({P, H}, f32);
+  const float* xp = xf.data_ptr<float>();
+  float* xsp = xs.data_ptr<float>();
+  at::parallel_for(0, P, 64, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) std::copy(xp + token_of_pair[p] * H, xp + (token_of_pair[p] + 1) * H, xsp + p * H);
+  });
+
+  // GEMM1: gate and up of every routed expert, and of the shared expert, in one parallel region.
+  const bool has_shared = shared_gate.has_value() && shared_gate->defined();
+  int64_t S = 0;
+  if (has_shared) {
+    TORCH_CHECK(shared_up.has_value() && shared_down.has_value() && shared_expert_gate.has_value(),
+                "moe_ffn_cpu: the shared expert needs gate, up, down and shared_expert_gate weights");
+    const at::Tensor& sg = *shared_gate;
+    const at::Tensor& su = *shared_up;
+    const at::Tensor& sd = *shared_down;
+    S = sg.size(0);
+    TORCH_CHECK(sg.dim() == 2 && sg.size(1) == H && su.sizes() == sg.sizes() && sd.dim() == 2 && sd.size(0) == H &&
+                    sd.size(1) == S, "moe_ffn_cpu: shared expert weights must be [S,H], [S,H], [H,S]");
+    TORCH_CHECK(sg.is_contiguous() && su.is_contiguous() && sd.is_contiguous() && sg.scalar_type() == wdt &&
+                    su.scalar_type() == wdt && sd.scalar_type() == wdt,
+                "moe_ffn_cpu: shared expert weights must be contiguous, in the experts' dtype");
+    TORCH_CHECK(shared_expert_gate->numel() == H, "moe_ffn_cpu: shared_expert_gate must have hidden=", H, " weights");
+  }
+  at::Tensor gu = at::empty({P, 2 * I}, f32);
+  at::Tensor act = at::empty({P, I}, f32);
+  at::Tensor ys = at::empty({P, H}, f32);
+  at::Tensor sgu, sact, shared_out, shared_scale;
+  std::vector<Job> gemm1, gemm2;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t M = offsets[e + 1] - offsets[e];
+    if (M == 0) continue;
+    const float* xe = xsp + offsets[e] * H;
+    float* gue = gu.data_ptr<float>() + offsets[e] * 2 * I;
+    gemm1.push_back({xe, M, w_gate[e].data_ptr(), gue, I, H, 2 * I});
+    gemm1.push_back({xe, M, w_up[e].data_ptr(), gue + I, I, H, 2 * I});
+    gemm2.push_back({act.data_ptr<float>() + offsets[e] * I, M, w_down[e].data_ptr(),
+                     ys.data_ptr<float>() + offsets[e] * H, H, I, H});
+  }
+  if (has_shared) {
+    sgu = at::empty({T, 2 * S}, f32);
+    sact = at::empty({T, S}, f32);
+    shared_out = at::empty({T, H}, f32);
+    gemm1.push_back({xp, T, shared_gate->data_ptr(), sgu.data_ptr<float>(), S, H, 2 * S});
+    gemm1.push_back({xp, T, shared_up->data_ptr(), sgu.data_ptr<float>() + S, S, H, 2 * S});
+    gemm2.push_back({sact.data_ptr<float>(), T, shared_down->data_ptr(), shared_out.data_ptr<float>(), H, S, H});
+    shared_scale = at::sigmoid(at::mv(xf, shared_expert_gate->reshape({H}).to(at::kFloat)));
+  }
+  run_jobs_any(wdt, gemm1);
+  silu_mul(gu.data_ptr<float>(), P, I, act.data_ptr<float>());
+  if (has_shared) silu_mul(sgu.data_ptr<float>(), T, S, sact.data_ptr<float>());
+  run_jobs_any(wdt, gemm2);
+
+  // Combine: per token, its k slots in order, then the gated shared expert.
+  at::Tensor out = at::empty({T, H}, f32);
+  float* op = out.data_ptr<float>();
+  const float* yp = ys.data_ptr<float>();
+  const float* wp = wts.data_ptr<float>();
+  const float* so = has_shared ? shared_out.data_ptr<float>() : nullptr;
+  const float* ss = has_shared ? shared_scale.data_ptr<float>() : nullptr;
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* o = op + t * H;
+      std::fill(o, o + H, 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float w = wp[t * k + j];
+        const float* y = yp + pair_of_slot[t * k + j] * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += w * y[h];
+      }
+      if (so) {
+        const float s = ss[t];
+        for (int64_t h = 0; h < H; ++h) o[h] += s * so[t * H + h];
+      }
+    }
+  });
+  return out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) { m.impl("moe_ffn_cpu", &moe_ffn_cpu); }
