@@ -50,6 +50,10 @@ def _align_reference(ids, experts, block):
         sorted_slots += group + [len(flat)] * pad
         block_experts += [e] * ((len(group) + pad) // block)
         offsets.append(len(sorted_slots))
+    # Fixed upper-bound sizes (no host sync on GPU): unused blocks hold sentinels and expert -1.
+    max_blocks = -(-(len(flat) + experts * (block - 1)) // block)
+    sorted_slots += [len(flat)] * (max_blocks * block - len(sorted_slots))
+    block_experts += [-1] * (max_blocks - len(block_experts))
     return sorted_slots, block_experts, offsets
 
 

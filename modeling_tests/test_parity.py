@@ -118,10 +118,9 @@ def test_a_wrong_router_fails_the_tolerance(checkpoint, monkeypatch, mutation):
     """The parity bound is far tighter than what a wrong router does to the logits."""
     name, path, fp = checkpoint
     expected = _reference(name, path, fp, torch.float32)
-    from qwen2_moe_hf import modeling_qwen2_moe
-    from qwen2_moe_hf.moe import route
+    from qwen2_moe_hf.moe import routing
 
-    monkeypatch.setattr(modeling_qwen2_moe, "route", mutation(route))
+    monkeypatch.setattr(routing, "route", mutation(routing.route))
     got = helpers.run_outputs(_ours(path, torch.float32), helpers.PARITY_CONFIGS[name]["vocab_size"], 1)
     real = helpers.parity_inputs(2)[1].reshape(-1).bool()
     rel = helpers.relative_error(got["logits"].flatten(0, 1), expected["logits"].flatten(0, 1), real)

@@ -2,7 +2,8 @@
 transformers 4.38 (which has none) and replaces the built-in one on 5.x.
 
 Top to bottom: RMSNorm, RoPE, attention (q/k/v bias, GQA; sdpa, eager, flash-attention-2), the dense MLP, the sparse
-MoE block (router -> routed experts through the dispatch layer -> + sigmoid-gated shared expert), the decoder layer,
+MoE block (router -> top-k routing and routed experts through the dispatch layer -> + sigmoid-gated shared
+expert), the decoder layer,
 the model, the load-balancing loss, and the heads. Parameter names are the hub's, so checkpoints load as they are.
 """
 
@@ -22,7 +23,7 @@ from transformers.modeling_outputs import (
 
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
-from .moe import moe_forward, requested_backend, route
+from .moe import moe_block_forward, requested_backend
 
 logger = logging.getLogger("qwen2_moe_hf")
 
@@ -217,10 +218,9 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         batch, seq, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)
         router_logits = self.gate(x)
-        topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob)
-        backend = requested_backend(getattr(self.config, "moe_backend", None))
-        out = moe_forward(
-            x, topk_ids, topk_weights, self.experts, self.shared_expert, self.shared_expert_gate, backend=backend
+        out = moe_block_forward(
+            x, router_logits, self.top_k, self.norm_topk_prob, self.experts, self.shared_expert,
+            self.shared_expert_gate, backend=requested_backend(getattr(self.config, "moe_backend", None)),
         ).reshape(batch, seq, hidden)
         return (out, router_logits) if return_router_logits else out
 

@@ -13,9 +13,9 @@ import os
 
 import torch
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
-from . import cpu
+from . import cpu, cuda_backend, routing, triton_backend
 from .reference import moe_forward_reference
 
 logger = logging.getLogger("qwen2_moe_hf")
@@ -35,6 +35,8 @@ class Backend:
     priority: int = 100
     # Without a backward, calls that need gradients run on the torch reference instead (training keeps working).
     has_backward: bool = False
+    # (router_logits, top_k, norm_topk_prob) -> (topk_weights, topk_ids); None: moe.routing.route
+    route: Optional[Callable] = None
 
 
 _BACKENDS = {}
@@ -51,6 +53,10 @@ def _always(*_args):
 
 register_backend(Backend("torch", moe_forward_reference, _always, _always, priority=1000, has_backward=True))
 register_backend(Backend("cpu", cpu.moe_forward_cpu, cpu.available, cpu.supports, priority=50))
+register_backend(Backend("triton", triton_backend.moe_forward_triton, triton_backend.available,
+                         triton_backend.supports, priority=20))
+register_backend(Backend("cuda", cuda_backend.moe_forward_cuda, cuda_backend.available, cuda_backend.supports,
+                         priority=30, route=cuda_backend.route_cuda))
 
 
 def available_backends():
@@ -111,6 +117,15 @@ def select_backend(name, hidden_states, experts, shared_expert=None):
             return backend
         _log_once(backend.name, why)
     raise RuntimeError("no moe backend can run these inputs")  # unreachable: torch always runs
+
+
+def moe_block_forward(hidden_states, router_logits, top_k, norm_topk_prob, experts, shared_expert=None,
+                      shared_expert_gate=None, backend="auto"):
+    """The MoE layer after its router: route (top-k of the softmax) and run the experts, on one backend.
+    hidden_states [T, H], router_logits [T, E] -> [T, H]."""
+    chosen = select_backend(backend, hidden_states, experts, shared_expert)
+    topk_weights, topk_ids = (chosen.route or routing.route)(router_logits, top_k, norm_topk_prob)
+    return chosen.forward(hidden_states, topk_ids, topk_weights, experts, shared_expert, shared_expert_gate)
 
 
 def moe_forward(hidden_states, topk_ids, topk_weights, experts, shared_expert=None, shared_expert_gate=None,

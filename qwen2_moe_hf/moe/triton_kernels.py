@@ -25,6 +25,8 @@ def _gemm1_silu_mul(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_experts + pid_m)
+    if expert < 0:  # a padding block past the used length
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_slots + rows)
     valid = slots < num_slots
@@ -58,6 +60,8 @@ def _gemm2_weighted(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_experts + pid_m)
+    if expert < 0:
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_slots + rows)
     valid = slots < num_slots
@@ -134,23 +138,35 @@ def pointer_table(tensors, device):
 
 
 def align(topk_ids, num_experts, block_m):
-    """Slots sorted by expert and padded to block_m (torch version of csrc moe_align, same contract)."""
+    """csrc moe_align's contract (fixed upper-bound sizes, unused blocks have expert -1): the compiled op when it is
+    built for this device, else the same in torch."""
+    op = getattr(torch.ops.qwen2_moe_hf, "moe_align", None)
+    key = "CUDA" if topk_ids.is_cuda else "CPU"
+    if op is not None and torch._C._dispatch_has_kernel_for_dispatch_key("qwen2_moe_hf::moe_align", key):
+        sorted_slots, block_experts, _ = op(topk_ids, num_experts, block_m)
+        return sorted_slots, block_experts
+    return align_torch(topk_ids, num_experts, block_m)
+
+
+def align_torch(topk_ids, num_experts, block_m):
+    """moe_align in plain torch ops (any device, no host sync)."""
     slots = topk_ids.numel()
     flat = topk_ids.reshape(-1)
+    device = flat.device
     order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     offsets[1:] = torch.cumsum(padded, 0)
-    starts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    starts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     starts[1:] = torch.cumsum(counts, 0)
-    total = int(offsets[-1])
-    sorted_slots = torch.full((total,), slots, dtype=torch.int32, device=flat.device)
-    rank = torch.arange(slots, device=flat.device) - starts[flat[order]]
-    sorted_slots[offsets[flat[order]] + rank] = order.to(torch.int32)
-    block_experts = torch.repeat_interleave(
-        torch.arange(num_experts, device=flat.device, dtype=torch.int32), (padded // block_m)
-    )
+    max_blocks = -(-(slots + num_experts * (block_m - 1)) // block_m)
+    sorted_slots = torch.full((max_blocks * block_m,), slots, dtype=torch.int32, device=device)
+    expert_of = flat[order]
+    sorted_slots[offsets[expert_of] + torch.arange(slots, device=device) - starts[expert_of]] = order.to(torch.int32)
+    block_of = torch.arange(max_blocks, device=device) * block_m
+    block_experts = torch.searchsorted(offsets[1:], block_of, right=True).to(torch.int32)
+    block_experts[block_of >= offsets[-1]] = -1
     return sorted_slots, block_experts
 
 

@@ -3,11 +3,13 @@
 //
 //   topk_softmax(logits [T,E], k, renormalize) -> (weights [T,k] fp32, ids [T,k] int64)
 //       softmax over E in fp32, the k largest in descending order; equal probabilities go to the lower expert id.
-//   moe_align(ids [T,k] int64, num_experts, block) -> (sorted_slots [P] int32, block_experts [P/block] int32,
+//   moe_align(ids [T,k] int64, num_experts, block) -> (sorted_slots [B*block] int32, block_experts [B] int32,
 //                                                      expert_offsets [E+1] int32)
 //       the T*k slots (t*k + j) grouped by expert, ascending slot order within an expert, each expert's group padded
-//       to a multiple of `block` with the sentinel T*k; P = sum of padded group sizes; block_experts[b] is the expert
-//       of the b-th block; expert_offsets are the padded group starts.
+//       to a multiple of `block` with the sentinel T*k; expert_offsets are the padded group starts (the last one is
+//       the used length); block_experts[b] is the expert of the b-th block. Sizes are the fixed upper bound
+//       B = ceil((T*k + E*(block-1)) / block), so no host sync is needed on GPU: unused blocks have expert -1 and
+//       only sentinels. Ids outside [0, E) raise here; the CUDA version leaves them out.
 //   moe_combine(expert_out [T*k,H], weights [T,k], shared_out [T,H]?, shared_gate [T,1]?) -> [T,H]
 //       out[t] = sum_j weights[t,j] * expert_out[t*k+j] (+ sigmoid(shared_gate[t]) * shared_out[t]), accumulated in
 //       fp32 in slot order, returned in expert_out's dtype.
@@ -76,9 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& i
   int32_t* op = offsets.data_ptr<int32_t>();
   op[0] = 0;
   for (int64_t e = 0; e < num_experts; ++e) op[e + 1] = op[e] + (counts[e] + block - 1) / block * block;
-  const int64_t padded = op[num_experts];
-  at::Tensor sorted = at::full({padded}, static_cast<int32_t>(slots), i32);
-  at::Tensor block_experts = at::empty({padded / block}, i32);
+  const int64_t max_blocks = (slots + num_experts * (block - 1) + block - 1) / block;
+  at::Tensor sorted = at::full({max_blocks * block}, static_cast<int32_t>(slots), i32);
+  at::Tensor block_experts = at::full({max_blocks}, -1, i32);
   int32_t* sp = sorted.data_ptr<int32_t>();
   int32_t* bp = block_experts.data_ptr<int32_t>();
   std::vector<int64_t> cursor(op, op + num_experts);
