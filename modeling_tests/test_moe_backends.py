@@ -198,3 +198,11 @@ def test_lora_style_fine_tuning_lowers_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_cli_env_reports_backends():
+    out = subprocess.run([sys.executable, "-m", "qwen2_moe_hf.cli", "env"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name, state in qwen2_moe_hf.env_report().items():
+        assert f"{name}" in out.stdout and state.split(":")[0] in out.stdout

@@ -92,3 +92,17 @@ def test_moe_combine_contract(dtype, with_shared):
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
                                atol=1e-2 if dtype != torch.float32 else 1e-6)
+
+
+def test_ops_trace_under_torch_compile():
+    """The schemas' fake implementations let torch.compile trace the ops whole (fullgraph), as CUDA graphs need."""
+    logits = torch.randn(5, 60)
+    expert_out, weights = torch.randn(5 * 4, 16), torch.rand(5, 4)
+
+    def route_and_combine(logits, expert_out, weights):
+        w, ids = ops.topk_softmax(logits, 4, True)
+        return w, ids, ops.moe_combine(expert_out, weights, None, None)
+
+    compiled = torch.compile(route_and_combine, backend="aot_eager", fullgraph=True)
+    for got, expected in zip(compiled(logits, expert_out, weights), route_and_combine(logits, expert_out, weights)):
+        assert torch.equal(got, expected)

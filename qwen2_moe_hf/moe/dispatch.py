@@ -10,10 +10,10 @@ the process with env QWEN2_MOE_HF_MOE_BACKEND.
 
 import logging
 import os
-
-import torch
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
+
+import torch
 
 from . import cpu, cuda_backend, routing, triton_backend
 from .reference import moe_forward_reference

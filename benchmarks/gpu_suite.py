@@ -1,0 +1,194 @@
+"""Everything GPU-side in one command (meant for one H200, under 8 minutes):
+
+    python benchmarks/gpu_suite.py [--tokens 1 16 64 256 1024 4096] [--decode-layers 24] [--skip-tests]
+
+1. builds the CUDA extension (csrc/cuda) for this GPU and loads it;
+2. runs the GPU-marked tests (`pytest -m gpu`) and the backend tests with CUDA tensors;
+3. prints one MoE layer at the real Qwen1.5-MoE-A2.7B shape, bf16: our backends vs transformers 5.23's built-in
+   block (grouped_mm / batched_mm, same weights) against the floor = max(weights read once / measured copy
+   bandwidth, FLOPs / measured bf16 matmul rate), for 1 ... 4096 tokens;
+4. prints end-to-end batch-1 greedy decode tokens/s of a real-shape model with random weights (ours, each backend,
+   and the built-in), against the bandwidth ceiling of reading the active weights once per token.
+
+Paste its tables into docs/benchmarks.md.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHAPE = dict(hidden_size=2048, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+             shared_expert_intermediate_size=5632, intermediate_size=5632, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=151936, max_position_embeddings=4096)
+
+
+def cuda_time(fn, repeats=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / cuda_time(lambda: b.copy_(a), repeats=10)
+
+
+def matmul_rate():
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    return 2 * 8192 ** 3 / cuda_time(lambda: a @ b, repeats=10)
+
+
+def build_and_test(skip_tests):
+    from qwen2_moe_hf.moe.extension import load_cpu_ops, load_cuda_ops
+
+    start = time.perf_counter()
+    print("cuda ops:", load_cuda_ops(), f"({time.perf_counter() - start:.0f} s)")
+    print("cpu ops:", load_cpu_ops())
+    if not skip_tests:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu or not gpu",
+               "modeling_tests/test_cuda_extension.py", "modeling_tests/test_triton_kernels.py",
+               "modeling_tests/test_moe_backends.py", "modeling_tests/test_parity.py"]
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        result = subprocess.run(cmd, cwd=ROOT, env=env)
+        print("gpu tests:", "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})")
+
+
+def block_table(tokens_list, bw, rate):
+    from transformers.models.qwen2_moe import configuration_qwen2_moe as hf_config
+    from transformers.models.qwen2_moe import modeling_qwen2_moe as hf_model
+
+    import qwen2_moe_hf
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+    from qwen2_moe_hf.moe import route
+
+    config = Qwen2MoeConfig(**SHAPE, num_hidden_layers=1)
+    ours = Qwen2MoeSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
+    builtin_cfg = hf_config.Qwen2MoeConfig(**SHAPE, num_hidden_layers=1)
+    builtin = hf_model.Qwen2MoeSparseMoeBlock(builtin_cfg).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+        builtin.gate.weight.copy_(ours.gate.weight)
+        for e, expert in enumerate(ours.experts):
+            builtin.experts.gate_up_proj[e].copy_(torch.cat([expert.gate_proj.weight, expert.up_proj.weight]))
+            builtin.experts.down_proj[e].copy_(expert.down_proj.weight)
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(builtin.shared_expert, n).weight.copy_(getattr(ours.shared_expert, n).weight)
+        builtin.shared_expert_gate.weight.copy_(ours.shared_expert_gate.weight)
+    backends = [n for n, s in qwen2_moe_hf.env_report().items() if s == "available" and n != "cpu"]
+    names = [f"ours[{b}]" for b in backends] + ["builtin[grouped_mm]", "builtin[batched_mm]"]
+    print(f"\n| tokens | floor us | {' | '.join(names)} | ours best / floor | builtin best / ours best |")
+    print("|" + "---|" * (len(names) + 4))
+    for tokens in tokens_list:
+        x = torch.randn(1, tokens, 2048, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            _, ids = route(ours.gate(x.view(-1, 2048)), 4, False)
+        hit = ids.unique().numel()
+        weights = (hit * 3 * 2048 * 1408 + 3 * 2048 * 5632 + 61 * 2048) * 2
+        flops = 2 * tokens * 2048 * (3 * 4 * 1408 + 3 * 5632 + 61)
+        floor = max(weights / bw, flops / rate)
+        results = []
+        with torch.no_grad():
+            for b in backends:
+                config.moe_backend = b
+                results.append(cuda_time(lambda: ours(x)))
+            for impl in ("grouped_mm", "batched_mm"):
+                builtin_cfg._experts_implementation = impl
+                try:
+                    results.append(cuda_time(lambda: builtin(x)))
+                except Exception as exc:  # an implementation may not support this GPU / dtype
+                    print(f"builtin[{impl}] failed: {exc}")
+                    results.append(float("nan"))
+        ours_best = min(results[: len(backends)])
+        builtin_best = min(r for r in results[len(backends):] if r == r)
+        cells = " | ".join(f"{r * 1e6:.0f}" for r in results)
+        print(f"| {tokens} | {floor * 1e6:.0f} | {cells} | {ours_best / floor:.2f} | {builtin_best / ours_best:.2f}x |",
+              flush=True)
+    config.moe_backend = None
+
+
+def decode_table(layers, new_tokens=64):
+    from transformers.models.qwen2_moe import modeling_qwen2_moe as hf_model
+
+    import qwen2_moe_hf
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(**SHAPE, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2MoeForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 151936, (1, 32), device="cuda")
+    active = sum(p.numel() for n, p in model.named_parameters() if "experts." not in n)
+    active += layers * 4 * 3 * 2048 * 1408 - 151936 * 2048  # 4 routed experts per layer; one embedding row
+    ceiling = copy_bandwidth() / (2 * active)
+    print(f"\nbatch-1 greedy decode, {layers} layers, {new_tokens} new tokens; ceiling {ceiling:.0f} tok/s")
+    print("| model | tokens/s | of ceiling |\n|---|---|---|")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    for backend in [n for n, s in qwen2_moe_hf.env_report().items() if s == "available" and n != "cpu"]:
+        config.moe_backend = backend
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        rate = new_tokens / (time.perf_counter() - start)
+        print(f"| ours[{backend}] | {rate:.0f} | {rate / ceiling:.0%} |", flush=True)
+    state = {k: v for k, v in model.state_dict().items()}
+    del model
+    builtin = hf_model.Qwen2MoeForCausalLM(hf_model.Qwen2MoeConfig(**SHAPE, num_hidden_layers=layers))
+    builtin = builtin.to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(builtin.model.layers):
+            prefix = f"model.layers.{i}.mlp.experts."
+            for e in range(60):
+                layer.mlp.experts.gate_up_proj[e].copy_(torch.cat(
+                    [state[f"{prefix}{e}.gate_proj.weight"], state[f"{prefix}{e}.up_proj.weight"]]))
+                layer.mlp.experts.down_proj[e].copy_(state[f"{prefix}{e}.down_proj.weight"])
+    for impl in ("grouped_mm", "batched_mm"):
+        builtin.config._experts_implementation = impl
+        builtin.generate(ids, max_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        builtin.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        rate = new_tokens / (time.perf_counter() - start)
+        print(f"| builtin[{impl}] | {rate:.0f} | {rate / ceiling:.0%} |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--decode-layers", type=int, default=24)
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_suite.py needs a CUDA GPU")
+    print(torch.cuda.get_device_name(), "| torch", torch.__version__)
+    build_and_test(args.skip_tests)
+    bw, rate = copy_bandwidth(), matmul_rate()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    block_table(args.tokens, bw, rate)
+    decode_table(args.decode_layers)
+
+
+if __name__ == "__main__":
+    main()
