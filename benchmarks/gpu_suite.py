@@ -24,6 +24,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import moe_block  # noqa: E402  (the built-in block with our weights, shared with the CPU benchmark)
 
 SHAPE = dict(hidden_size=2048, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
              shared_expert_intermediate_size=5632, intermediate_size=5632, num_attention_heads=16,
@@ -73,27 +75,17 @@ def build_and_test(skip_tests):
 
 
 def block_table(tokens_list, bw, rate):
-    from transformers.models.qwen2_moe import configuration_qwen2_moe as hf_config
-    from transformers.models.qwen2_moe import modeling_qwen2_moe as hf_model
-
     import qwen2_moe_hf
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
     from qwen2_moe_hf.moe import route
 
     config = Qwen2MoeConfig(**SHAPE, num_hidden_layers=1)
     ours = Qwen2MoeSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
-    builtin_cfg = hf_config.Qwen2MoeConfig(**SHAPE, num_hidden_layers=1)
-    builtin = hf_model.Qwen2MoeSparseMoeBlock(builtin_cfg).to("cuda", torch.bfloat16).eval()
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
-        builtin.gate.weight.copy_(ours.gate.weight)
-        for e, expert in enumerate(ours.experts):
-            builtin.experts.gate_up_proj[e].copy_(torch.cat([expert.gate_proj.weight, expert.up_proj.weight]))
-            builtin.experts.down_proj[e].copy_(expert.down_proj.weight)
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            getattr(builtin.shared_expert, n).weight.copy_(getattr(ours.shared_expert, n).weight)
-        builtin.shared_expert_gate.weight.copy_(ours.shared_expert_gate.weight)
+    builtin, builtin_cfg = moe_block.builtin_block(ours, torch.bfloat16)  # same weights, experts fused
+    builtin = builtin.to("cuda").eval()
     backends = [n for n, s in qwen2_moe_hf.env_report().items() if s == "available" and n != "cpu"]
     names = [f"ours[{b}]" for b in backends] + ["builtin[grouped_mm]", "builtin[batched_mm]"]
     print(f"\n| tokens | floor us | {' | '.join(names)} | ours best / floor | builtin best / ours best |")
@@ -126,6 +118,16 @@ def block_table(tokens_list, bw, rate):
     config.moe_backend = None
 
 
+def decode_rate(model, ids, new_tokens):
+    """Greedy batch-1 tokens/s after a short warm-up generate."""
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    torch.cuda.synchronize()
+    return new_tokens / (time.perf_counter() - start)
+
+
 def decode_table(layers, new_tokens=64):
     from transformers.models.qwen2_moe import modeling_qwen2_moe as hf_model
 
@@ -142,21 +144,16 @@ def decode_table(layers, new_tokens=64):
     ceiling = copy_bandwidth() / (2 * active)
     print(f"\nbatch-1 greedy decode, {layers} layers, {new_tokens} new tokens; ceiling {ceiling:.0f} tok/s")
     print("| model | tokens/s | of ceiling |\n|---|---|---|")
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     for backend in [n for n, s in qwen2_moe_hf.env_report().items() if s == "available" and n != "cpu"]:
         config.moe_backend = backend
-        model.generate(ids, max_new_tokens=4, do_sample=False)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        torch.cuda.synchronize()
-        rate = new_tokens / (time.perf_counter() - start)
+        rate = decode_rate(model, ids, new_tokens)
         print(f"| ours[{backend}] | {rate:.0f} | {rate / ceiling:.0%} |", flush=True)
     state = {k: v for k, v in model.state_dict().items()}
     del model
     builtin = hf_model.Qwen2MoeForCausalLM(hf_model.Qwen2MoeConfig(**SHAPE, num_hidden_layers=layers))
     builtin = builtin.to("cuda", torch.bfloat16).eval()
     with torch.no_grad():
+        builtin.load_state_dict({k: v for k, v in state.items() if ".experts." not in k}, strict=False)
         for i, layer in enumerate(builtin.model.layers):
             prefix = f"model.layers.{i}.mlp.experts."
             for e in range(60):
@@ -165,12 +162,7 @@ def decode_table(layers, new_tokens=64):
                 layer.mlp.experts.down_proj[e].copy_(state[f"{prefix}{e}.down_proj.weight"])
     for impl in ("grouped_mm", "batched_mm"):
         builtin.config._experts_implementation = impl
-        builtin.generate(ids, max_new_tokens=4, do_sample=False)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        builtin.generate(ids, **kwargs)
-        torch.cuda.synchronize()
-        rate = new_tokens / (time.perf_counter() - start)
+        rate = decode_rate(builtin, ids, new_tokens)
         print(f"| builtin[{impl}] | {rate:.0f} | {rate / ceiling:.0%} |", flush=True)
 
 

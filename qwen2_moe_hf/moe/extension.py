@@ -44,24 +44,28 @@ def load_cpu_ops():
     if compiler is None:
         return False, "no C++ compiler found (install g++ or set CXX) to build the CPU ops"
     tag, vector_flags = _cpu_flags()
-    name = f"qwen2_moe_hf_cpu_{tag}_torch{torch.__version__.split('+')[0].replace('.', '_')}"
+    return _build("cpu", f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}",
+                  sources=[os.path.join(CSRC, "cpu", "moe_ffn_cpu.cpp"), os.path.join(CSRC, "cpu", "moe_ops_cpu.cpp")],
+                  extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"])
+
+
+def _torch_tag():
+    return torch.__version__.split("+")[0].replace(".", "_")
+
+
+def _build(kind, name, **load_kwargs):
+    """cpp_extension.load with our rules: honour QWEN2_MOE_HF_NO_EXT_BUILD, turn failures into a reason."""
     from torch.utils import cpp_extension
 
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     if os.environ.get(ENV_NO_BUILD) == "1" and not os.path.isfile(os.path.join(build_dir, f"{name}.so")):
-        return False, f"the CPU ops are not built and {ENV_NO_BUILD}=1 forbids building them"
+        return False, f"the {kind.upper()} ops are not built and {ENV_NO_BUILD}=1 forbids building them"
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[os.path.join(CSRC, "cpu", "moe_ffn_cpu.cpp"), os.path.join(CSRC, "cpu", "moe_ops_cpu.cpp")],
-            extra_cflags=["-O3", "-fopenmp", *vector_flags],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # compiler errors, missing headers: report, do not crash the model
-        logger.warning("qwen2_moe_hf: building the CPU ops failed: %s", exc)
-        return False, f"building the CPU ops failed: {str(exc).strip().splitlines()[-1][:300]}"
+        cpp_extension.load(name=name, is_python_module=False,
+                           verbose=os.environ.get("QWEN2_MOE_HF_VERBOSE_BUILD") == "1", **load_kwargs)
+    except Exception as exc:  # compiler errors, missing headers or ninja: report, do not crash the model
+        logger.warning("qwen2_moe_hf: building the %s ops failed: %s", kind.upper(), exc)
+        return False, f"building the {kind.upper()} ops failed: {str(exc).strip().splitlines()[-1][:300]}"
     return True, ""
 
 
@@ -114,25 +118,10 @@ def load_cuda_ops():
     lib_dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "lib")) if os.path.isdir(d)]
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    name = f"qwen2_moe_hf_cuda_torch{torch.__version__.split('+')[0].replace('.', '_')}"
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    if os.environ.get(ENV_NO_BUILD) == "1" and not os.path.isfile(os.path.join(build_dir, f"{name}.so")):
-        return False, f"the CUDA ops are not built and {ENV_NO_BUILD}=1 forbids building them"
-    try:
-        cpp_extension.load(
-            name=name,
-            sources=[os.path.join(CSRC, "cuda", "moe_ops.cu")],
-            extra_include_paths=_nvidia_include_dirs(),
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-lineinfo"],
-            extra_ldflags=[f"-L{d}" for d in lib_dirs],
-            is_python_module=False,
-            verbose=os.environ.get("QWEN2_MOE_HF_VERBOSE_BUILD") == "1",
-        )
-    except Exception as exc:
-        logger.warning("qwen2_moe_hf: building the CUDA ops failed: %s", exc)
-        return False, f"building the CUDA ops failed: {str(exc).strip().splitlines()[-1][:300]}"
-    return True, ""
+    return _build("cuda", f"qwen2_moe_hf_cuda_torch{_torch_tag()}",
+                  sources=[os.path.join(CSRC, "cuda", "moe_ops.cu")], extra_include_paths=_nvidia_include_dirs(),
+                  extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                  extra_ldflags=[f"-L{d}" for d in lib_dirs])
 
 
 def main(argv=None):
