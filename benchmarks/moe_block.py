@@ -61,6 +61,11 @@ def builtin_block(ours, dtype):
     return block, config
 
 
+def available_memory():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
 def floor_seconds(block, x, copy_bw, matmul_rate):
     config = block.config
     tokens = x.shape[0] * x.shape[1]
@@ -135,6 +140,13 @@ def main():
                         config.moe_backend = impl
                     else:
                         hf_config._experts_implementation = impl
+                    if impl == "batched_mm":  # gathers every selected expert's weights per token
+                        need = tokens * config.num_experts_per_tok * 3 * config.hidden_size * \
+                            config.moe_intermediate_size * x.element_size()
+                        if need > available_memory() // 2:
+                            print(f"{name} at {tokens} tokens left out: it would gather {need / 2**30:.0f} GiB")
+                            times[name] = None
+                            continue
                     try:
                         first = timed(lambda: block(x))
                     except RuntimeError as exc:  # e.g. batched_mm gathers a weight copy per token: OOM at 1024

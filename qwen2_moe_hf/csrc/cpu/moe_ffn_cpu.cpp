@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -35,6 +36,7 @@ using at::Half;
 
 // Rows per expert from which widening a weight slab to fp32 and calling sgemm beats streaming it.
 constexpr int64_t kSgemmRows = 96;
+constexpr int64_t kSgemmRowsF32 = 8;
 // Rows per expert up to which weights are streamed (read once per pair of rows) rather than widened first.
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item: 4 rows of a weight x K=2048 bf16 = 16 KiB, an L1-sized slab.
@@ -180,15 +182,23 @@ void run_jobs(const std::vector<Job>& jobs) {
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   std::vector<const Job*> streamed;
   std::vector<int64_t> first_item{0};
+  // fp32 weights need no widening, so MKL can take them as they are from a few rows on.
+  constexpr bool kIsFloat = std::is_same<T, float>::value;
+  const int64_t sgemm_rows = kIsFloat ? kSgemmRowsF32 : kSgemmRows;
   for (const Job& job : jobs) {
-    if (job.M >= kSgemmRows) {
-      // Widen the weights once, then let MKL do a proper GEMM (itself multi-threaded).
-      at::Tensor w32 = at::empty({job.N, job.K}, f32);
-      const T* src = static_cast<const T*>(job.w);
-      float* dst = w32.data_ptr<float>();
-      at::parallel_for(0, job.N * job.K, 1 << 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) dst[i] = to_float(src[i]);
-      });
+    if (job.M >= sgemm_rows) {
+      // Widen the weights once (bf16/fp16), then let MKL do a proper GEMM (itself multi-threaded).
+      at::Tensor w32;
+      if (kIsFloat) {
+        w32 = at::from_blob(const_cast<void*>(job.w), {job.N, job.K}, f32);
+      } else {
+        w32 = at::empty({job.N, job.K}, f32);
+        const T* src = static_cast<const T*>(job.w);
+        float* dst = w32.data_ptr<float>();
+        at::parallel_for(0, job.N * job.K, 1 << 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) dst[i] = to_float(src[i]);
+        });
+      }
       at::Tensor xm = at::from_blob(const_cast<float*>(job.x), {job.M, job.K}, f32);
       at::Tensor ym = at::from_blob(job.y, {job.M, job.N}, {job.ldy, 1}, f32);
       at::mm_out(ym, xm, w32.t());
