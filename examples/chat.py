@@ -43,6 +43,9 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     print(f"model: {args.model} ({type(model).__name__}, {model.dtype}, {model.device})", file=sys.stderr)
+    # Build the compiled MoE ops now (once per machine, ~30 s), so tokens/s measures generation only.
+    backends = qwen2_moe_hf.env_report()
+    print("moe backends: " + ", ".join(f"{n}: {s}" for n, s in backends.items()), file=sys.stderr)
 
     messages = [{"role": "system", "content": args.system}]
     interactive = args.prompt is None and sys.stdin.isatty()
