@@ -2,6 +2,7 @@
 
     qwen2-moe-hf env                  # versions, and which expert-dispatch backends run here (and why not)
     qwen2-moe-hf build-ext [cpu] [cuda]   # build the compiled ops ahead of time
+    qwen2-moe-hf quantize --method rtn --bits 4 --group-size 128 SRC DST   # write a GPTQ checkpoint
 """
 
 import argparse
@@ -15,7 +16,26 @@ def main(argv=None):
     sub.add_parser("env", help="versions and available MoE backends")
     build = sub.add_parser("build-ext", help="build the C++ / CUDA ops now instead of on first use")
     build.add_argument("kinds", nargs="*", choices=["cpu", "cuda"], default=[])
+    quant = sub.add_parser("quantize", help="quantize a full-precision qwen2_moe checkpoint to GPTQ (AutoGPTQ layout)")
+    quant.add_argument("src", help="folder of the full-precision checkpoint (safetensors)")
+    quant.add_argument("dst", help="folder to write the GPTQ checkpoint to")
+    quant.add_argument("--method", default="rtn", choices=["rtn"], help="round to nearest (no calibration data)")
+    quant.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    quant.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1: one group per row")
+    quant.add_argument("--asym", action="store_true", help="asymmetric zeros (default: symmetric, like Qwen's)")
+    quant.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], dest="checkpoint_format")
+    quant.add_argument("--max-shard-size", default="2GB")
+    quant.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+
+    if args.command == "quantize":
+        from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
+
+        quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                            method=args.method, checkpoint_format=args.checkpoint_format,
+                            max_shard_size=args.max_shard_size, progress=not args.no_progress)
+        print(f"wrote {args.dst}")
+        return 0
 
     if args.command == "env":
         import torch

@@ -266,6 +266,18 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True  # transformers 5.x
     _supports_cache_class = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained, except that GPTQ checkpoints load through qwen2_moe_hf.gptq (our int4
+        layers and loader), whatever GPTQ libraries are installed: their quantizers would drop or mis-wrap the
+        per-expert int4 tensors."""
+        from .gptq.loading import maybe_load_gptq
+
+        model = maybe_load_gptq(cls, pretrained_model_name_or_path, model_args, kwargs)
+        if model is not None:
+            return model
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):

@@ -35,17 +35,19 @@ def _cpu_flags():
 @functools.lru_cache(maxsize=None)
 def load_cpu_ops():
     """Load (building if needed) the CPU ops; returns (True, "") or (False, why not). Registers
-    torch.ops.qwen2_moe_hf.moe_ffn_cpu."""
+    torch.ops.qwen2_moe_hf.moe_ffn_cpu and the other CPU ops (csrc/cpu/*.cpp)."""
     from . import ops  # noqa: F401  (the schemas the compiled implementations attach to)
+    from ..gptq import ops as gptq_ops  # noqa: F401
 
-    if torch._C._dispatch_has_kernel_for_dispatch_key("qwen2_moe_hf::moe_ffn_cpu", "CPU"):
+    if torch._C._dispatch_has_kernel_for_dispatch_key("qwen2_moe_hf::gptq_linear_cpu", "CPU"):
         return True, ""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return False, "no C++ compiler found (install g++ or set CXX) to build the CPU ops"
     tag, vector_flags = _cpu_flags()
     return _build("cpu", f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}",
-                  sources=[os.path.join(CSRC, "cpu", "moe_ffn_cpu.cpp"), os.path.join(CSRC, "cpu", "moe_ops_cpu.cpp")],
+                  sources=[os.path.join(CSRC, "cpu", name) for name in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp",
+                                                                           "gptq_int4_cpu.cpp")],
                   extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"])
 
 

@@ -24,12 +24,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define QMOE_AVX2 1
-#endif
+#include "vec.h"
 
 namespace {
+
+using namespace qmoe;
 
 using at::BFloat16;
 using at::Half;
@@ -44,25 +43,6 @@ constexpr int64_t kTileN = 64;
 // Elements ahead of use that the single-row path prefetches (bytes = this * sizeof(weight)).
 constexpr int64_t kPrefetch = 512;
 
-inline float to_float(float v) { return v; }
-inline float to_float(BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(Half v) { return static_cast<float>(v); }
-
-#ifdef QMOE_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const BFloat16* p) {
-  // bf16 is the top half of an fp32: zero-extend to 32 bits and shift into place.
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 #ifdef QMOE_AVX2
 // Streams weight rows from memory for the 1-2 rows of x that decode gives each expert: every weight element is

@@ -1,0 +1,96 @@
+"""GPTQLinear: an nn.Linear stored in the GPTQ format, computed by int4 kernels.
+
+Its buffers are the checkpoint's own tensors (qweight, qzeros, scales, g_idx, optional bias), so state_dict() and
+save_pretrained() write the format back unchanged and nothing is held twice. forward(x) picks a kernel by device:
+  cpu  -> csrc/cpu/gptq_int4_cpu.cpp (4 bits; reads the packed layout directly)
+  cuda -> gptq/triton_int4.py (4 bits; in-kernel dequantization) when triton is installed
+  else -> the reference: dequantize (format.dequantize) and F.linear. It is also the oracle of the tests, the
+          path for 8 bits, and what runs when autograd needs a backward (the weights are frozen; inputs get grads).
+Env QWEN2_MOE_HF_GPTQ_KERNEL=torch forces the reference everywhere.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+from . import format as gptq_format
+
+ENV_KERNEL = "QWEN2_MOE_HF_GPTQ_KERNEL"
+
+
+class GPTQLinear(nn.Module):
+    def __init__(self, in_features, out_features, bias, spec, device=None, scales_dtype=torch.float16):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = spec.bits
+        self.group_size = spec.group_size
+        self.zero_offset = spec.zero_offset
+        shapes = spec.tensor_shapes(in_features, out_features)
+        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=scales_dtype, device=device))
+        self.register_buffer("g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=scales_dtype, device=device))
+        else:
+            self.bias = None
+
+    def extra_repr(self):
+        group = "none" if self.group_size == -1 else self.group_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={group}, bias={self.bias is not None}")
+
+    def dequantize(self, dtype=None):
+        """The full-precision weight [out_features, in_features] (for tests and the reference path)."""
+        return gptq_format.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                      self.zero_offset, dtype)
+
+    def tensors(self):
+        """(qweight, qzeros, scales, g_idx): what the int4 kernels read."""
+        return self.qweight, self.qzeros, self.scales, self.g_idx
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        kernel = kernel_for(x2, self.bits)
+        if kernel == "cpu":
+            y = torch.ops.qwen2_moe_hf.gptq_linear_cpu(x2, self.qweight, self.qzeros, self.scales, self.g_idx,
+                                                       self.zero_offset, self.bias)
+        elif kernel == "triton":
+            from .triton_int4 import gptq_linear_triton
+
+            y = gptq_linear_triton(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                   self.zero_offset, self.bias)
+        else:
+            bias = None if self.bias is None else self.bias.to(x2.dtype)
+            y = nn.functional.linear(x2, self.dequantize(x2.dtype), bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def kernel_for(x, bits):
+    """"cpu" | "triton" | "torch": the kernel that computes a GPTQ linear for input x."""
+    if os.environ.get(ENV_KERNEL, "").lower() == "torch" or bits != 4:
+        return "torch"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "torch"  # the int4 kernels have no backward
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _cpu_kernel():
+        return "cpu"
+    if x.device.type == "cuda" and _triton_installed():
+        return "triton"
+    return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernel():
+    from ..moe.extension import load_cpu_ops
+
+    return load_cpu_ops()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed():
+    return importlib.util.find_spec("triton") is not None

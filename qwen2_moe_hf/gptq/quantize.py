@@ -1,0 +1,151 @@
+"""Writing GPTQ checkpoints: round-to-nearest (RTN) quantization of a full-precision qwen2_moe checkpoint.
+
+`qwen2-moe-hf quantize --method rtn --bits 4 --group-size 128 SRC DST` calls quantize_checkpoint(). What is
+quantized matches the released Qwen1.5-MoE GPTQ checkpoints: every Linear inside a decoder layer (attention, the
+shared expert, each routed expert, dense MLPs) except the router `mlp.gate` and `mlp.shared_expert_gate`;
+embeddings, norms and lm_head stay full precision. The output is the AutoGPTQ layout (format.py), sharded like
+the hub's checkpoints, and reads back through our loader and through auto-gptq's QuantLinear.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from ..checkpoint_io import INDEX_FILE, weight_files
+from .format import FORMATS, GPTQSpec, quantize_rtn
+
+QUANTIZED = re.compile(
+    r"^(?:model\.)?layers\.(\d+)\.((?:self_attn\.[qkvo]_proj)|(?:mlp\.(?:shared_expert\.|experts\.\d+\.)?"
+    r"(?:gate|up|down)_proj))\.weight$"
+)
+_COPIED = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def _parse_size(value):
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(value).upper())
+    if not match:
+        raise ValueError(f"max_shard_size: expected e.g. '2GB', got {value!r}")
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
+
+
+def _block_groups(names):
+    """modules_in_block_to_quantize in the released checkpoints' grouping (the order GPTQ quantizes them)."""
+    order = [r"self_attn\.[kvq]_proj", r"self_attn\.o_proj", r"mlp\.shared_expert\.(up|gate)_proj",
+             r"mlp\.shared_expert\.down_proj", r"mlp\.experts\.\d+\.(up|gate)_proj", r"mlp\.experts\.\d+\.down_proj",
+             r"mlp\.(up|gate)_proj", r"mlp\.down_proj"]
+    groups = []
+    for pattern in order:
+        group = sorted((n for n in names if re.fullmatch(pattern, n)),
+                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+        if group:
+            groups.append(group)
+    return groups
+
+
+def quantize_checkpoint(src, dst, bits=4, group_size=128, sym=True, method="rtn", checkpoint_format="gptq",
+                        dtype=torch.float16, max_shard_size="2GB", progress=True):
+    """Quantize the safetensors checkpoint folder `src` into the GPTQ checkpoint folder `dst`. Returns dst."""
+    if method != "rtn":
+        raise ValueError(f"method: only 'rtn' (round to nearest) is implemented, got {method!r}")
+    if checkpoint_format not in FORMATS:
+        raise ValueError(f"checkpoint_format: {checkpoint_format!r} (supported: {', '.join(sorted(FORMATS))})")
+    spec = GPTQSpec.from_dict({"bits": bits, "group_size": group_size, "sym": sym,
+                               "checkpoint_format": checkpoint_format})
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("quantization_config"):
+        raise ValueError(f"{src}: config.json already has a quantization_config; quantize a full-precision "
+                         "checkpoint")
+    files = weight_files(src)
+    limit = _parse_size(max_shard_size)
+    os.makedirs(dst, exist_ok=True)
+
+    targets = [k for k in files if QUANTIZED.match(k)]
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(targets), desc="quantizing", unit="linear", disable=not progress)
+    except ImportError:  # tqdm ships with huggingface_hub; only a bare environment lacks it
+        bar = None
+
+    shards, current, current_size, block_names = [], {}, 0, set()
+
+    def flush():
+        nonlocal current, current_size
+        if current:
+            shards.append(current)
+            _write_shard(dst, len(shards), current)
+        current, current_size = {}, 0
+
+    def add(name, tensor):
+        nonlocal current_size
+        size = tensor.numel() * tensor.element_size()
+        if current and current_size + size > limit:
+            flush()
+        current[name] = tensor.contiguous()
+        current_size += size
+
+    for key in sorted(files, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]):
+        if key.endswith(".bias") and QUANTIZED.match(key[: -len(".bias")] + ".weight"):
+            continue  # written with its layer's packed tensors
+        tensor = files[key].read(key)
+        match = QUANTIZED.match(key)
+        if match is None:
+            add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            continue
+        prefix = key[: -len(".weight")]
+        block_names.add(match.group(2))
+        out_features, in_features = tensor.shape
+        per_int = 32 // bits
+        if in_features % per_int or out_features % per_int:
+            raise ValueError(f"{key}: shape {list(tensor.shape)}; GPTQ needs both sizes to be multiples of "
+                             f"{per_int} at {bits} bits")
+        packed = quantize_rtn(tensor, bits, group_size, sym, spec.zero_offset)
+        for part, value in packed.items():
+            add(f"{prefix}.{part}", value)
+        bias_key = prefix + ".bias"
+        if bias_key in files:
+            add(bias_key, files[bias_key].read(bias_key).to(torch.float16))
+        if bar is not None:
+            bar.update(1)
+    flush()
+    if bar is not None:
+        bar.close()
+    _write_index(dst, shards)
+
+    config["quantization_config"] = spec.to_dict(_block_groups(block_names))
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    for name in os.listdir(src):
+        if name.endswith(_COPIED) and name not in ("config.json", INDEX_FILE):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return dst
+
+
+def _shard_name(index):
+    return f"model-{index:05d}.safetensors"
+
+
+def _write_shard(dst, index, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.path.join(dst, _shard_name(index)), metadata={"format": "pt"})
+
+
+def _write_index(dst, shards):
+    total = len(shards)
+    weight_map, size = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{total:05d}.safetensors"
+        os.replace(os.path.join(dst, _shard_name(i)), os.path.join(dst, final))
+        for name, tensor in shard.items():
+            weight_map[name] = final
+            size += tensor.numel() * tensor.element_size()
+    with open(os.path.join(dst, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
