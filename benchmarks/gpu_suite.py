@@ -7,7 +7,10 @@
 3. prints one MoE layer at the real Qwen1.5-MoE-A2.7B shape, bf16: our backends vs transformers 5.23's built-in
    block (grouped_mm / batched_mm, same weights) against the floor = max(weights read once / measured copy
    bandwidth, FLOPs / measured bf16 matmul rate), for 1 ... 4096 tokens;
-4. prints end-to-end batch-1 greedy decode tokens/s of a real-shape model with random weights (ours, each backend,
+4. prints the routed experts with 4-bit GPTQ weights (Triton, qwen2_moe_hf/gptq/triton_int4.py) at the same shape,
+   group 128, random nibbles, for the same token counts, against the int4 floor (int4 weights + scales + zeros of
+   the hit experts read once / copy bandwidth, beside FLOPs / bf16 matmul rate), with a bf16 accuracy check;
+5. prints end-to-end batch-1 greedy decode tokens/s of a real-shape model with random weights (ours, each backend,
    and the built-in), against the bandwidth ceiling of reading the active weights once per token.
 
 Paste its tables into docs/benchmarks.md.
@@ -68,7 +71,8 @@ def build_and_test(skip_tests):
     if not skip_tests:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu or not gpu",
                "modeling_tests/test_cuda_extension.py", "modeling_tests/test_triton_kernels.py",
-               "modeling_tests/test_moe_backends.py", "modeling_tests/test_parity.py"]
+               "modeling_tests/test_moe_backends.py", "modeling_tests/test_parity.py",
+               "modeling_tests/test_gptq_triton.py"]
         env = dict(os.environ, TRITON_INTERPRET="0")
         result = subprocess.run(cmd, cwd=ROOT, env=env)
         print("gpu tests:", "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})")
@@ -116,6 +120,62 @@ def block_table(tokens_list, bw, rate):
         print(f"| {tokens} | {floor * 1e6:.0f} | {cells} | {ours_best / floor:.2f} | {builtin_best / ours_best:.2f}x |",
               flush=True)
     config.moe_backend = None
+
+
+def int4_bank(hidden, inter, experts, group, device):
+    """Per-expert (qweight, qzeros, scales, g_idx) for gate / up (hidden -> inter) and down (inter -> hidden):
+    random int32 words are random nibbles; scales ~2e-3 keep activations near 1."""
+    def linear(k, n):
+        groups = -(-k // group)
+        return (torch.randint(-2**31, 2**31, (k // 8, n), dtype=torch.int32, device=device),
+                torch.randint(-2**31, 2**31, (groups, n // 8), dtype=torch.int32, device=device),
+                (torch.rand(groups, n, device=device) * 2e-3 + 1e-3).half(),
+                torch.arange(k, dtype=torch.int32, device=device) // group)
+    return ([linear(hidden, inter) for _ in range(experts)], [linear(hidden, inter) for _ in range(experts)],
+            [linear(inter, hidden) for _ in range(experts)])
+
+
+def int4_reference(x, ids, weights, gate, up, down):
+    """The routed experts in fp32 on dequantized weights (format.dequantize), one pass per hit expert."""
+    from qwen2_moe_hf.gptq.format import dequantize
+
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        token, slot = torch.where(ids == e)
+        w_gate, w_up, w_down = (dequantize(*lin[e], dtype=torch.float32) for lin in (gate, up, down))
+        xe = x[token].float()
+        act = torch.nn.functional.silu(xe @ w_gate.t()) * (xe @ w_up.t())
+        out.index_add_(0, token, (act @ w_down.t()) * weights[token, slot, None].float())
+    return out
+
+
+def int4_table(tokens_list, bw, rate, group=128):
+    try:
+        from qwen2_moe_hf.gptq.triton_int4 import routed_experts_int4
+    except ImportError as exc:
+        print(f"\nint4 rows skipped: {exc}")
+        return
+    from qwen2_moe_hf.moe import route
+
+    hidden, inter, experts, k = 2048, 1408, 60, 4
+    gate, up, down = int4_bank(hidden, inter, experts, group, "cuda")
+    per_expert = sum(t.numel() * t.element_size() for lin in (gate, up, down) for t in lin[0])
+    print(f"\nrouted experts, int4 GPTQ (group {group}), bf16 activations, Triton")
+    print("| tokens | int4 floor us | compute floor us | int4 us | / floor | bf16 rel err |")
+    print("|" + "---|" * 6)
+    for tokens in tokens_list:
+        x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+        weights, ids = route(torch.randn(tokens, experts, device="cuda"), k, False)
+        weights = weights.to(torch.bfloat16)
+        floor = ids.unique().numel() * per_expert / bw
+        compute = 2 * tokens * k * 3 * hidden * inter / rate
+        with torch.no_grad():
+            got = routed_experts_int4(x, ids, weights, gate, up, down)
+            ref = int4_reference(x, ids, weights, gate, up, down)  # bf16 is checked here only (not interpreted)
+            err = ((got.float() - ref).norm() / ref.norm()).item()
+            elapsed = cuda_time(lambda: routed_experts_int4(x, ids, weights, gate, up, down))
+        print(f"| {tokens} | {floor * 1e6:.0f} | {compute * 1e6:.0f} | {elapsed * 1e6:.0f} | "
+              f"{elapsed / max(floor, compute):.2f} | {err:.1e} |", flush=True)
 
 
 def decode_rate(model, ids, new_tokens):
@@ -179,6 +239,7 @@ def main():
     bw, rate = copy_bandwidth(), matmul_rate()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     block_table(args.tokens, bw, rate)
+    int4_table(args.tokens, bw, rate)
     decode_table(args.decode_layers)
 
 

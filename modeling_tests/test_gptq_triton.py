@@ -222,4 +222,6 @@ def test_routed_experts_errors_name_the_argument():
     narrow = [_quantized(32, 16, 32, torch.Generator().manual_seed(8))] * 3  # Linear(32 -> 16), not (32 -> 32)
     with pytest.raises(ValueError, match=r"^down: qweight"):
         triton_int4.routed_experts_int4(x, ids, weights, gate, up, narrow)
+    with pytest.raises(ValueError, match=r"^gate\[2\]: expected a tuple"):
+        triton_int4.routed_experts_int4(x, ids, weights, gate[:2] + [gate[2][:3]], up, down)
     assert not triton_int4._TABLES  # a failed check caches nothing

@@ -13,6 +13,7 @@ Tensors of one quantized Linear(in_features=K, out_features=N), `bits` b, group 
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import FrozenSet, Optional
 
@@ -176,7 +177,9 @@ def quantize_rtn(weight, bits=4, group_size=128, sym=True, zero_offset=1, g_idx=
     w = weight.detach().float().t()  # [K, N]
 
     def reduce(op):
-        return torch.zeros(groups, n).index_reduce_(0, gl, w, op, include_self=False)
+        with warnings.catch_warnings():  # index_reduce_ is marked beta; its amax/amin are what we need
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.zeros(groups, n).index_reduce_(0, gl, w, op, include_self=False)
 
     if sym:
         absmax = torch.maximum(reduce("amax"), -reduce("amin"))

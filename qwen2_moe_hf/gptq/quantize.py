@@ -16,12 +16,29 @@ import torch
 
 from ..checkpoint_io import INDEX_FILE, weight_files
 from .format import FORMATS, GPTQSpec, quantize_rtn
+from .linear import GPTQLinear
 
 QUANTIZED = re.compile(
     r"^(?:model\.)?layers\.(\d+)\.((?:self_attn\.[qkvo]_proj)|(?:mlp\.(?:shared_expert\.|experts\.\d+\.)?"
     r"(?:gate|up|down)_proj))\.weight$"
 )
 _COPIED = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def quantize_linears_(root, names, spec):
+    """Replace the nn.Linear submodules `names` of `root` by GPTQLinear holding their RTN-quantized weights
+    (in place, in memory; for benchmarks and experiments). Returns root."""
+    for name in names:
+        linear = root.get_submodule(name)
+        packed = quantize_rtn(linear.weight, spec.bits, spec.group_size, spec.sym, spec.zero_offset)
+        layer = GPTQLinear(linear.in_features, linear.out_features, linear.bias is not None, spec)
+        for part, value in packed.items():
+            layer._buffers[part] = value.to(linear.weight.device)
+        if linear.bias is not None:
+            layer._buffers["bias"] = linear.bias.detach().to(torch.float16)
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, layer)
+    return root
 
 
 def _parse_size(value):

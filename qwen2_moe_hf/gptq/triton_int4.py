@@ -5,7 +5,7 @@ GPU kernels; tested on CPU under TRITON_INTERPRET=1 in fp16 / fp32 (the interpre
 Layout read (format.py, AutoGPTQ's): for a Linear(K -> N)
   qweight int32 [K/8, N]   nibble j of qweight[r, n] is q[8r + j, n]           (input rows packed, N contiguous)
   qzeros  int32 [G, N/8]   nibble j of qzeros[g, c] is the zero of column 8c + j
-  scales  float [G, N]     fp16 / bf16 / fp32, whatever x is
+  scales  float [G, N]     fp16 / bf16 / fp32, independent of x's dtype (converted in the kernel)
   g_idx   int32 [K]        the group of each input row: k // group_size, or any order (act-order / desc_act)
   W[n, k] = scales[g, n] * (q[k, n] - (zero[g, n] + zero_offset)),  g = g_idx[k];  zero_offset 1: "gptq" (v1),
   0: "gptq_v2".
@@ -371,6 +371,11 @@ def routed_experts_int4(hidden_states, topk_ids, topk_weights, gate, up, down, z
     for name, entries in (("gate", gate), ("up", up), ("down", down)):
         if not len(entries):
             raise ValueError(f"{name}: no experts")
+        for e in (0, len(entries) - 1):  # the ones the cache key reads; _build_table checks them all
+            entry = entries[e]
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 4 and
+                    all(isinstance(t, torch.Tensor) for t in entry)):
+                raise ValueError(f"{name}[{e}]: expected a tuple of tensors (qweight, qzeros, scales, g_idx)")
     T, H = x.shape
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids: shape {tuple(topk_ids.shape)}, expected [{T}, top_k]")

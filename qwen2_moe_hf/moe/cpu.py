@@ -1,11 +1,14 @@
 """The `cpu` backend: the whole MoE feed-forward (routed experts + gated shared expert) in one C++ op
-(csrc/cpu/moe_ffn_cpu.cpp) that reads each expert's weights once in their storage dtype."""
+(csrc/cpu/moe_ffn_cpu.cpp) that reads each expert's weights once in their storage dtype: bf16 / fp16 / fp32
+weights through moe_ffn_cpu, GPTQ 4-bit experts (gptq.linear.GPTQLinear) through moe_ffn_int4_cpu."""
 
 import torch
 
 from .extension import load_cpu_ops
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+_INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def available():
@@ -17,8 +20,8 @@ def supports(hidden_states, experts, shared_expert=None):
         return False, f"inputs on {hidden_states.device}, not cpu"
     if hidden_states.dtype not in _DTYPES:
         return False, f"dtype {hidden_states.dtype} (cpu backend: float32, bfloat16, float16)"
-    if _weight_lists(experts, shared_expert) is None:
-        return False, "expert weights are not plain contiguous CPU tensors of one dtype (quantized or offloaded?)"
+    if _weight_lists(experts, shared_expert) is None and _int4_lists(experts, shared_expert) is None:
+        return False, "expert weights are neither plain contiguous CPU tensors of one dtype nor GPTQ 4-bit (offloaded?)"
     config = getattr(experts[0], "config", None)
     if config is not None and config.hidden_act not in ("silu", "swish"):
         return False, f"activation {config.hidden_act} (cpu backend: silu)"
@@ -34,18 +37,20 @@ def _linear_weight(module):
 
 def _current(experts, shared_expert):
     mlps = list(experts) if shared_expert is None else [*experts, shared_expert]
-    return [_linear_weight(m._modules[name]) for m in mlps for name in ("gate_proj", "up_proj", "down_proj")]
+    return [_linear_weight(m._modules[name]) for m in mlps for name in _PROJ]
+
+
+def _same_as_cached(experts, key, current):
+    cached = experts.__dict__.get(key)
+    return cached is not None and len(cached) == len(current) and all(a is b for a, b in zip(cached, current))
 
 
 def _weight_lists(experts, shared_expert):
     """The per-expert weight tensors the op reads, as the model holds them (no copies); None if it cannot read them.
     Checked once and cached on the experts module; each call only re-checks that the same tensors are in place."""
     weights = _current(experts, shared_expert)
-    cached = experts.__dict__.get("_qmoe_cpu_weights")
-    if cached is not None and len(cached) == len(weights) and all(a is b for a, b in zip(cached, weights)):
-        first = weights[0]
-        if first.device.type == "cpu" and first.dtype in _DTYPES and all(w.dtype == first.dtype for w in weights[::3]):
-            return weights
+    if _same_as_cached(experts, "_qmoe_cpu_weights", weights):
+        return weights
     ok = all(
         isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2
         and w.dtype == weights[0].dtype for w in weights
@@ -57,10 +62,53 @@ def _weight_lists(experts, shared_expert):
     return weights
 
 
+def _int4_current(mlps):
+    return [m._modules[name]._buffers.get(part) for m in mlps for name in _PROJ for part in _INT4_PARTS]
+
+
+def _int4_lists(experts, shared_expert):
+    """(expert tensors, shared tensors or [], zero_offset) for GPTQ 4-bit experts without bias, else None. Like
+    _weight_lists: checked once, then only the tensors' identity is re-checked per call."""
+    layers = [m._modules.get(name) for m in experts for name in _PROJ]
+    if not all(getattr(layer, "bits", None) == 4 and layer.bias is None for layer in layers):
+        experts.__dict__.pop("_qmoe_int4", None)
+        return None
+    shared_int4 = shared_expert is not None and all(
+        getattr(shared_expert._modules.get(n), "bits", None) == 4 and shared_expert._modules[n].bias is None
+        for n in _PROJ)
+    tensors = _int4_current(experts) + (_int4_current([shared_expert]) if shared_int4 else [])
+    cached = experts.__dict__.get("_qmoe_int4")
+    if cached is not None and _same_as_cached(experts, "_qmoe_int4_tensors", tensors):
+        return cached
+    offsets = {layer.zero_offset for layer in layers}
+    if shared_int4:
+        offsets |= {shared_expert._modules[n].zero_offset for n in _PROJ}
+    if len(offsets) != 1 or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    split = 12 * len(experts)
+    cached = (tensors[:split], tensors[split:], offsets.pop())
+    experts.__dict__["_qmoe_int4"] = cached
+    experts.__dict__["_qmoe_int4_tensors"] = tensors
+    return cached
+
+
 def moe_forward_cpu(hidden_states, topk_ids, topk_weights, experts, shared_expert=None, shared_expert_gate=None):
-    weights = experts.__dict__["_qmoe_cpu_weights"]  # set by supports(), which dispatch always runs first
+    int4 = experts.__dict__.get("_qmoe_int4") if _current_is_int4(experts) else None
+    if int4 is not None:  # set by supports(), which dispatch always runs first
+        expert_tensors, shared_tensors, zero_offset = int4
+        gate = shared_expert_gate.weight if shared_tensors else None
+        out = torch.ops.qwen2_moe_hf.moe_ffn_int4_cpu(hidden_states, topk_ids, topk_weights, expert_tensors,
+                                                      shared_tensors, gate, zero_offset)
+        if shared_expert is not None and not shared_tensors:  # a full-precision shared expert beside int4 experts
+            out = out + torch.sigmoid(shared_expert_gate(hidden_states)) * shared_expert(hidden_states)
+        return out
+    weights = experts.__dict__["_qmoe_cpu_weights"]
     gate, up, down = weights[0:3 * len(experts):3], weights[1:3 * len(experts):3], weights[2:3 * len(experts):3]
     shared = (None, None, None, None)
     if shared_expert is not None:
         shared = (*weights[3 * len(experts):], shared_expert_gate.weight)
     return torch.ops.qwen2_moe_hf.moe_ffn_cpu(hidden_states, topk_ids, topk_weights, gate, up, down, *shared)
+
+
+def _current_is_int4(experts):
+    return "qweight" in experts[0]._modules["gate_proj"]._buffers

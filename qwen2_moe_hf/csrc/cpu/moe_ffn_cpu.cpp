@@ -11,6 +11,9 @@
 //               shared_expert_gate [1,H]?) -> [T,H]
 //   The experts' weights come as lists of the per-expert tensors the model already holds (the hub's layout), so
 //   nothing is restacked or copied.
+//   moe_ffn_int4_cpu(x, topk_ids, topk_weights, experts: 12 per expert (qweight, qzeros, scales, g_idx of gate,
+//                    up, down), shared: 12 or none, shared_expert_gate?, zero_offset) -> [T,H]: the same layer with
+//                    GPTQ 4-bit experts, computed by int4_gemm.h on the packed tensors.
 //   out[t] = sum_j topk_weights[t,j] * expert_{ids[t,j]}(x[t]) + sigmoid(x[t] . g) * shared(x[t]),
 //   expert(x) = W_down (silu(W_gate x) * (W_up x)). Accumulation is fp32; the result has x's dtype.
 //   Deterministic: every sum runs in a fixed order, whatever the thread count.
@@ -21,9 +24,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "int4_gemm.h"
 #include "vec.h"
 
 namespace {
@@ -40,6 +46,8 @@ constexpr int64_t kSgemmRowsF32 = 8;
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item: 4 rows of a weight x K=2048 bf16 = 16 KiB, an L1-sized slab.
 constexpr int64_t kTileN = 64;
+// Fewest output columns per work item of an int4 GEMM (1 KiB of qweight per packed row).
+constexpr int64_t kInt4TileN = 256;
 // Elements ahead of use that the single-row path prefetches (bytes = this * sizeof(weight)).
 constexpr int64_t kPrefetch = 512;
 
@@ -150,9 +158,10 @@ void rows_times_weight(const float* x, int64_t M, int64_t K, const T* w, int64_t
 struct Job {
   const float* x;
   int64_t M;
-  const void* w;
+  const void* w;  // dense [N, K] in the job list's dtype, or null when q is set
   float* y;
   int64_t N, K, ldy;
+  const Int4Weight* q = nullptr;  // a GPTQ 4-bit weight (int4_gemm.h)
 };
 
 // Runs all jobs (one weight dtype) in one parallel region over (job, tile of N): few synchronisations, and both
@@ -199,11 +208,44 @@ void run_jobs(const std::vector<Job>& jobs) {
   });
 }
 
+// Int4 jobs: one parallel region over (job, tile of columns), like run_jobs.
+void run_int4_jobs(const std::vector<const Job*>& jobs) {
+  // Wide tiles: each walks qweight's rows with a jump between them; fewer, longer row segments stream better.
+  int64_t widest = 0;
+  for (const Job* job : jobs) widest = std::max(widest, job->N);
+  const int64_t threads = at::get_num_threads();
+  const int64_t tile = std::max<int64_t>(kInt4TileN, 8 * ((widest / 8 + threads - 1) / threads));
+  std::vector<std::vector<float>> sums(jobs.size());
+  std::vector<int64_t> first_item{0};
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    sums[j] = jobs[j]->q->row_sums(jobs[j]->x, jobs[j]->M, jobs[j]->K);
+    first_item.push_back(first_item.back() + (jobs[j]->N + tile - 1) / tile);
+  }
+  at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
+    for (int64_t item = begin; item < end; ++item) {
+      while (item >= first_item[j + 1]) ++j;
+      const Job& job = *jobs[j];
+      const int64_t n0 = (item - first_item[j]) * tile;
+      int4_rows_times_weight(*job.q, job.x, job.M, job.K, sums[j].data(), n0, std::min(job.N, n0 + tile),
+                             job.y, job.ldy);
+    }
+  });
+}
+
 void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs) {
+  std::vector<const Job*> int4;
+  std::vector<Job> dense;
+  for (const Job& job : jobs) {
+    if (job.M == 0) continue;
+    if (job.q != nullptr) int4.push_back(&job); else dense.push_back(job);
+  }
+  if (!int4.empty()) run_int4_jobs(int4);
+  if (dense.empty()) return;
   switch (dtype) {
-    case at::kFloat: return run_jobs<float>(jobs);
-    case at::kBFloat16: return run_jobs<BFloat16>(jobs);
-    case at::kHalf: return run_jobs<Half>(jobs);
+    case at::kFloat: return run_jobs<float>(dense);
+    case at::kBFloat16: return run_jobs<BFloat16>(dense);
+    case at::kHalf: return run_jobs<Half>(dense);
     default: TORCH_CHECK(false, "moe_ffn_cpu: weights must be float32, bfloat16 or float16, got ", dtype);
   }
 }
@@ -218,38 +260,32 @@ void silu_mul(const float* gu, int64_t R, int64_t I, float* act) {
   });
 }
 
-at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                       at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
-                       const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
-                       const c10::optional<at::Tensor>& shared_down,
-                       const c10::optional<at::Tensor>& shared_expert_gate) {
-  TORCH_CHECK(x.dim() == 2, "moe_ffn_cpu: x must be [tokens, hidden], got ", x.sizes());
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_ids.scalar_type() == at::kLong,
-              "moe_ffn_cpu: topk_ids must be int64 [tokens, k], got ", topk_ids.sizes(), " ", topk_ids.scalar_type());
-  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moe_ffn_cpu: topk_weights must match topk_ids' shape");
-  const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1);
-  const int64_t E = static_cast<int64_t>(w_gate.size());
-  TORCH_CHECK(E > 0 && w_up.size() == w_gate.size() && w_down.size() == w_gate.size(),
-              "moe_ffn_cpu: need one gate, up and down weight per expert");
-  const int64_t I = w_gate[0].size(0);
-  const at::ScalarType wdt = w_gate[0].scalar_type();
-  for (int64_t e = 0; e < E; ++e) {
-    for (const at::Tensor* t : {&w_gate[e], &w_up[e], &w_down[e]}) {
-      TORCH_CHECK(t->dim() == 2 && t->is_contiguous() && t->device().is_cpu() && t->scalar_type() == wdt,
-                  "moe_ffn_cpu: expert ", e, " weights must be contiguous 2-D CPU tensors of one dtype");
-    }
-    TORCH_CHECK(w_gate[e].size(0) == I && w_gate[e].size(1) == H && w_up[e].sizes() == w_gate[e].sizes(),
-                "moe_ffn_cpu: expert ", e, " gate/up must be [", I, ", ", H, "], got ", w_gate[e].sizes());
-    TORCH_CHECK(w_down[e].size(0) == H && w_down[e].size(1) == I,
-                "moe_ffn_cpu: expert ", e, " down must be [", H, ", ", I, "], got ", w_down[e].sizes());
-  }
+// What one MoE layer's GEMMs read: the weight of expert e's gate (0), up (1) or down (2) projection, and of the
+// shared expert's. `set` fills a Job's weight (dense pointer or int4); it is only asked for experts with tokens.
+struct LayerWeights {
+  int64_t E = 0, I = 0, S = 0;  // S = 0: no shared expert
+  at::ScalarType dense_dtype = at::kFloat;
+  std::function<void(Job&, int64_t e, int which)> expert;
+  std::function<void(Job&, int which)> shared;
+  c10::optional<at::Tensor> shared_expert_gate;
+};
+
+// The layer after its router: align (token, slot) pairs by expert, GEMM1 (gate, up) -> SiLU*up -> GEMM2, then
+// combine each token's k slots in order plus the gated shared expert. Weights come through `lw`.
+at::Tensor moe_ffn_core(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                        const LayerWeights& lw, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [tokens, hidden], got ", x.sizes());
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_ids.scalar_type() == at::kLong, op,
+              ": topk_ids must be int64 [tokens, k], got ", topk_ids.sizes(), " ", topk_ids.scalar_type());
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), op, ": topk_weights must match topk_ids' shape");
+  const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1), E = lw.E, I = lw.I, S = lw.S;
 
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor ids = topk_ids.contiguous();
   at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < T * k; ++i)
-    TORCH_CHECK(id[i] >= 0 && id[i] < E, "moe_ffn_cpu: expert id ", id[i], " out of range [0, ", E, ")");
+    TORCH_CHECK(id[i] >= 0 && id[i] < E, op, ": expert id ", id[i], " out of range [0, ", E, ")");
 
   // Align: (token, slot) pairs sorted by expert, tokens ascending within an expert (a stable counting sort).
   std::vector<int64_t> offsets(E + 1, 0);
@@ -272,22 +308,6 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
   });
 
   // GEMM1: gate and up of every routed expert, and of the shared expert, in one parallel region.
-  const bool has_shared = shared_gate.has_value() && shared_gate->defined();
-  int64_t S = 0;
-  if (has_shared) {
-    TORCH_CHECK(shared_up.has_value() && shared_down.has_value() && shared_expert_gate.has_value(),
-                "moe_ffn_cpu: the shared expert needs gate, up, down and shared_expert_gate weights");
-    const at::Tensor& sg = *shared_gate;
-    const at::Tensor& su = *shared_up;
-    const at::Tensor& sd = *shared_down;
-    S = sg.size(0);
-    TORCH_CHECK(sg.dim() == 2 && sg.size(1) == H && su.sizes() == sg.sizes() && sd.dim() == 2 && sd.size(0) == H &&
-                    sd.size(1) == S, "moe_ffn_cpu: shared expert weights must be [S,H], [S,H], [H,S]");
-    TORCH_CHECK(sg.is_contiguous() && su.is_contiguous() && sd.is_contiguous() && sg.scalar_type() == wdt &&
-                    su.scalar_type() == wdt && sd.scalar_type() == wdt,
-                "moe_ffn_cpu: shared expert weights must be contiguous, in the experts' dtype");
-    TORCH_CHECK(shared_expert_gate->numel() == H, "moe_ffn_cpu: shared_expert_gate must have hidden=", H, " weights");
-  }
   at::Tensor gu = at::empty({P, 2 * I}, f32);
   at::Tensor act = at::empty({P, I}, f32);
   at::Tensor ys = at::empty({P, H}, f32);
@@ -298,35 +318,46 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
     if (M == 0) continue;
     const float* xe = xsp + offsets[e] * H;
     float* gue = gu.data_ptr<float>() + offsets[e] * 2 * I;
-    gemm1.push_back({xe, M, w_gate[e].data_ptr(), gue, I, H, 2 * I});
-    gemm1.push_back({xe, M, w_up[e].data_ptr(), gue + I, I, H, 2 * I});
-    gemm2.push_back({act.data_ptr<float>() + offsets[e] * I, M, w_down[e].data_ptr(),
-                     ys.data_ptr<float>() + offsets[e] * H, H, I, H});
+    Job g{xe, M, nullptr, gue, I, H, 2 * I}, u{xe, M, nullptr, gue + I, I, H, 2 * I};
+    Job d{act.data_ptr<float>() + offsets[e] * I, M, nullptr, ys.data_ptr<float>() + offsets[e] * H, H, I, H};
+    lw.expert(g, e, 0);
+    lw.expert(u, e, 1);
+    lw.expert(d, e, 2);
+    gemm1.push_back(g);
+    gemm1.push_back(u);
+    gemm2.push_back(d);
   }
-  if (has_shared) {
+  if (S > 0) {
+    TORCH_CHECK(lw.shared_expert_gate.has_value() && lw.shared_expert_gate->numel() == H, op,
+                ": shared_expert_gate must have hidden=", H, " weights");
     sgu = at::empty({T, 2 * S}, f32);
     sact = at::empty({T, S}, f32);
     shared_out = at::empty({T, H}, f32);
-    gemm1.push_back({xp, T, shared_gate->data_ptr(), sgu.data_ptr<float>(), S, H, 2 * S});
-    gemm1.push_back({xp, T, shared_up->data_ptr(), sgu.data_ptr<float>() + S, S, H, 2 * S});
-    gemm2.push_back({sact.data_ptr<float>(), T, shared_down->data_ptr(), shared_out.data_ptr<float>(), H, S, H});
-    shared_scale = at::sigmoid(at::mv(xf, shared_expert_gate->reshape({H}).to(at::kFloat)));
+    Job g{xp, T, nullptr, sgu.data_ptr<float>(), S, H, 2 * S}, u{xp, T, nullptr, sgu.data_ptr<float>() + S, S, H, 2 * S};
+    Job d{sact.data_ptr<float>(), T, nullptr, shared_out.data_ptr<float>(), H, S, H};
+    lw.shared(g, 0);
+    lw.shared(u, 1);
+    lw.shared(d, 2);
+    gemm1.push_back(g);
+    gemm1.push_back(u);
+    gemm2.push_back(d);
+    shared_scale = at::sigmoid(at::mv(xf, lw.shared_expert_gate->reshape({H}).to(at::kFloat)));
   }
-  run_jobs_any(wdt, gemm1);
+  run_jobs_any(lw.dense_dtype, gemm1);
   silu_mul(gu.data_ptr<float>(), P, I, act.data_ptr<float>());
-  if (has_shared) silu_mul(sgu.data_ptr<float>(), T, S, sact.data_ptr<float>());
-  run_jobs_any(wdt, gemm2);
+  if (S > 0) silu_mul(sgu.data_ptr<float>(), T, S, sact.data_ptr<float>());
+  run_jobs_any(lw.dense_dtype, gemm2);
 
   // Combine: per token, its k slots in order, then the gated shared expert.
   at::Tensor out = at::empty({T, H}, f32);
-  float* op = out.data_ptr<float>();
+  float* o_all = out.data_ptr<float>();
   const float* yp = ys.data_ptr<float>();
   const float* wp = wts.data_ptr<float>();
-  const float* so = has_shared ? shared_out.data_ptr<float>() : nullptr;
-  const float* ss = has_shared ? shared_scale.data_ptr<float>() : nullptr;
+  const float* so = S > 0 ? shared_out.data_ptr<float>() : nullptr;
+  const float* ss = S > 0 ? shared_scale.data_ptr<float>() : nullptr;
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      float* o = op + t * H;
+      float* o = o_all + t * H;
       std::fill(o, o + H, 0.f);
       for (int64_t j = 0; j < k; ++j) {
         const float w = wp[t * k + j];
@@ -342,6 +373,98 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
   return out.to(x.scalar_type());
 }
 
+at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                       at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
+                       const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
+                       const c10::optional<at::Tensor>& shared_down,
+                       const c10::optional<at::Tensor>& shared_expert_gate) {
+  TORCH_CHECK(x.dim() == 2, "moe_ffn_cpu: x must be [tokens, hidden], got ", x.sizes());
+  const int64_t H = x.size(1);
+  const int64_t E = static_cast<int64_t>(w_gate.size());
+  TORCH_CHECK(E > 0 && w_up.size() == w_gate.size() && w_down.size() == w_gate.size(),
+              "moe_ffn_cpu: need one gate, up and down weight per expert");
+  const int64_t I = w_gate[0].size(0);
+  const at::ScalarType wdt = w_gate[0].scalar_type();
+  for (int64_t e = 0; e < E; ++e) {
+    for (const at::Tensor* t : {&w_gate[e], &w_up[e], &w_down[e]}) {
+      TORCH_CHECK(t->dim() == 2 && t->is_contiguous() && t->device().is_cpu() && t->scalar_type() == wdt,
+                  "moe_ffn_cpu: expert ", e, " weights must be contiguous 2-D CPU tensors of one dtype");
+    }
+    TORCH_CHECK(w_gate[e].size(0) == I && w_gate[e].size(1) == H && w_up[e].sizes() == w_gate[e].sizes(),
+                "moe_ffn_cpu: expert ", e, " gate/up must be [", I, ", ", H, "], got ", w_gate[e].sizes());
+    TORCH_CHECK(w_down[e].size(0) == H && w_down[e].size(1) == I,
+                "moe_ffn_cpu: expert ", e, " down must be [", H, ", ", I, "], got ", w_down[e].sizes());
+  }
+  LayerWeights lw;
+  lw.E = E;
+  lw.I = I;
+  lw.dense_dtype = wdt;
+  lw.expert = [&](Job& job, int64_t e, int which) {
+    job.w = (which == 0 ? w_gate : which == 1 ? w_up : w_down)[e].data_ptr();
+  };
+  if (shared_gate.has_value() && shared_gate->defined()) {
+    TORCH_CHECK(shared_up.has_value() && shared_down.has_value() && shared_expert_gate.has_value(),
+                "moe_ffn_cpu: the shared expert needs gate, up, down and shared_expert_gate weights");
+    const at::Tensor& sg = *shared_gate;
+    const at::Tensor& su = *shared_up;
+    const at::Tensor& sd = *shared_down;
+    lw.S = sg.size(0);
+    TORCH_CHECK(sg.dim() == 2 && sg.size(1) == H && su.sizes() == sg.sizes() && sd.dim() == 2 && sd.size(0) == H &&
+                    sd.size(1) == lw.S, "moe_ffn_cpu: shared expert weights must be [S,H], [S,H], [H,S]");
+    TORCH_CHECK(sg.is_contiguous() && su.is_contiguous() && sd.is_contiguous() && sg.scalar_type() == wdt &&
+                    su.scalar_type() == wdt && sd.scalar_type() == wdt,
+                "moe_ffn_cpu: shared expert weights must be contiguous, in the experts' dtype");
+    lw.shared = [&](Job& job, int which) { job.w = (which == 0 ? sg : which == 1 ? su : sd).data_ptr(); };
+    lw.shared_expert_gate = shared_expert_gate;
+  }
+  return moe_ffn_core(x, topk_ids, topk_weights, lw, "moe_ffn_cpu");
+}
+
+// The same layer with GPTQ 4-bit experts: `experts` holds 12 tensors per expert, (qweight, qzeros, scales,
+// g_idx) for gate, up, down; `shared` the same 12 for the shared expert, or nothing.
+at::Tensor moe_ffn_int4_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                            at::TensorList experts, at::TensorList shared,
+                            const c10::optional<at::Tensor>& shared_expert_gate, int64_t zero_offset) {
+  TORCH_CHECK(!experts.empty() && experts.size() % 12 == 0, "moe_ffn_int4_cpu: experts must hold 12 tensors "
+              "(qweight, qzeros, scales, g_idx for gate, up, down) per expert, got ", experts.size());
+  TORCH_CHECK(shared.empty() || shared.size() == 12, "moe_ffn_int4_cpu: shared must hold 12 tensors or none");
+  TORCH_CHECK(x.dim() == 2, "moe_ffn_int4_cpu: x must be [tokens, hidden], got ", x.sizes());
+  const int64_t H = x.size(1);
+  LayerWeights lw;
+  lw.E = static_cast<int64_t>(experts.size()) / 12;
+  TORCH_CHECK(experts[0].dim() == 2, "moe_ffn_int4_cpu: expert 0 gate_proj qweight must be [H/8, I]");
+  lw.I = experts[0].size(1);  // gate's qweight is [H/8, I]
+  std::vector<Int4Weight> prepared(3 * lw.E + 3);
+  static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
+  auto prepare = [&](Int4Weight& w, at::TensorList t, size_t at, int which, int64_t K, int64_t N,
+                     const std::string& who) {
+    w.prepare(t[at], t[at + 1], t[at + 2], t[at + 3], zero_offset, who.c_str());
+    TORCH_CHECK(w.K == K && w.N == N, who, ": expected a ", K, " -> ", N, " Linear, qweight holds ", w.K, " -> ",
+                w.N, " (", names[which], ")");
+  };
+  lw.expert = [&](Job& job, int64_t e, int which) {
+    Int4Weight& w = prepared[3 * e + which];
+    const int64_t K = which == 2 ? lw.I : H, N = which == 2 ? H : lw.I;
+    prepare(w, experts, 12 * e + 4 * which, which, K, N,
+            "moe_ffn_int4_cpu: expert " + std::to_string(e) + " " + names[which]);
+    job.q = &w;
+  };
+  if (!shared.empty()) {
+    lw.S = shared[0].size(1);
+    lw.shared = [&](Job& job, int which) {
+      Int4Weight& w = prepared[3 * lw.E + which];
+      const int64_t K = which == 2 ? lw.S : H, N = which == 2 ? H : lw.S;
+      prepare(w, shared, 4 * which, which, K, N, std::string("moe_ffn_int4_cpu: shared expert ") + names[which]);
+      job.q = &w;
+    };
+    lw.shared_expert_gate = shared_expert_gate;
+  }
+  return moe_ffn_core(x, topk_ids, topk_weights, lw, "moe_ffn_int4_cpu");
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) { m.impl("moe_ffn_cpu", &moe_ffn_cpu); }
+TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
+  m.impl("moe_ffn_cpu", &moe_ffn_cpu);
+  m.impl("moe_ffn_int4_cpu", &moe_ffn_int4_cpu);
+}

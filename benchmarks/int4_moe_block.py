@@ -1,0 +1,116 @@
+"""One MoE layer at the real Qwen1.5-MoE-A2.7B shape on CPU with GPTQ-Int4 experts (group 128, sym, like the
+released checkpoint; the shared expert is int4 too): ours int4 vs ours bf16 (the `cpu` backend) vs auto-gptq's
+QuantLinear torch path applied per expert (when auto_gptq is installed), and the int4 memory floor = bytes of
+int4 weights + scales + zeros read once / measured copy bandwidth.
+
+    python benchmarks/int4_moe_block.py [--tokens 1 16 256] [--threads 2] [--repeats 7]
+
+All variants run interleaved in one process; medians are reported.
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe_block import SHAPE, measure_copy_bandwidth, timed  # noqa: E402
+
+import qwen2_moe_hf  # noqa: E402,F401
+from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock  # noqa: E402
+from qwen2_moe_hf.gptq.format import GPTQSpec  # noqa: E402
+from qwen2_moe_hf.gptq.quantize import quantize_linears_  # noqa: E402
+from qwen2_moe_hf.moe import route  # noqa: E402
+
+PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def int4_block(bf16_block, spec):
+    block = copy.deepcopy(bf16_block).float()
+    names = [f"experts.{e}.{p}" for e in range(len(block.experts)) for p in PROJ]
+    names += [f"shared_expert.{p}" for p in PROJ]
+    quantize_linears_(block, names, spec)
+    return block.to(torch.bfloat16)  # the router and shared_expert_gate compute in bf16; int4 buffers stay
+
+
+def autogptq_block(int4, spec):
+    """The same int4 tensors in auto-gptq's QuantLinear (its CPU torch path), fp16 like auto-gptq expects."""
+    from auto_gptq.nn_modules.qlinear.qlinear_cuda import QuantLinear
+
+    block = copy.deepcopy(int4).to(torch.float16)
+    for name, module in list(block.named_modules()):
+        if type(module).__name__ != "GPTQLinear":
+            continue
+        ql = QuantLinear(spec.bits, spec.group_size, module.in_features, module.out_features, False)
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            setattr(ql, part, getattr(module, part).clone())
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, ql)
+    block.config.moe_backend = "torch"  # the per-expert loop calling each QuantLinear
+    return block
+
+
+def int4_bytes(config, hit, group):
+    def linear(k, n):
+        return k * n // 2 + (k // group) * n * 2 + (k // group) * n // 2
+
+    h, i, s = config.hidden_size, config.moe_intermediate_size, config.shared_expert_intermediate_size
+    return hit * (2 * linear(h, i) + linear(i, h)) + 2 * linear(h, s) + linear(s, h) + (config.num_experts + 1) * h * 2
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 256])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    copy_bw = measure_copy_bandwidth()
+    print(f"torch {torch.__version__}, {args.threads} threads; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read+write)")
+
+    config = Qwen2MoeConfig(**SHAPE)
+    spec = GPTQSpec(bits=4, group_size=128, sym=True)
+    bf16 = Qwen2MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in bf16.parameters():
+            p.normal_(0, 0.02)
+    bf16 = bf16.to(torch.bfloat16).eval()
+    int4 = int4_block(bf16, spec).eval()
+    variants = {"ours bf16 [cpu]": (bf16, torch.bfloat16), "ours int4 (bf16 act)": (int4, torch.bfloat16),
+                "ours int4 (fp16 act)": (copy.deepcopy(int4).to(torch.float16), torch.float16)}
+    try:
+        variants["auto-gptq QuantLinear per expert (fp16)"] = (autogptq_block(int4, spec), torch.float16)
+    except ImportError:
+        print("auto_gptq is not installed: its column is left out (pip install auto-gptq==0.7.1 peft==0.9.0)")
+
+    header = "| tokens | int4 floor ms | " + " | ".join(variants) + " | bf16 / int4 | auto-gptq / int4 |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for tokens in args.tokens:
+        x = torch.randn(1, tokens, config.hidden_size)
+        _, ids = route(bf16.gate(x.to(torch.bfloat16).reshape(-1, config.hidden_size)), config.num_experts_per_tok,
+                       config.norm_topk_prob)
+        floor = int4_bytes(config, ids.unique().numel(), spec.group_size) / copy_bw
+        inputs = {name: x.to(dtype) for name, (_, dtype) in variants.items()}
+        times = {name: [] for name in variants}
+        with torch.no_grad():
+            for name, (block, _) in variants.items():
+                block(inputs[name])  # warm-up (builds the CPU ops on first use)
+            for _ in range(args.repeats):
+                for name, (block, _) in variants.items():
+                    times[name].append(timed(lambda: block(inputs[name])))
+        med = {n: statistics.median(t) for n, t in times.items()}
+        ours = med["ours int4 (bf16 act)"]
+        agptq = med.get("auto-gptq QuantLinear per expert (fp16)")
+        cells = " | ".join(f"{v * 1e3:.1f}" for v in med.values())
+        ratio = f"{agptq / med['ours int4 (fp16 act)']:.1f}x" if agptq else "n/a"
+        print(f"| {tokens} | {floor * 1e3:.2f} | {cells} | {med['ours bf16 [cpu]'] / ours:.2f}x | {ratio} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

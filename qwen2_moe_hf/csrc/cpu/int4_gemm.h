@@ -1,0 +1,308 @@
+// The GPTQ 4-bit GEMM primitive shared by gptq_linear_cpu (one Linear) and moe_ffn_int4_cpu (a whole MoE layer).
+// It reads the checkpoint's own packed layout (no repacking: the module's state dict stays the checkpoint's
+// tensors and nothing is held twice).
+//
+//   qweight int32 [K/8, N] (input 8r+j of column n in bits 4j..4j+3 of qweight[r, n]),
+//   qzeros int32 [G, N/8], scales [G, N] (fp32/fp16/bf16), g_idx int32 [K]
+//   W[n,k] = scales[g,n] * (q[k,n] - (z[g,n] + zero_offset)), g = g_idx[k]
+//
+// Two paths:
+//   grouped (every packed row of 8 inputs lies in one group, e.g. g_idx = k // G with G a multiple of 8, the
+//     common case): sum x*q over a run of one group first and apply its scale and zero once:
+//     y[n] += s[g,n] * (sum_k x[k] q[k,n] - z[g,n] * sum_k x[k]), so the inner loop is unpack + FMA only;
+//   general (act-order g_idx): dequantize each weight with its own group's scale and zero.
+// Accumulation is fp32 in a fixed order (independent of the thread count).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "vec.h"
+
+namespace qmoe {
+
+constexpr int kInt4RowsPerPass = 4;  // x rows sharing one unpack of the weights
+// Packed rows ahead that the grouped path prefetches: a column tile jumps between rows, which hardware
+// prefetchers follow poorly; without it one decode row read ~5 GB/s from DRAM instead of ~8.
+constexpr int64_t kInt4PrefetchRows = 6;
+
+#ifdef QMOE_AVX2
+using V8 = __m256;
+inline V8 v_zero() { return _mm256_setzero_ps(); }
+inline V8 v_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void v_store(float* p, V8 v) { _mm256_storeu_ps(p, v); }
+inline V8 v_set1(float a) { return _mm256_set1_ps(a); }
+inline V8 v_fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }
+inline V8 v_add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
+inline V8 v_sub(V8 a, V8 b) { return _mm256_sub_ps(a, b); }
+inline V8 v_mul(V8 a, V8 b) { return _mm256_mul_ps(a, b); }
+// The 8 fields of 8 packed int32 (8 columns): w[j] = field j of each column, as floats.
+inline void unpack8(const int32_t* p, V8 w[8]) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i mask = _mm256_set1_epi32(15);
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(q, mask));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q, 4), mask));
+  w[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q, 8), mask));
+  w[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q, 12), mask));
+  w[4] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q, 16), mask));
+  w[5] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q, 20), mask));
+  w[6] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q, 24), mask));
+  w[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 28));
+}
+// Like unpack8, but field j comes out multiplied by 16^j (masked in place, not shifted down: one op less per
+// field); the caller divides x by 16^j instead, which is exact (a power of two). Field 7 is shifted, because
+// masking it in place would set the sign bit.
+inline void unpack8_in_place(const int32_t* p, V8 w[8]) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF)));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF0)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF00)));
+  w[3] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF000)));
+  w[4] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF0000)));
+  w[5] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF00000)));
+  w[6] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF000000)));
+  w[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 28));
+}
+constexpr bool kFieldsInPlace = true;
+// The 8 zeros one qzeros int32 holds (columns 8c .. 8c+7), plus the format's offset.
+inline V8 zeros8(int32_t packed, float offset) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i z = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(packed), shifts), _mm256_set1_epi32(15));
+  return _mm256_add_ps(_mm256_cvtepi32_ps(z), _mm256_set1_ps(offset));
+}
+template <typename S>
+inline V8 scales8(const S* p) { return load8(p); }
+inline void prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+#else
+// Portable fallback with the same operations on 8 floats; compilers vectorize the loops.
+struct V8 { float v[8]; };
+inline V8 v_zero() { return V8{}; }
+inline V8 v_load(const float* p) { V8 r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
+inline void v_store(float* p, V8 a) { for (int i = 0; i < 8; ++i) p[i] = a.v[i]; }
+inline V8 v_set1(float a) { V8 r; for (int i = 0; i < 8; ++i) r.v[i] = a; return r; }
+inline V8 v_fma(V8 a, V8 b, V8 c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+inline V8 v_add(V8 a, V8 b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+inline V8 v_sub(V8 a, V8 b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
+inline V8 v_mul(V8 a, V8 b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
+inline void unpack8(const int32_t* p, V8 w[8]) {
+  for (int j = 0; j < 8; ++j)
+    for (int i = 0; i < 8; ++i) w[j].v[i] = static_cast<float>((static_cast<uint32_t>(p[i]) >> (4 * j)) & 15u);
+}
+inline V8 zeros8(int32_t packed, float offset) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>((static_cast<uint32_t>(packed) >> (4 * i)) & 15u) + offset;
+  return r;
+}
+template <typename S>
+inline V8 scales8(const S* p) { V8 r; for (int i = 0; i < 8; ++i) r.v[i] = to_float(p[i]); return r; }
+inline void prefetch(const void*) {}
+inline void unpack8_in_place(const int32_t* p, V8 w[8]) { unpack8(p, w); }
+constexpr bool kFieldsInPlace = false;
+#endif
+
+// One GPTQ 4-bit weight, checked and prepared for the GEMM (run boundaries, or dequantization tables for the
+// general path). Holds pointers into the caller's tensors.
+struct Int4Weight {
+  const int32_t* qweight = nullptr;
+  const int32_t* qzeros = nullptr;
+  const void* scales = nullptr;
+  at::ScalarType scale_type = at::kHalf;
+  const int32_t* g_idx = nullptr;
+  int64_t K = 0, N = 0, groups = 0;
+  float zero_offset = 1.f;
+  std::vector<int64_t> runs;             // packed-row starts of one-group runs, + K/8; empty: general path
+  std::vector<float> scale_f, zero_f;    // [groups, N], general path only
+
+  // Checks shapes and dtypes (naming `what`), and g_idx's range, then prepares the path.
+  void prepare(const at::Tensor& qw, const at::Tensor& qz, const at::Tensor& sc, const at::Tensor& gi,
+               int64_t zero_off, const char* what) {
+    TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kInt && qw.is_contiguous() && qw.device().is_cpu(),
+                what, ": qweight must be a contiguous int32 [K/8, N] CPU tensor");
+    K = qw.size(0) * 8;
+    N = qw.size(1);
+    TORCH_CHECK(N % 8 == 0, what, ": out_features ", N, " is not a multiple of 8");
+    TORCH_CHECK(sc.dim() == 2 && sc.size(1) == N && sc.is_contiguous(), what, ": scales must be [G, ", N,
+                "], got ", sc.sizes());
+    groups = sc.size(0);
+    TORCH_CHECK(qz.dim() == 2 && qz.scalar_type() == at::kInt && qz.is_contiguous() && qz.size(0) == groups &&
+                    qz.size(1) * 8 == N, what, ": qzeros must be int32 [", groups, ", ", N / 8, "], got ", qz.sizes());
+    TORCH_CHECK(gi.dim() == 1 && gi.size(0) == K && gi.scalar_type() == at::kInt && gi.is_contiguous(), what,
+                ": g_idx must be int32 [", K, "]");
+    scale_type = sc.scalar_type();
+    TORCH_CHECK(scale_type == at::kFloat || scale_type == at::kHalf || scale_type == at::kBFloat16, what,
+                ": scales dtype ", scale_type, " (float32/float16/bfloat16)");
+    qweight = qw.data_ptr<int32_t>();
+    qzeros = qz.data_ptr<int32_t>();
+    scales = sc.data_ptr();
+    g_idx = gi.data_ptr<int32_t>();
+    zero_offset = static_cast<float>(zero_off);
+    bool grouped = true;
+    runs.clear();
+    for (int64_t r = 0; r < K / 8; ++r) {
+      const int32_t g = g_idx[8 * r];
+      for (int j = 0; j < 8; ++j) {
+        const int32_t gj = g_idx[8 * r + j];
+        TORCH_CHECK(gj >= 0 && gj < groups, what, ": g_idx[", 8 * r + j, "] = ", gj, " is outside the ", groups,
+                    " groups of scales");
+        grouped = grouped && gj == g;
+      }
+      if (r == 0 || g_idx[8 * (r - 1)] != g) runs.push_back(r);
+    }
+    runs.push_back(K / 8);
+    if (!grouped) {
+      runs.clear();
+      scale_f.resize(groups * N);
+      zero_f.resize(groups * N);
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t n = 0; n < N; ++n) {
+          scale_f[g * N + n] = scale_at(g * N + n);
+          const uint32_t packed = static_cast<uint32_t>(qzeros[g * (N / 8) + n / 8]);
+          zero_f[g * N + n] = static_cast<float>((packed >> (4 * (n % 8))) & 15u) + zero_offset;
+        }
+    }
+  }
+
+  float scale_at(int64_t i) const {
+    switch (scale_type) {
+      case at::kFloat: return static_cast<const float*>(scales)[i];
+      case at::kBFloat16: return to_float(static_cast<const BFloat16*>(scales)[i]);
+      default: return to_float(static_cast<const Half*>(scales)[i]);
+    }
+  }
+
+  int64_t num_runs() const { return runs.empty() ? 0 : static_cast<int64_t>(runs.size()) - 1; }
+
+  // Per x row, the sum of its inputs over each run (the grouped path's zero correction). [M, num_runs]
+  std::vector<float> row_sums(const float* x, int64_t M, int64_t ldx) const {
+    const int64_t R = num_runs();
+    std::vector<float> sums(M * R, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t run = 0; run < R; ++run) {
+        float s = 0.f;
+        for (int64_t k = 8 * runs[run]; k < 8 * runs[run + 1]; ++k) s += x[m * ldx + k];
+        sums[m * R + run] = s;
+      }
+    return sums;
+  }
+};
+
+namespace int4_detail {
+
+template <typename S, int MR>
+void grouped(const Int4Weight& w, const S* scales, const float* x, int64_t ldx, const float* xsum, int64_t n0,
+             int64_t n1, float* y, int64_t ldy, float* acc) {
+  const int64_t width = n1 - n0, R = w.num_runs(), rows = w.K / 8;
+  for (int64_t run = 0; run < R; ++run) {
+    const int64_t r_begin = w.runs[run], r_end = w.runs[run + 1];
+    const int32_t g = w.g_idx[8 * r_begin];
+    std::fill(acc, acc + MR * width, 0.f);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int32_t* qrow = w.qweight + r * w.N;
+      const int32_t* ahead = r + kInt4PrefetchRows < rows ? qrow + kInt4PrefetchRows * w.N : nullptr;
+      // Fields 0..6 come out of unpack8_in_place scaled by 16^j: scale x down to match (field 7 is not).
+      constexpr float kDown[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576,
+                                  1.f / 16777216, 1.f};
+      float xr[MR][8];
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 8; ++j) xr[m][j] = x[m * ldx + 8 * r + j] * (kFieldsInPlace ? kDown[j] : 1.f);
+      for (int64_t n = n0; n < n1; n += 8) {
+        if (ahead != nullptr && ((n - n0) & 15) == 0) prefetch(ahead + n);
+        V8 q[8];
+        unpack8_in_place(qrow + n, q);
+        for (int m = 0; m < MR; ++m) {
+          float* a = acc + m * width + (n - n0);
+          V8 s0 = v_load(a), s1 = v_zero();  // two chains: half the FMA latency per column block
+          s0 = v_fma(q[0], v_set1(xr[m][0]), s0);
+          s1 = v_fma(q[1], v_set1(xr[m][1]), s1);
+          s0 = v_fma(q[2], v_set1(xr[m][2]), s0);
+          s1 = v_fma(q[3], v_set1(xr[m][3]), s1);
+          s0 = v_fma(q[4], v_set1(xr[m][4]), s0);
+          s1 = v_fma(q[5], v_set1(xr[m][5]), s1);
+          s0 = v_fma(q[6], v_set1(xr[m][6]), s0);
+          s1 = v_fma(q[7], v_set1(xr[m][7]), s1);
+          v_store(a, v_add(s0, s1));
+        }
+      }
+    }
+    // y += s * (sum x*q - z * sum x), once per run.
+    const S* srow = scales + g * w.N;
+    const int32_t* zrow = w.qzeros + g * (w.N / 8);
+    for (int64_t n = n0; n < n1; n += 8) {
+      const V8 s = scales8(srow + n);
+      const V8 z = zeros8(zrow[n / 8], w.zero_offset);
+      for (int m = 0; m < MR; ++m) {
+        float* o = y + m * ldy + n;
+        const V8 centred = v_sub(v_load(acc + m * width + (n - n0)), v_mul(z, v_set1(xsum[m * R + run])));
+        v_store(o, v_fma(s, centred, v_load(o)));
+      }
+    }
+  }
+}
+
+template <int MR>
+void general(const Int4Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < w.K / 8; ++r) {
+    const int32_t* qrow = w.qweight + r * w.N;
+    for (int64_t n = n0; n < n1; n += 8) {
+      V8 q[8];
+      unpack8(qrow + n, q);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t base = static_cast<int64_t>(w.g_idx[8 * r + j]) * w.N + n;
+        q[j] = v_mul(v_sub(q[j], v_load(w.zero_f.data() + base)), v_load(w.scale_f.data() + base));
+      }
+      for (int m = 0; m < MR; ++m) {
+        float* o = y + m * ldy + n;
+        V8 a = v_load(o);
+        for (int j = 0; j < 8; ++j) a = v_fma(q[j], v_set1(x[m * ldx + 8 * r + j]), a);
+        v_store(o, a);
+      }
+    }
+  }
+}
+
+template <typename S>
+void rows(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const float* xsum, int64_t n0, int64_t n1,
+          float* y, int64_t ldy) {
+  const S* scales = static_cast<const S*>(w.scales);
+  const int64_t R = w.num_runs();
+  std::vector<float> acc(kInt4RowsPerPass * (n1 - n0));
+  for (int64_t m0 = 0; m0 < M; m0 += kInt4RowsPerPass) {
+    const float* xm = x + m0 * ldx;
+    float* ym = y + m0 * ldy;
+    const float* sm = xsum + m0 * R;
+    const int64_t mr = std::min<int64_t>(kInt4RowsPerPass, M - m0);
+    if (R > 0) {
+      switch (mr) {
+        case 4: grouped<S, 4>(w, scales, xm, ldx, sm, n0, n1, ym, ldy, acc.data()); break;
+        case 3: grouped<S, 3>(w, scales, xm, ldx, sm, n0, n1, ym, ldy, acc.data()); break;
+        case 2: grouped<S, 2>(w, scales, xm, ldx, sm, n0, n1, ym, ldy, acc.data()); break;
+        default: grouped<S, 1>(w, scales, xm, ldx, sm, n0, n1, ym, ldy, acc.data());
+      }
+    } else {
+      switch (mr) {
+        case 4: general<4>(w, xm, ldx, n0, n1, ym, ldy); break;
+        case 3: general<3>(w, xm, ldx, n0, n1, ym, ldy); break;
+        case 2: general<2>(w, xm, ldx, n0, n1, ym, ldy); break;
+        default: general<1>(w, xm, ldx, n0, n1, ym, ldy);
+      }
+    }
+  }
+}
+
+}  // namespace int4_detail
+
+// y[m, n] = sum_k x[m, k] W[n, k] for m < M, n in [n0, n1) (multiples of 8); x fp32 with row stride ldx,
+// xsum = w.row_sums(x, M, ldx), y fp32 with row stride ldy (overwritten).
+inline void int4_rows_times_weight(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const float* xsum,
+                                   int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.f);
+  switch (w.scale_type) {
+    case at::kFloat: return int4_detail::rows<float>(w, x, M, ldx, xsum, n0, n1, y, ldy);
+    case at::kBFloat16: return int4_detail::rows<BFloat16>(w, x, M, ldx, xsum, n0, n1, y, ldy);
+    default: return int4_detail::rows<Half>(w, x, M, ldx, xsum, n0, n1, y, ldy);
+  }
+}
+
+}  // namespace qmoe
