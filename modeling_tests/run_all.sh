@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: builds the two supported stacks in fresh virtual environments and runs the suite in each.
 #   newest:   transformers 5.23.0, torch 2.13.0 (CPU), accelerate, triton (its kernels run under TRITON_INTERPRET=1)
-#   blog-era: transformers 4.38.2 (no qwen2_moe of its own), torch 2.13.0 (CPU), accelerate
+#   blog-era: transformers 4.38.2 (no qwen2_moe of its own), torch 2.13.0 (CPU), accelerate, and the GPTQ stack of
+#             its day (optimum 1.17.1 + auto-gptq 0.7.1 + peft 0.9.0): the int4 tests compare against auto-gptq
 #   cuda-build: torch 2.14.1 (a CUDA build, ~5.5 GB) + transformers 5.23.0: compiles the CUDA extension for
 #             sm_80 + sm_90 with the nvcc on PATH and loads it (no GPU needed), then the GPU-free op tests
 # Usage: bash modeling_tests/run_all.sh [newest|blog-era|cuda-build|all] [extra pytest args]
@@ -18,7 +19,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_ROOT/.torch_extensions
 
 declare -A STACK_PACKAGES=(
   [newest]="torch==2.13.0 transformers==5.23.0 accelerate triton"
-  [blog-era]="torch==2.13.0 transformers==4.38.2 accelerate"
+  [blog-era]="torch==2.13.0 transformers==4.38.2 accelerate optimum==1.17.1 auto-gptq==0.7.1 peft==0.9.0"
   [cuda-build]="torch==2.14.1 transformers==5.23.0 accelerate"
 )
 # What each stack runs (default: the whole suite).

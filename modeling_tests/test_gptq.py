@@ -1,0 +1,467 @@
+"""GPTQ-Int4: the format, the int4 kernels against the dequantized reference (and against auto-gptq where it is
+installed: the blog-era stack), checkpoints written by our RTN writer loaded through from_pretrained on every
+stack, the faults that must raise, and proof that transformers' own GPTQ quantizer never runs for our model."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import qwen2_moe_hf
+from qwen2_moe_hf import compat
+from qwen2_moe_hf.checkpoint_io import CheckpointError
+from qwen2_moe_hf.gptq import format as gptq_format
+from qwen2_moe_hf.gptq.format import GPTQFormatError, GPTQSpec
+from qwen2_moe_hf.gptq.linear import GPTQLinear
+from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
+from qwen2_moe_hf.moe.extension import load_cpu_ops
+
+from helpers import build_model, save_checkpoint
+
+CPU_OPS, CPU_OPS_WHY = load_cpu_ops()
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def load(path, **kwargs):
+    dtype = kwargs.pop("dtype", torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, **compat.dtype_kwarg(dtype), **kwargs)
+
+
+def dequantized_twin(model):
+    """A plain full-precision model with the GPTQ model's weights: every GPTQLinear dequantized to fp32."""
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(**{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    twin = Qwen2MoeForCausalLM(config).eval()
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GPTQLinear):
+            state[f"{name}.weight"] = module.dequantize(torch.float32)
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.float()
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx") and name not in state:
+            state[name] = tensor.float()
+    twin.load_state_dict(state, strict=True)
+    return twin
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(tmp_path_factory):
+    """A tiny full-precision checkpoint with dense-MLP layers too (mlp_only_layers [0, 2])."""
+    path = tmp_path_factory.mktemp("fp")
+    return save_checkpoint(build_model("mlp_only_mqa_norm", seed=3), str(path))
+
+
+@pytest.fixture(scope="module")
+def gptq_checkpoint(fp_checkpoint, tmp_path_factory):
+    dst = str(tmp_path_factory.mktemp("gptq"))
+    return quantize_checkpoint(fp_checkpoint, dst, bits=4, group_size=32, sym=True, max_shard_size="150KB",
+                               progress=False)
+
+
+# --------------------------------------------------------------------------------------------- format
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([4, 8]), rows=st.integers(1, 6), cols=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(bits, rows, cols, seed):
+    per_int = 32 // bits
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 2**bits, (rows * per_int, cols * per_int), generator=gen, dtype=torch.int32)
+    assert torch.equal(gptq_format.unpack_rows(gptq_format.pack_rows(values, bits), bits), values)
+    assert torch.equal(gptq_format.unpack_cols(gptq_format.pack_cols(values, bits), bits), values)
+    # The top field set must still round-trip through int32's sign bit.
+    full = torch.full((per_int, per_int), 2**bits - 1, dtype=torch.int32)
+    assert torch.equal(gptq_format.unpack_rows(gptq_format.pack_rows(full, bits), bits), full)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("zero_offset", [1, 0])
+def test_rtn_error_is_within_half_a_step(sym, group_size, zero_offset):
+    weight = torch.randn(48, 128)
+    packed = gptq_format.quantize_rtn(weight, 4, group_size, sym, zero_offset)
+    deq = gptq_format.dequantize(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4,
+                                 zero_offset, torch.float32)
+    step = packed["scales"].float()[packed["g_idx"].long()].t()  # [N, K]
+    assert ((deq - weight).abs() <= step * 0.5 + 1e-6).float().mean() > 0.99  # clamping may cost a few
+
+
+# --------------------------------------------------------------------------------------------- int4 kernel
+
+
+def _random_layer(k, n, group_size, sym, zero_offset, act_order, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    spec = GPTQSpec(bits=4, group_size=group_size, sym=sym, checkpoint_format="gptq" if zero_offset else "gptq_v2")
+    size = k if group_size == -1 else group_size
+    g_idx = (torch.randperm(k, generator=gen) // size) if act_order else None
+    packed = gptq_format.quantize_rtn(torch.randn(n, k, generator=gen), 4, group_size, sym, zero_offset, g_idx)
+    layer = GPTQLinear(k, n, bias, spec)
+    for part, value in packed.items():
+        layer._buffers[part] = value
+    if bias:
+        layer._buffers["bias"] = torch.randn(n, generator=gen).half()
+    return layer
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym,zero_offset,act_order", [(True, 1, False), (False, 0, False), (False, 1, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_int4_linear_matches_dequantized(group_size, sym, zero_offset, act_order, dtype, monkeypatch):
+    layer = _random_layer(256, 72, group_size, sym, zero_offset, act_order, bias=group_size == 64)
+    for tokens in (1, 3, 17):
+        x = torch.randn(2, tokens, 256).to(dtype)
+        with torch.no_grad():
+            got = layer(x)
+            monkeypatch.setenv("QWEN2_MOE_HF_GPTQ_KERNEL", "torch")
+            want = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32),
+                                              None if layer.bias is None else layer.bias.float())
+            monkeypatch.delenv("QWEN2_MOE_HF_GPTQ_KERNEL")
+        assert got.dtype == dtype and got.shape == (2, tokens, 72)
+        assert rel(got, want) < TOL[dtype], (tokens, rel(got, want))
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_cpu_int4_kernel_survives_nan_inputs():
+    layer = _random_layer(64, 16, 32, True, 1, False, bias=False)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_int4_linear_with_grad_uses_the_reference_and_gives_input_grads():
+    layer = _random_layer(64, 16, 32, True, 1, False, bias=False)
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, layer.dequantize(torch.float32).sum(0).expand(3, 64), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- auto-gptq
+
+
+def _autogptq_quantlinear():
+    try:
+        from auto_gptq.nn_modules.qlinear.qlinear_cuda import QuantLinear
+    except Exception as exc:  # noqa: BLE001 (any import failure means: not usable here)
+        pytest.skip(f"auto-gptq is not installed here ({type(exc).__name__}); the blog-era stack installs it")
+    return QuantLinear
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_our_layer_equals_autogptq_quantlinear(group_size, sym, desc_act):
+    """Tensors packed by auto-gptq 0.7.1's own QuantLinear.pack: our layer's output equals its forward."""
+    QuantLinear = _autogptq_quantlinear()
+    k, n = 256, 64
+    gen = torch.Generator().manual_seed(7)
+    size = k if group_size == -1 else group_size
+    groups = k // size
+    g_idx = (torch.randperm(k, generator=gen) // size).int() if desc_act else torch.arange(k).int() // size
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.005).half().float()  # [N, G], fp16-exact
+    zeros = torch.full((n, groups), 8.0) if sym else torch.randint(1, 16, (n, groups), generator=gen).float()
+    q = torch.randint(0, 16, (n, k), generator=gen).float()
+    weight = (q - zeros[:, g_idx.long()]) * scales[:, g_idx.long()]  # on the 4-bit grid, as pack expects
+    linear = torch.nn.Linear(k, n, bias=False)
+    linear.weight.data = weight
+    theirs = QuantLinear(4, group_size, k, n, bias=False)
+    theirs.pack(linear, scales, zeros, g_idx)
+    theirs.scales = theirs.scales.half()
+
+    ours = GPTQLinear(k, n, False, GPTQSpec(bits=4, group_size=group_size, sym=sym, desc_act=desc_act))
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        ours._buffers[part] = getattr(theirs, part).clone()
+    x = torch.randn(5, k, generator=gen)
+    with torch.no_grad():
+        expected = theirs(x.half()).float()
+        assert rel(ours(x), expected) < 2e-3  # fp16 rounding of their fp16 weights and matmul
+        assert rel(ours(x.half()), expected) < 2e-3
+        assert torch.equal(ours.dequantize(torch.float32), weight)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_our_writer_reads_back_identically_through_autogptq(sym):
+    QuantLinear = _autogptq_quantlinear()
+    k, n = 128, 48
+    packed = gptq_format.quantize_rtn(torch.randn(n, k), 4, 32, sym, 1)
+    theirs = QuantLinear(4, 32, k, n, bias=False)
+    for part, value in packed.items():
+        setattr(theirs, part, value.clone())
+    with torch.no_grad():
+        their_weight = theirs(torch.eye(k, dtype=torch.float16)).t()  # row n: W[n, :] exactly, in fp16
+    ours = gptq_format.dequantize(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4, 1)
+    assert torch.equal(their_weight, ours)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("group_size,sym,fmt", [(32, True, "gptq"), (64, False, "gptq_v2"), (-1, False, "gptq")])
+def test_checkpoint_loads_and_matches_dequantized_model(fp_checkpoint, tmp_path, group_size, sym, fmt):
+    dst = quantize_checkpoint(fp_checkpoint, str(tmp_path / "q"), group_size=group_size, sym=sym,
+                              checkpoint_format=fmt, progress=False)
+    model = load(dst)
+    assert type(model).__module__ == "qwen2_moe_hf.modeling_qwen2_moe"
+    layer = model.model.layers[1]
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.shared_expert.down_proj", "mlp.experts.5.up_proj"):
+        assert isinstance(layer.get_submodule(name), GPTQLinear), name
+    assert isinstance(model.model.layers[0].mlp.gate_proj, GPTQLinear)  # dense-MLP layers are quantized too
+    for name in ("mlp.gate", "mlp.shared_expert_gate"):  # the router and the shared gate stay full precision
+        assert type(layer.get_submodule(name)) is torch.nn.Linear, name
+    assert type(model.lm_head) is torch.nn.Linear and type(model.model.embed_tokens) is torch.nn.Embedding
+    assert layer.self_attn.q_proj.bias is not None  # q/k/v keep their bias
+
+    twin = dequantized_twin(model)
+    ids = torch.randint(1, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        got, want = model(ids).logits, twin(ids).logits
+    assert rel(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "auto"])
+@pytest.mark.parametrize("device_map", ["cpu", "auto"])
+def test_dtype_and_device_map(gptq_checkpoint, dtype, device_map):
+    model = load(gptq_checkpoint, dtype=dtype, device_map=device_map)
+    expected_dtype = torch.float16 if dtype == "auto" else dtype  # the writer stores float16, like Qwen's
+    assert model.model.embed_tokens.weight.dtype == expected_dtype
+    assert model.model.layers[1].mlp.experts[0].up_proj.scales.dtype == torch.float16  # kept as stored
+    reference = load(gptq_checkpoint, dtype=torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        got = model(ids).logits
+        assert got.dtype == expected_dtype
+        assert rel(got, reference(ids).logits) < (1e-6 if expected_dtype == torch.float32 else 5e-2)
+
+
+def test_default_dtype_is_float16_like_transformers_gptq(gptq_checkpoint):
+    assert load(gptq_checkpoint, dtype=None).lm_head.weight.dtype == torch.float16
+
+
+def _rewrite(src, dst, edit_tensors=None, edit_config=None):
+    """Copy checkpoint folder src to dst, letting callbacks change tensors (per shard) and config.json."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in os.listdir(dst):
+        if name.endswith(".safetensors") and edit_tensors is not None:
+            path = os.path.join(dst, name)
+            tensors = load_file(path)
+            edit_tensors(tensors)
+            save_file(tensors, path, metadata={"format": "pt"})
+    if edit_config is not None:
+        with open(os.path.join(dst, "config.json")) as f:
+            config = json.load(f)
+        edit_config(config, dst)
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(config, f)
+    return dst
+
+
+def test_act_order_checkpoint(fp_checkpoint, tmp_path):
+    """desc_act: g_idx in any order. Requantize every layer with a shuffled group assignment."""
+    def shuffle(tensors):
+        for key in [k for k in tensors if k.endswith(".qweight")]:
+            prefix = key[: -len(".qweight")]
+            weight = gptq_format.dequantize(tensors[key], tensors[prefix + ".qzeros"], tensors[prefix + ".scales"],
+                                            tensors[prefix + ".g_idx"], 4, 1, torch.float32)
+            k = weight.shape[1]
+            g_idx = torch.randperm(k, generator=torch.Generator().manual_seed(k)) // 32
+            tensors.update({f"{prefix}.{p}": v for p, v in
+                            gptq_format.quantize_rtn(weight, 4, 32, True, 1, g_idx).items()})
+
+    base = quantize_checkpoint(fp_checkpoint, str(tmp_path / "q"), group_size=32, progress=False)
+    path = _rewrite(base, str(tmp_path / "act"), shuffle,
+                    lambda c, _: c["quantization_config"].update(desc_act=True))
+    model = load(path)
+    g_idx = model.model.layers[1].mlp.experts[0].gate_proj.g_idx
+    assert not torch.equal(g_idx, torch.arange(g_idx.numel()).int() // 32)
+    ids = torch.randint(1, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert rel(model(ids).logits, dequantized_twin(model)(ids).logits) < 1e-4
+
+
+def test_legacy_quantize_config_json_and_zero_bias_placeholders(gptq_checkpoint, tmp_path):
+    def add_zero_bias(tensors):
+        for key in [k for k in tensors if k.endswith(("o_proj.qweight", "up_proj.qweight"))]:
+            tensors[key.replace(".qweight", ".bias")] = torch.zeros(tensors[key].shape[1], dtype=torch.float16)
+
+    def legacy(config, folder):
+        with open(os.path.join(folder, "quantize_config.json"), "w") as f:
+            json.dump(config.pop("quantization_config"), f)
+
+    path = _rewrite(gptq_checkpoint, str(tmp_path / "legacy"), add_zero_bias, legacy)
+    model = load(path)
+    assert model.model.layers[1].self_attn.o_proj.bias is not None
+    reference = load(gptq_checkpoint)
+    ids = torch.randint(1, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert rel(model(ids).logits, reference(ids).logits) < 1e-6
+
+
+def test_eight_bit_checkpoint(fp_checkpoint, tmp_path):
+    path = quantize_checkpoint(fp_checkpoint, str(tmp_path / "q8"), bits=8, group_size=32, progress=False)
+    model = load(path)
+    assert model.model.layers[1].mlp.experts[0].down_proj.bits == 8
+    ids = torch.randint(1, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert rel(model(ids).logits, dequantized_twin(model)(ids).logits) < 1e-5
+
+
+def test_save_pretrained_round_trip_and_generate(gptq_checkpoint, tmp_path):
+    model = load(gptq_checkpoint)
+    model.save_pretrained(str(tmp_path / "again"))
+    again = load(str(tmp_path / "again"))
+    ids = torch.randint(1, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+        out = again.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (1, 11)
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_cpu_backend_runs_int4_experts_like_the_reference(gptq_checkpoint):
+    model = load(gptq_checkpoint)
+    ids = torch.randint(1, model.config.vocab_size, (3, 13))
+    outputs = {}
+    for backend in ("cpu", "torch"):
+        model.config.moe_backend = backend
+        with torch.no_grad():
+            outputs[backend] = model(ids).logits
+    assert rel(outputs["cpu"], outputs["torch"]) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- faults
+
+
+def _qcfg_edit(**changes):
+    return lambda config, _: config["quantization_config"].update(changes)
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(bits=3), "quantization_config.bits: 3 is not supported"),
+    (dict(group_size=0), "quantization_config.group_size"),
+    (dict(checkpoint_format="marlin"), "quantization_config.checkpoint_format"),
+    (dict(modules_in_block_to_quantize=[["self_attn.q_proj"]]), "modules_in_block_to_quantize"),
+    (dict(group_size=64), "group_size 64"),  # the scales on disk have the groups of 32
+])
+def test_bad_quantization_config_is_named(gptq_checkpoint, tmp_path, changes, needle):
+    path = _rewrite(gptq_checkpoint, str(tmp_path / "bad"), edit_config=_qcfg_edit(**changes))
+    with pytest.raises(GPTQFormatError, match=needle.replace("(", r"\(")):
+        load(path)
+
+
+@pytest.mark.parametrize("fault,needle", [
+    ("drop_up", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.qweight"),
+    ("g_idx_range", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.g_idx.*\[0, 1\]"),
+    ("qzeros_shape", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.qzeros.*shape"),
+    ("qweight_dtype", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.qweight.*dtype"),
+    ("scales_nan", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.scales.*NaN"),
+])
+def test_bad_gptq_tensor_is_named(gptq_checkpoint, tmp_path, fault, needle):
+    prefix = "model.layers.1.mlp.experts.2.up_proj"
+
+    def edit(tensors):
+        if f"{prefix}.qweight" not in tensors:
+            return
+        if fault == "drop_up":
+            for part in ("qweight", "qzeros", "scales", "g_idx"):
+                del tensors[f"{prefix}.{part}"]
+        elif fault == "g_idx_range":
+            tensors[f"{prefix}.g_idx"][3] = 7
+        elif fault == "qzeros_shape":
+            tensors[f"{prefix}.qzeros"] = tensors[f"{prefix}.qzeros"][:1].contiguous()
+        elif fault == "qweight_dtype":
+            tensors[f"{prefix}.qweight"] = tensors[f"{prefix}.qweight"].to(torch.int64)
+        elif fault == "scales_nan":
+            tensors[f"{prefix}.scales"][0, 0] = float("nan")
+
+    path = _rewrite(gptq_checkpoint, str(tmp_path / "bad"), edit)
+    if fault == "drop_up":  # the index still names the dropped tensors
+        os.remove(os.path.join(path, "model.safetensors.index.json"))
+        shards = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        files = {n: load_file(os.path.join(path, n)) for n in shards}
+        merged = {k: v for t in files.values() for k, v in t.items()}
+        for n in shards:
+            os.remove(os.path.join(path, n))
+        save_file(merged, os.path.join(path, "model.safetensors"))
+    with pytest.raises((GPTQFormatError, CheckpointError), match=needle):
+        load(path)
+
+
+def test_truncated_shard_is_named(gptq_checkpoint, tmp_path):
+    path = _rewrite(gptq_checkpoint, str(tmp_path / "trunc"))
+    shard = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))[-1]
+    full = os.path.getsize(os.path.join(path, shard))
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.truncate(full - 100)
+    with pytest.raises(CheckpointError, match=f"{shard}: truncated"):
+        load(path)
+
+
+# --------------------------------------------------------------------------------------------- who loads
+
+
+def test_transformers_gptq_quantizer_never_runs(gptq_checkpoint, monkeypatch):
+    """Our loader handles GPTQ checkpoints of our model: transformers' quantizer (and optimum's, where installed)
+    would fail the test if anything constructed them."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a GPTQ quantizer other than qwen2_moe_hf's ran")
+
+    from transformers.quantizers import quantizer_gptq
+
+    monkeypatch.setattr(quantizer_gptq.GptqHfQuantizer, "__init__", refuse)
+    try:
+        import optimum.gptq
+
+        monkeypatch.setattr(optimum.gptq.GPTQQuantizer, "__init__", refuse)
+    except ImportError:
+        pass
+    model = load(gptq_checkpoint)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert isinstance(model.model.layers[1].mlp.experts[3].down_proj, GPTQLinear)
+
+
+def test_cli_quantize_writes_a_loadable_checkpoint(fp_checkpoint, tmp_path):
+    dst = str(tmp_path / "cli")
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen2_moe_hf.cli", "quantize", "--method", "rtn", "--bits", "4", "--group-size",
+         "32", fp_checkpoint, dst], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "quantizing" in result.stderr  # the progress bar
+    with open(os.path.join(dst, "config.json")) as f:
+        qcfg = json.load(f)["quantization_config"]
+    assert qcfg["bits"] == 4 and qcfg["group_size"] == 32 and qcfg["quant_method"] == "gptq"
+    flat = {name for group in qcfg["modules_in_block_to_quantize"] for name in group}
+    assert "mlp.experts.0.up_proj" in flat and "mlp.gate" not in flat and "mlp.shared_expert_gate" not in flat
+    assert isinstance(load(dst).model.layers[1].mlp.experts[0].gate_proj, GPTQLinear)
+
+
+def test_real_gptq_config_is_understood():
+    from helpers import METADATA_DIR
+
+    path = os.path.join(METADATA_DIR, "Qwen1.5-MoE-A2.7B-Chat-GPTQ-Int4.config.json")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found (../shared is not beside the repository)")
+    with open(path) as f:
+        spec = GPTQSpec.from_dict(json.load(f)["quantization_config"])
+    assert (spec.bits, spec.group_size, spec.sym, spec.desc_act, spec.zero_offset) == (4, 128, True, False, 1)
+    assert "mlp.experts.59.down_proj" in spec.modules_in_block_to_quantize
+    assert "mlp.gate" not in spec.modules_in_block_to_quantize
+    assert spec.tensor_shapes(2048, 1408) == {"qweight": (256, 1408), "qzeros": (16, 176), "scales": (16, 1408),
+                                              "g_idx": (2048,)}
