@@ -26,7 +26,9 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t M = x.size(0), N = w.N, K = w.K;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M > 0 && N > 0 && K > 0) {
+  if (M >= qmoe::kInt4SgemmRows && N > 0 && K > 0) {
+    qmoe::int4_sgemm(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N);
+  } else if (M > 0 && N > 0 && K > 0) {
     const float* xp = xf.data_ptr<float>();
     const std::vector<float> xsum = w.row_sums(xp, M, K);
     // One contiguous slice of columns per thread: each walks qweight's rows front to back.

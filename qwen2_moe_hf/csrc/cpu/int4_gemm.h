@@ -15,6 +15,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -23,7 +24,9 @@
 
 namespace qmoe {
 
-constexpr int kInt4RowsPerPass = 4;  // x rows sharing one unpack of the weights
+constexpr int kInt4RowsPerPass = 4;
+// Rows of x from which dequantizing the weight to fp32 once and calling sgemm beats int4_rows_times_weight.
+constexpr int64_t kInt4SgemmRows = 32;  // x rows sharing one unpack of the weights
 // Packed rows ahead that the grouped path prefetches: a column tile jumps between rows, which hardware
 // prefetchers follow poorly; without it one decode row read ~5 GB/s from DRAM instead of ~8.
 constexpr int64_t kInt4PrefetchRows = 6;
@@ -292,6 +295,46 @@ void rows(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const flo
 }
 
 }  // namespace int4_detail
+
+// W^T rows [k0, k1) (multiples of 8) as fp32: wt[k, n] = W[n, k], row stride N. For many x rows a dequantized
+// slab and sgemm beat unpacking the weights once per 4 rows.
+inline void int4_dequantize_t(const Int4Weight& w, int64_t k0, int64_t k1, float* wt) {
+  for (int64_t r = k0 / 8; r < k1 / 8; ++r) {
+    const int32_t* qrow = w.qweight + r * w.N;
+    for (int64_t n = 0; n < w.N; n += 8) {
+      V8 q[8];
+      unpack8(qrow + n, q);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t g = w.g_idx[8 * r + j];
+        V8 s, z;
+        if (w.runs.empty()) {
+          s = v_load(w.scale_f.data() + g * w.N + n);
+          z = v_load(w.zero_f.data() + g * w.N + n);
+        } else {
+          switch (w.scale_type) {
+            case at::kFloat: s = scales8(static_cast<const float*>(w.scales) + g * w.N + n); break;
+            case at::kBFloat16: s = scales8(static_cast<const BFloat16*>(w.scales) + g * w.N + n); break;
+            default: s = scales8(static_cast<const Half*>(w.scales) + g * w.N + n);
+          }
+          z = zeros8(w.qzeros[g * (w.N / 8) + n / 8], w.zero_offset);
+        }
+        v_store(wt + (8 * r + j - k0) * w.N + n, v_mul(v_sub(q[j], z), s));
+      }
+    }
+  }
+}
+
+// y = x @ W^T for many rows: W^T dequantized to fp32 (in parallel over K), then MKL's sgemm.
+// x [M, K] contiguous fp32; y fp32 with row stride ldy.
+inline void int4_sgemm(const Int4Weight& w, const float* x, int64_t M, float* y, int64_t ldy) {
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor wt = at::empty({w.K, w.N}, f32);
+  float* dst = wt.data_ptr<float>();
+  at::parallel_for(0, w.K / 8, 16, [&](int64_t b, int64_t e) { int4_dequantize_t(w, 8 * b, 8 * e, dst + 8 * b * w.N); });
+  at::Tensor xm = at::from_blob(const_cast<float*>(x), {M, w.K}, f32);
+  at::Tensor ym = at::from_blob(y, {M, w.N}, {ldy, 1}, f32);
+  at::mm_out(ym, xm, wt);
+}
 
 // y[m, n] = sum_k x[m, k] W[n, k] for m < M, n in [n0, n1) (multiples of 8); x fp32 with row stride ldx,
 // xsum = w.row_sums(x, M, ldx), y fp32 with row stride ldy (overwritten).

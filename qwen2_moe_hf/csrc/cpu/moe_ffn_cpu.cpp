@@ -47,7 +47,7 @@ constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item: 4 rows of a weight x K=2048 bf16 = 16 KiB, an L1-sized slab.
 constexpr int64_t kTileN = 64;
 // Fewest output columns per work item of an int4 GEMM (1 KiB of qweight per packed row).
-constexpr int64_t kInt4TileN = 256;
+constexpr int64_t kInt4TileN = 128;
 // Elements ahead of use that the single-row path prefetches (bytes = this * sizeof(weight)).
 constexpr int64_t kPrefetch = 512;
 
@@ -209,12 +209,17 @@ void run_jobs(const std::vector<Job>& jobs) {
 }
 
 // Int4 jobs: one parallel region over (job, tile of columns), like run_jobs.
-void run_int4_jobs(const std::vector<const Job*>& jobs) {
-  // Wide tiles: each walks qweight's rows with a jump between them; fewer, longer row segments stream better.
-  int64_t widest = 0;
-  for (const Job* job : jobs) widest = std::max(widest, job->N);
-  const int64_t threads = at::get_num_threads();
-  const int64_t tile = std::max<int64_t>(kInt4TileN, 8 * ((widest / 8 + threads - 1) / threads));
+void run_int4_jobs(std::vector<const Job*> jobs) {
+  jobs.erase(std::remove_if(jobs.begin(), jobs.end(), [](const Job* job) {
+               if (job->M < kInt4SgemmRows) return false;
+               int4_sgemm(*job->q, job->x, job->M, job->y, job->ldy);
+               return true;
+             }), jobs.end());
+  // Tiles of a quarter of the narrowest job (at least kInt4TileN): equal-sized work items, so the threads stay
+  // balanced when a few experts and the 4x wider shared expert share one parallel region.
+  int64_t narrowest = jobs.empty() ? kInt4TileN : jobs[0]->N;
+  for (const Job* job : jobs) narrowest = std::min(narrowest, job->N);
+  const int64_t tile = std::max<int64_t>(kInt4TileN, 8 * ((narrowest / 8 + 3) / 4));
   std::vector<std::vector<float>> sums(jobs.size());
   std::vector<int64_t> first_item{0};
   for (size_t j = 0; j < jobs.size(); ++j) {
