@@ -225,3 +225,29 @@ def test_routed_experts_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"^gate\[2\]: expected a tuple"):
         triton_int4.routed_experts_int4(x, ids, weights, gate[:2] + [gate[2][:3]], up, down)
     assert not triton_int4._TABLES  # a failed check caches nothing
+
+
+def test_triton_backend_runs_gptq_experts_like_the_reference():
+    """The `triton` backend's int4 branch (GPTQLinear experts -> routed_experts_int4), called directly: its
+    availability check wants CUDA, the kernels here run under the interpreter."""
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+    from qwen2_moe_hf.gptq.format import GPTQSpec
+    from qwen2_moe_hf.gptq.quantize import quantize_linears_
+    from qwen2_moe_hf.moe import route as route_fn
+    from qwen2_moe_hf.moe import triton_backend
+    from qwen2_moe_hf.moe.reference import moe_forward_reference
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                            num_experts=5, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2)
+    block = Qwen2MoeSparseMoeBlock(config).eval()
+    names = [f"experts.{e}.{p}" for e in range(5) for p in ("gate_proj", "up_proj", "down_proj")]
+    quantize_linears_(block, names, GPTQSpec(bits=4, group_size=32, sym=False))
+    x = torch.randn(7, 64)
+    weights, ids = route_fn(block.gate(x), 2, False)
+    assert triton_backend._int4_weights(block.experts) is not None
+    with torch.no_grad():
+        got = triton_backend.moe_forward_triton(x, ids, weights, block.experts, block.shared_expert,
+                                                block.shared_expert_gate)
+        want = moe_forward_reference(x, ids, weights, block.experts, block.shared_expert, block.shared_expert_gate)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
