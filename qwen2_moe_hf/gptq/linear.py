@@ -22,6 +22,24 @@ ENV_KERNEL = "QWEN2_MOE_HF_GPTQ_KERNEL"
 
 
 class GPTQLinear(nn.Module):
+    # Bumped whenever some GPTQLinear's tensors may be replaced (a new layer, a new buffer, .to() / .cuda() /
+    # .half()). Fast paths that cache lists of these tensors (moe/cpu.py) re-check them only when it moved,
+    # instead of re-reading ~700 buffers per MoE layer per call. (load_state_dict copies in place: nothing moves.)
+    generation = 0
+
+    def register_buffer(self, name, tensor, persistent=True):
+        GPTQLinear.generation += 1
+        super().register_buffer(name, tensor, persistent)
+
+    def __setattr__(self, name, value):
+        if name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+            GPTQLinear.generation += 1
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        GPTQLinear.generation += 1
+        return super()._apply(fn, *args, **kwargs)
+
     def __init__(self, in_features, out_features, bias, spec, device=None, scales_dtype=torch.float16):
         super().__init__()
         self.in_features = in_features

@@ -20,7 +20,7 @@ def supports(hidden_states, experts, shared_expert=None):
         return False, f"inputs on {hidden_states.device}, not cpu"
     if hidden_states.dtype not in _DTYPES:
         return False, f"dtype {hidden_states.dtype} (cpu backend: float32, bfloat16, float16)"
-    if _weight_lists(experts, shared_expert) is None and _int4_lists(experts, shared_expert) is None:
+    if _int4_lists(experts, shared_expert) is None and _weight_lists(experts, shared_expert) is None:
         return False, "expert weights are neither plain contiguous CPU tensors of one dtype nor GPTQ 4-bit (offloaded?)"
     config = getattr(experts[0], "config", None)
     if config is not None and config.hidden_act not in ("silu", "swish"):
@@ -62,38 +62,38 @@ def _weight_lists(experts, shared_expert):
     return weights
 
 
-def _int4_current(mlps):
-    return [m._modules[name]._buffers.get(part) for m in mlps for name in _PROJ for part in _INT4_PARTS]
-
-
 def _int4_lists(experts, shared_expert):
-    """(expert tensors, shared tensors or [], zero_offset) for GPTQ 4-bit experts without bias, else None. Like
-    _weight_lists: checked once, then only the tensors' identity is re-checked per call."""
+    """(expert tensors, shared tensors or [], zero_offset) for GPTQ 4-bit experts without bias, else None.
+    Cached on the experts module; rebuilt only when GPTQLinear.generation says some GPTQ tensor may have moved."""
+    from ..gptq.linear import GPTQLinear
+
+    key = (GPTQLinear.generation, len(experts), id(experts[0]), id(shared_expert))
+    cached = experts.__dict__.get("_qmoe_int4")
+    if cached is not None and experts.__dict__.get("_qmoe_int4_key") == key:
+        return cached
+    experts.__dict__.pop("_qmoe_int4", None)
+    if not isinstance(experts[0]._modules.get("gate_proj"), GPTQLinear):
+        return None  # full-precision experts: leave them to _weight_lists without building lists here
     layers = [m._modules.get(name) for m in experts for name in _PROJ]
-    if not all(getattr(layer, "bits", None) == 4 and layer.bias is None for layer in layers):
-        experts.__dict__.pop("_qmoe_int4", None)
+    if not all(isinstance(layer, GPTQLinear) and layer.bits == 4 and layer.bias is None for layer in layers):
         return None
     shared_int4 = shared_expert is not None and all(
-        getattr(shared_expert._modules.get(n), "bits", None) == 4 and shared_expert._modules[n].bias is None
-        for n in _PROJ)
-    tensors = _int4_current(experts) + (_int4_current([shared_expert]) if shared_int4 else [])
-    cached = experts.__dict__.get("_qmoe_int4")
-    if cached is not None and _same_as_cached(experts, "_qmoe_int4_tensors", tensors):
-        return cached
-    offsets = {layer.zero_offset for layer in layers}
-    if shared_int4:
-        offsets |= {shared_expert._modules[n].zero_offset for n in _PROJ}
+        isinstance(shared_expert._modules.get(n), GPTQLinear) and shared_expert._modules[n].bits == 4
+        and shared_expert._modules[n].bias is None for n in _PROJ)
+    mlps = list(experts) + ([shared_expert] if shared_int4 else [])
+    tensors = [m._modules[name]._buffers[part] for m in mlps for name in _PROJ for part in _INT4_PARTS]
+    offsets = {m._modules[name].zero_offset for m in mlps for name in _PROJ}
     if len(offsets) != 1 or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         return None
     split = 12 * len(experts)
     cached = (tensors[:split], tensors[split:], offsets.pop())
     experts.__dict__["_qmoe_int4"] = cached
-    experts.__dict__["_qmoe_int4_tensors"] = tensors
+    experts.__dict__["_qmoe_int4_key"] = key
     return cached
 
 
 def moe_forward_cpu(hidden_states, topk_ids, topk_weights, experts, shared_expert=None, shared_expert_gate=None):
-    int4 = experts.__dict__.get("_qmoe_int4") if _current_is_int4(experts) else None
+    int4 = experts.__dict__.get("_qmoe_int4")
     if int4 is not None:  # set by supports(), which dispatch always runs first
         expert_tensors, shared_tensors, zero_offset = int4
         gate = shared_expert_gate.weight if shared_tensors else None
@@ -109,6 +109,3 @@ def moe_forward_cpu(hidden_states, topk_ids, topk_weights, experts, shared_exper
         shared = (*weights[3 * len(experts):], shared_expert_gate.weight)
     return torch.ops.qwen2_moe_hf.moe_ffn_cpu(hidden_states, topk_ids, topk_weights, gate, up, down, *shared)
 
-
-def _current_is_int4(experts):
-    return "qweight" in experts[0]._modules["gate_proj"]._buffers

@@ -46,8 +46,6 @@ constexpr int64_t kSgemmRowsF32 = 8;
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item: 4 rows of a weight x K=2048 bf16 = 16 KiB, an L1-sized slab.
 constexpr int64_t kTileN = 64;
-// Fewest output columns per work item of an int4 GEMM (1 KiB of qweight per packed row).
-constexpr int64_t kInt4TileN = 128;
 // Elements ahead of use that the single-row path prefetches (bytes = this * sizeof(weight)).
 constexpr int64_t kPrefetch = 512;
 
@@ -208,34 +206,25 @@ void run_jobs(const std::vector<Job>& jobs) {
   });
 }
 
-// Int4 jobs: one parallel region over (job, tile of columns), like run_jobs.
-void run_int4_jobs(std::vector<const Job*> jobs) {
-  jobs.erase(std::remove_if(jobs.begin(), jobs.end(), [](const Job* job) {
-               if (job->M < kInt4SgemmRows) return false;
-               int4_sgemm(*job->q, job->x, job->M, job->y, job->ldy);
-               return true;
-             }), jobs.end());
-  // Tiles of a quarter of the narrowest job (at least kInt4TileN): equal-sized work items, so the threads stay
-  // balanced when a few experts and the 4x wider shared expert share one parallel region.
-  int64_t narrowest = jobs.empty() ? kInt4TileN : jobs[0]->N;
-  for (const Job* job : jobs) narrowest = std::min(narrowest, job->N);
-  const int64_t tile = std::max<int64_t>(kInt4TileN, 8 * ((narrowest / 8 + 3) / 4));
-  std::vector<std::vector<float>> sums(jobs.size());
-  std::vector<int64_t> first_item{0};
-  for (size_t j = 0; j < jobs.size(); ++j) {
-    sums[j] = jobs[j]->q->row_sums(jobs[j]->x, jobs[j]->M, jobs[j]->K);
-    first_item.push_back(first_item.back() + (jobs[j]->N + tile - 1) / tile);
-  }
-  at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
-    size_t j = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
-    for (int64_t item = begin; item < end; ++item) {
-      while (item >= first_item[j + 1]) ++j;
-      const Job& job = *jobs[j];
-      const int64_t n0 = (item - first_item[j]) * tile;
-      int4_rows_times_weight(*job.q, job.x, job.M, job.K, sums[j].data(), n0, std::min(job.N, n0 + tile),
-                             job.y, job.ldy);
+// Int4 jobs, one after another, each split into one contiguous column slice per thread: every thread then walks
+// the longest possible row segments of qweight. (One region over tiles of all jobs, as run_jobs does, measured
+// 1.5x slower for a decode step: 5.0 vs 3.4 ms, shorter segments and threads on different matrices.)
+void run_int4_jobs(const std::vector<const Job*>& jobs) {
+  const int64_t threads = at::get_num_threads();
+  for (const Job* job : jobs) {
+    if (job->M >= kInt4SgemmRows) {
+      int4_sgemm(*job->q, job->x, job->M, job->y, job->ldy);
+      continue;
     }
-  });
+    const std::vector<float> sums = job->q->row_sums(job->x, job->M, job->K);
+    const int64_t blocks = job->N / 8;
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s)
+        int4_rows_times_weight(*job->q, job->x, job->M, job->K, sums.data(), 8 * (blocks * s / slices),
+                               8 * (blocks * (s + 1) / slices), job->y, job->ldy);
+    });
+  }
 }
 
 void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs) {
