@@ -465,3 +465,23 @@ def test_real_gptq_config_is_understood():
     assert "mlp.gate" not in spec.modules_in_block_to_quantize
     assert spec.tensor_shapes(2048, 1408) == {"qweight": (256, 1408), "qzeros": (16, 176), "scales": (16, 1408),
                                               "g_idx": (2048,)}
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_cpu_backend_sees_replaced_int4_tensors(gptq_checkpoint):
+    """The cpu backend caches each layer's int4 tensor list; swapping an expert's layer must not leave it stale."""
+    model = load(gptq_checkpoint)
+    ids = torch.randint(1, model.config.vocab_size, (2, 7))
+    model.config.moe_backend = "cpu"
+    with torch.no_grad():
+        before = model(ids).logits
+        experts = model.model.layers[1].mlp.experts
+        old = experts[2].up_proj
+        new = copy.deepcopy(old)
+        new.qweight = torch.bitwise_xor(old.qweight, torch.tensor(0x11111111, dtype=torch.int32))
+        experts[2].up_proj = new
+        after_cpu = model(ids).logits
+        model.config.moe_backend = "torch"
+        after_ref = model(ids).logits
+    assert rel(after_cpu, before) > 1e-4  # the swap matters...
+    assert rel(after_cpu, after_ref) < 1e-5  # ...and the cpu backend computes with the new tensors
