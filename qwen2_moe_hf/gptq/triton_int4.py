@@ -297,16 +297,20 @@ _TABLE_CACHE_SIZE = 64  # a model has one entry per MoE layer (24 for Qwen1.5-Mo
 
 
 def clear_table_cache():
-    """Forget every cached address table. Needed only when an expert's tensor other than the first or last of a
-    list is replaced by a different tensor (in-place updates such as load_state_dict keep the addresses)."""
+    """Forget every cached address table. Needed only when, outside GPTQLinear (which bumps
+    GPTQLinear.generation, part of the key), an expert's tensor other than the first or last of a list is replaced
+    by a different tensor (in-place updates such as load_state_dict keep the addresses)."""
     _TABLES.clear()
 
 
 def _table_key(linears, device):
     # The first and last expert's addresses plus the count, for each of the 3 x 4 lists: cheap enough to compute
     # on every call (the full 4 x 3 x 60 addresses cost ~0.1 ms of Python), and distinct per layer. First-entry
-    # shapes and dtype catch a different model reusing the same addresses.
-    key = [str(device), tuple(linears[0][0][0].shape), tuple(linears[0][0][2].shape), tuple(linears[2][0][0].shape),
+    # shapes and dtype catch a different model reusing the same addresses; GPTQLinear.generation moves whenever
+    # a GPTQ layer's tensors are replaced (a new layer, .to(), a new buffer), so a swapped middle expert is seen.
+    from .linear import GPTQLinear
+
+    key = [GPTQLinear.generation, str(device), tuple(linears[0][0][0].shape), tuple(linears[0][0][2].shape), tuple(linears[2][0][0].shape),
            tuple(linears[2][0][2].shape), linears[0][0][2].dtype]
     for entries in linears:
         key.append(len(entries))
