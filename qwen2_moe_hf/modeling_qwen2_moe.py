@@ -293,6 +293,16 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
             compat.init_ones_(module.weight)
 
 
+def check_input_ids(input_ids, vocab_size):
+    """Token ids outside [0, vocab_size) raise here, naming the id, instead of an index error on CPU or a
+    device-side assert on GPU (which leaves the CUDA context unusable). Costs one host sync per forward on GPU."""
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        position = bad.nonzero()[0].tolist()
+        raise ValueError(f"input_ids: token id {int(input_ids[tuple(position)])} at position {position} is outside "
+                         f"the vocabulary [0, {vocab_size}) (config.vocab_size {vocab_size})")
+
+
 class Qwen2MoeModel(Qwen2MoePreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
@@ -343,13 +353,22 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
         if inputs_embeds is None:
+            check_input_ids(input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)
         batch, q_len = inputs_embeds.shape[:2]
+        if q_len == 0:
+            raise ValueError(f"input: empty sequence (shape {tuple(inputs_embeds.shape[:2])}); give at least one token")
 
         past_key_values = compat.as_cache(past_key_values)
         if use_cache and past_key_values is None:
             past_key_values = compat.DynamicCache()
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_len + q_len > config.max_position_embeddings:
+            logger.warning_once(
+                f"sequence length {past_len + q_len} exceeds config.max_position_embeddings "
+                f"({config.max_position_embeddings}): RoPE extrapolates beyond what the model was trained on, and "
+                "quality may degrade"
+            )
         if cache_position is None:
             cache_position = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
         if position_ids is None:

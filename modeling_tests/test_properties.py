@@ -1,0 +1,100 @@
+"""Property tests (hypothesis): random small MoE layers and inputs, every optimized backend that runs here against
+the torch reference. The router logits are drawn to produce the awkward cases: ties (logits from a few integers),
+experts that get no token, every token on one expert, a single token, and padded batches (rows of zeros)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qwen2_moe_hf
+from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+from qwen2_moe_hf.gptq.format import GPTQSpec
+from qwen2_moe_hf.gptq.quantize import quantize_linears_
+from qwen2_moe_hf.moe import moe_block_forward, moe_forward_reference, route
+
+import helpers
+
+FAST = [name for name, state in qwen2_moe_hf.env_report().items() if state == "available" and name != "torch"]
+needs_fast = pytest.mark.skipif(not FAST, reason=f"no optimized backend runs here: {qwen2_moe_hf.env_report()}")
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def moe_case(draw):
+    experts = draw(st.integers(1, 7))
+    top_k = draw(st.integers(1, min(experts, 3)))
+    hidden = draw(st.sampled_from([8, 16, 24, 40]))
+    inter = draw(st.sampled_from([8, 16, 24]))
+    tokens = draw(st.integers(1, 9))
+    routing = draw(st.sampled_from(["random", "ties", "one_expert", "few_experts"]))
+    shared = draw(st.booleans())
+    norm = draw(st.booleans())
+    padded_rows = draw(st.integers(0, tokens - 1))
+    seed = draw(st.integers(0, 2**16))
+    return dict(experts=experts, top_k=top_k, hidden=hidden, inter=inter, tokens=tokens, routing=routing,
+                shared=shared, norm=norm, padded_rows=padded_rows, seed=seed)
+
+
+def _layer(case):
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
+        hidden_size=case["hidden"], num_attention_heads=1, num_key_value_heads=1, head_dim=8,
+        num_experts=case["experts"], num_experts_per_tok=case["top_k"], moe_intermediate_size=case["inter"],
+        shared_expert_intermediate_size=case["inter"] + 8, norm_topk_prob=case["norm"]))
+    return helpers.randomize_(Qwen2MoeSparseMoeBlock(config), case["seed"]).eval()
+
+
+def _inputs(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(case["tokens"], case["hidden"], generator=gen)
+    x[: case["padded_rows"]] = 0  # what padding positions look like after a masked layer
+    e = case["experts"]
+    if case["routing"] == "ties":  # few distinct values: many exact ties inside the top-k
+        logits = torch.randint(0, 2, (case["tokens"], e), generator=gen).float()
+    elif case["routing"] == "one_expert":  # every token's best expert is the same one
+        logits = torch.randn(case["tokens"], e, generator=gen)
+        logits[:, 0] += 100
+    elif case["routing"] == "few_experts":  # most experts get nothing
+        logits = torch.full((case["tokens"], e), -50.0)
+        logits[:, : case["top_k"]] = torch.randn(case["tokens"], case["top_k"], generator=gen)
+    else:
+        logits = torch.randn(case["tokens"], e, generator=gen) * 3
+    return x, logits
+
+
+def _check(block, x, logits, case, backend, tol):
+    shared = (block.shared_expert, block.shared_expert_gate) if case["shared"] else (None, None)
+    with torch.no_grad():
+        got = moe_block_forward(x, logits, case["top_k"], case["norm"], block.experts, *shared, backend=backend)
+        weights, ids = route(logits, case["top_k"], case["norm"])
+        want = moe_forward_reference(x, ids, weights, block.experts, *shared)
+    scale = want.abs().max().clamp_min(1e-6)
+    err = ((got - want).abs().max() / scale).item()
+    assert torch.isfinite(got).all() and err <= tol, f"{backend}: relative error {err:.2e} for {case}"
+    if case["padded_rows"] and not case["shared"]:
+        # A zero row maps to zero through bias-free experts: padding never picks up another token's output.
+        assert got[: case["padded_rows"]].abs().max() == 0
+
+
+@needs_fast
+@PROPERTY_SETTINGS
+@given(case=moe_case())
+def test_backends_match_the_reference(case):
+    block = _layer(case)
+    x, logits = _inputs(case)
+    for backend in FAST:
+        _check(block, x, logits, case, backend, 2e-5)
+
+
+@needs_fast
+@PROPERTY_SETTINGS
+@given(case=moe_case(), group=st.sampled_from([8, -1]), sym=st.booleans())
+def test_int4_backends_match_the_reference(case, group, sym):
+    block = _layer(case)
+    names = [f"experts.{e}.{p}" for e in range(case["experts"]) for p in ("gate_proj", "up_proj", "down_proj")]
+    if case["shared"]:
+        names += [f"shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    quantize_linears_(block, names, GPTQSpec(bits=4, group_size=group, sym=sym))
+    x, logits = _inputs(case)
+    for backend in FAST:
+        _check(block, x, logits, case, backend, 2e-5)
