@@ -137,3 +137,85 @@ def weight_files(folder):
         raise CheckpointError(f"{folder}: several .safetensors files ({', '.join(candidates)}) and no {INDEX_FILE}")
     handle = SafetensorsFile(os.path.join(folder, candidates[0]))
     return {key: handle for key in handle.keys()}
+
+
+# Tensors a checkpoint may lack without harm: recomputed buffers, and the new head of a sequence classifier
+# made from a language-model checkpoint (transformers warns about it, as it should).
+_MAY_BE_MISSING = ("rotary_emb.inv_freq",)
+_NEW_HEADS = ("score.",)
+
+
+def key_mapping(model, checkpoint_keys):
+    """model tensor name -> checkpoint tensor name (a base model and a *ForCausalLM differ by the "model." prefix)."""
+    prefix = model.base_model_prefix
+    has_base = isinstance(getattr(model, prefix, None), torch.nn.Module)
+    ckpt_prefixed = any(k.startswith(prefix + ".") for k in checkpoint_keys)
+    if has_base and not ckpt_prefixed:
+        return lambda name: name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
+    if not has_base and ckpt_prefixed:
+        return lambda name: f"{prefix}.{name}"
+    return lambda name: name
+
+
+def check_against_model(cls, config, files):
+    """Every checkpoint tensor the model uses has the shape the config gives it and a floating dtype; raises
+    CheckpointError naming the file and tensor. Costs one model skeleton on the meta device."""
+    with torch.device("meta"):
+        skeleton = cls(config)
+    key_of = key_mapping(skeleton, files)
+    for name, tensor in list(skeleton.named_parameters()) + list(skeleton.named_buffers()):
+        key = key_of(name)
+        handle = files.get(key)
+        if handle is None:
+            continue  # missing tensors are reported after loading (see checked_load)
+        dtype, shape = handle.dtype_shape(key)
+        where = os.path.basename(handle.path)
+        if tuple(shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(shape)}, the config expects "
+                                  f"{list(tensor.shape)}")
+        if tensor.is_floating_point() and not dtype.is_floating_point:
+            raise CheckpointError(f"{where}: tensor {key!r} has dtype {dtype}, expected a floating-point tensor")
+
+
+def checked_load(cls, load, pretrained, model_args, kwargs):
+    """transformers' from_pretrained (`load`) for full-precision checkpoints, with our rules around it:
+    - a local folder's shards are checked first (headers, sizes, the index, each tensor's shape and dtype against
+      the config): faults raise CheckpointError naming the file and tensor, instead of a deserialisation error
+      deep inside the loader or a re-initialised tensor;
+    - only safetensors are read unless the caller passes use_safetensors=False (then transformers reads .bin with
+      torch.load(weights_only=True));
+    - a tensor the model needs but the checkpoint lacks raises (transformers would initialise it at random with
+      a warning); allow_missing_weights=True keeps transformers' behaviour;
+    - a tensor whose shape differs from the config's raises (5.x would re-initialise it at random) unless the
+      caller passed ignore_mismatched_sizes=True.
+    """
+    kwargs = dict(kwargs)
+    allow_missing = kwargs.pop("allow_missing_weights", False)
+    want_info = kwargs.pop("output_loading_info", False)
+    kwargs.setdefault("use_safetensors", True)
+    folder = os.path.join(str(pretrained), kwargs.get("subfolder") or "")
+    if os.path.isdir(folder) and kwargs["use_safetensors"] is not False:
+        files = weight_files(folder)
+        if not kwargs.get("ignore_mismatched_sizes") and os.path.isfile(os.path.join(folder, "config.json")):
+            config = kwargs.get("config")
+            if not hasattr(config, "to_dict"):
+                config = cls.config_class.from_pretrained(folder)
+            check_against_model(cls, config, files)
+    model, info = load(pretrained, *model_args, output_loading_info=True, **kwargs)
+    mismatched = list(info.get("mismatched_keys", []))
+    if mismatched and not kwargs.get("ignore_mismatched_sizes"):
+        # transformers 5.x re-initialises these at random (with a warning); a shape the config does not expect is
+        # a corrupt or mismatched checkpoint.
+        described = [f"{m[0]} (checkpoint {list(m[1])}, model {list(m[2])})" if isinstance(m, (tuple, list))
+                     and len(m) == 3 else str(m) for m in mismatched]
+        raise CheckpointError(f"{pretrained}: tensors whose shape does not match the config: "
+                              f"{', '.join(described[:10])}{' ...' if len(described) > 10 else ''}")
+    config = model.config
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith(_MAY_BE_MISSING) and not k.startswith(_NEW_HEADS)
+               and not (getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight"))]
+    if missing and not allow_missing:
+        raise CheckpointError(
+            f"{len(missing)} tensors the model needs are missing from the checkpoint {pretrained}: "
+            f"{', '.join(sorted(missing)[:10])}{' ...' if len(missing) > 10 else ''}. Nothing is initialised at "
+            "random in their place; pass allow_missing_weights=True to accept that (e.g. a new head)")
+    return (model, info) if want_info else model

@@ -270,13 +270,19 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' from_pretrained, except that GPTQ checkpoints load through qwen2_moe_hf.gptq (our int4
         layers and loader), whatever GPTQ libraries are installed: their quantizers would drop or mis-wrap the
-        per-expert int4 tensors."""
+        per-expert int4 tensors. Full-precision checkpoints go through transformers' loader with our checks:
+        shards are checked first (named errors), only safetensors are read unless use_safetensors=False, and a
+        tensor the model needs but the checkpoint lacks raises instead of being initialised at random
+        (allow_missing_weights=True restores transformers' warning)."""
+        from .checkpoint_io import checked_load
         from .gptq.loading import maybe_load_gptq
 
         model = maybe_load_gptq(cls, pretrained_model_name_or_path, model_args, kwargs)
         if model is not None:
             return model
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        load = super().from_pretrained.__func__  # transformers' loader, behind our checks (checkpoint_io.py)
+        return checked_load(cls, lambda *a, **k: load(cls, *a, **k), pretrained_model_name_or_path, model_args,
+                            kwargs)
 
     def _init_weights(self, module):
         std = self.config.initializer_range

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..checkpoint_io import CheckpointError, weight_files
+from ..checkpoint_io import CheckpointError, key_mapping, weight_files
 from .format import GPTQFormatError, GPTQSpec, check_tensors, read_quantize_config_json
 from .linear import GPTQLinear
 
@@ -158,7 +158,7 @@ def load_gptq_model(cls, pretrained, spec, kwargs):
     files = weight_files(folder)
     with torch.device("meta"), _default_dtype(dtype):
         model = cls(config)
-    key_of = _key_mapping(model, files)
+    key_of = key_mapping(model, files)
     quantized = _swap_quantized_linears(model, files, key_of, spec)
     devices = _placement(model, device_map, max_memory, dtype)
     info = _load_tensors(model, files, key_of, quantized, spec, devices, dtype)
@@ -166,18 +166,6 @@ def load_gptq_model(cls, pretrained, spec, kwargs):
     logger.info("qwen2_moe_hf: loaded GPTQ %d-bit checkpoint %s (%d quantized linears, compute dtype %s)",
                 spec.bits, path, len(quantized), dtype)
     return (model, info) if output_loading_info else model
-
-
-def _key_mapping(model, files):
-    """model tensor name -> checkpoint tensor name (base model vs. *ForCausalLM prefixes differ by "model.")."""
-    prefix = model.base_model_prefix
-    has_base = hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module)
-    ckpt_prefixed = any(k.startswith(prefix + ".") for k in files)
-    if has_base and not ckpt_prefixed:
-        return lambda name: name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
-    if not has_base and ckpt_prefixed:
-        return lambda name: f"{prefix}.{name}"
-    return lambda name: name
 
 
 def _swap_quantized_linears(model, files, key_of, spec):
