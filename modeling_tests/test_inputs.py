@@ -39,3 +39,37 @@ def test_beyond_max_position_embeddings_warns(model, caplog):
         out = model(ids).logits
     assert "exceeds config.max_position_embeddings" in caplog.text
     assert torch.isfinite(out).all()
+
+
+def _overflowing_fp16(model):
+    """The model in float16 with one layer's shared expert scaled so the residual stream leaves fp16's range."""
+    model = model.half()
+    with torch.no_grad():
+        model.model.layers[0].mlp.shared_expert.up_proj.weight.mul_(300)
+        model.model.layers[0].mlp.shared_expert.down_proj.weight.mul_(300)
+    return model
+
+
+def test_fp16_overflow_stays_finite_and_no_worse_than_transformers():
+    from qwen2_moe_hf import compat
+
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    ours = _overflowing_fp16(build_model("gqa", seed=5))
+    with torch.no_grad():
+        logits = ours(ids).logits
+        residual = ours(ids, output_hidden_states=True).hidden_states[1]
+    assert torch.isfinite(residual).all() and residual.abs().max() > 6e4  # it did reach fp16's limit
+    assert torch.isfinite(logits).all()
+    if not compat.HAS_BUILTIN_QWEN2_MOE:
+        pytest.skip("transformers 4.38 has no qwen2_moe to compare with (ours stayed finite)")
+    from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        build_model("gqa", seed=5).save_pretrained(folder)
+        theirs = _overflowing_fp16(hf.Qwen2MoeForCausalLM.from_pretrained(folder))
+    with torch.no_grad():
+        their_logits = theirs(ids).logits
+    assert not torch.isfinite(their_logits).all()  # transformers' own model overflows to inf / NaN here
+    assert torch.isfinite(logits).sum() > torch.isfinite(their_logits).sum()

@@ -225,6 +225,15 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         return (out, router_logits) if return_router_logits else out
 
 
+def clamp_fp16(hidden_states):
+    """In float16, residual-stream values past its range become inf and then NaN in the next norm; clamp them to
+    just inside the range instead (as transformers' T5 does). Elementwise, no host sync; other dtypes pass."""
+    if hidden_states.dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max - 1000
+        hidden_states = hidden_states.clamp(-limit, limit)
+    return hidden_states
+
+
 class Qwen2MoeDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -244,7 +253,7 @@ class Qwen2MoeDecoderLayer(nn.Module):
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values,
             output_attentions,
         )
-        hidden_states = residual + hidden_states
+        hidden_states = clamp_fp16(residual + hidden_states)
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         router_logits = None
@@ -252,7 +261,7 @@ class Qwen2MoeDecoderLayer(nn.Module):
             hidden_states, router_logits = self.mlp(hidden_states, return_router_logits=True)
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, attn_weights, router_logits
+        return clamp_fp16(residual + hidden_states), attn_weights, router_logits
 
 
 class Qwen2MoePreTrainedModel(PreTrainedModel):
