@@ -177,6 +177,23 @@ def check_against_model(cls, config, files):
             raise CheckpointError(f"{where}: tensor {key!r} has dtype {dtype}, expected a floating-point tensor")
 
 
+# Arguments only transformers' own loader handles: with any of them, it does the loading.
+_TRANSFORMERS_ONLY = ("offload_folder", "offload_state_dict", "quantization_config", "load_in_8bit", "load_in_4bit",
+                      "ignore_mismatched_sizes", "from_tf", "from_flax", "gguf_file", "state_dict", "variant",
+                      "adapter_kwargs", "key_mapping", "tp_plan", "device_mesh")
+
+
+def _streamable(kwargs):
+    """Whether our streaming loader (gptq/loading.py, each tensor read once into its final buffer) loads this
+    full-precision checkpoint: on transformers 4.x, whose loader holds a shard's memory map and its copies at once
+    (1.6x the checkpoint in memory), for CPU placement. transformers 5.x maps the weights lazily; it keeps them."""
+    from . import compat
+
+    if compat.IS_V5 or any(kwargs.get(k) for k in _TRANSFORMERS_ONLY):
+        return False
+    return kwargs.get("device_map") in (None, "cpu") and kwargs.get("max_memory") is None
+
+
 def checked_load(cls, load, pretrained, model_args, kwargs):
     """transformers' from_pretrained (`load`) for full-precision checkpoints, with our rules around it:
     - a local folder's shards are checked first (headers, sizes, the index, each tensor's shape and dtype against
@@ -201,6 +218,11 @@ def checked_load(cls, load, pretrained, model_args, kwargs):
             if not hasattr(config, "to_dict"):
                 config = cls.config_class.from_pretrained(folder)
             check_against_model(cls, config, files)
+        if _streamable(kwargs) and not model_args:
+            from .gptq.loading import load_full_precision
+
+            return load_full_precision(cls, pretrained, dict(kwargs, allow_missing_weights=allow_missing,
+                                                             output_loading_info=want_info))
     model, info = load(pretrained, *model_args, output_loading_info=True, **kwargs)
     mismatched = list(info.get("mismatched_keys", []))
     if mismatched and not kwargs.get("ignore_mismatched_sizes"):

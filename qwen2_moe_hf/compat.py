@@ -42,6 +42,14 @@ def config_dtype(config):
     return getattr(config, "dtype", None) if IS_V5 else getattr(config, "torch_dtype", None)
 
 
+def set_config_dtype(config, dtype):
+    """Record the dtype a model was loaded in, under the key this version's configs use."""
+    if IS_V5:
+        config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
+
+
 def init_normal_(tensor, std):
     if _hf_init is not None:
         _hf_init.normal_(tensor, mean=0.0, std=std)
