@@ -116,3 +116,18 @@ def test_disk_offload_with_max_memory(checkpoint, tmp_path):
     ids = torch.randint(1, 128, (1, 7))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+def test_non_float_tensor_is_named(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path / "dtype")
+    _edit_shard(path, EXPERT, lambda t: t.update({EXPERT: t[EXPERT].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"'{EXPERT}' has dtype torch.int32"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_unknown_extra_tensor_warns(checkpoint, tmp_path, caplog):
+    path = _copy(checkpoint, tmp_path / "extra")
+    _edit_shard(path, EXPERT, lambda t: t.update({"model.layers.1.mlp.mystery.weight": torch.zeros(3)}))
+    with caplog.at_level(logging.WARNING):
+        AutoModelForCausalLM.from_pretrained(path)
+    assert "model.layers.1.mlp.mystery.weight" in caplog.text
