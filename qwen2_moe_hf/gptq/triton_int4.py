@@ -175,15 +175,11 @@ def _gemm1_int4(
     SCALE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_experts + pid_m)
+    expert, slots, valid, safe = triton_kernels.block_slots(sorted_slots, block_experts, num_slots, BLOCK_M)
     if expert < 0:  # a padding block past the used length
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots + rows)
-    valid = slots < num_slots
-    tokens = tl.where(valid, slots // TOP_K, 0)
+    tokens = safe // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < I
     g_qw, g_qz, g_sc, g_gi = _expert_tensors(table, 0, expert, num_experts, SCALE_DTYPE)
@@ -210,15 +206,10 @@ def _gemm2_int4(
     SCALE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_experts + pid_m)
+    expert, slots, valid, safe = triton_kernels.block_slots(sorted_slots, block_experts, num_slots, BLOCK_M)
     if expert < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots + rows)
-    valid = slots < num_slots
-    safe = tl.where(valid, slots, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < H
     d_qw, d_qz, d_sc, d_gi = _expert_tensors(table, 2, expert, num_experts, SCALE_DTYPE)

@@ -17,20 +17,27 @@ import triton.language as tl
 
 
 @triton.jit
+def block_slots(sorted_slots, block_experts, num_slots, BLOCK_M: tl.constexpr):
+    """The expert of this program's row block (-1: a padding block past the used length), its slots, which of
+    them are real, and the slots made safe to index with (0 where not real). Shared by every grouped kernel."""
+    pid_m = tl.program_id(0)
+    expert = tl.load(block_experts + pid_m)
+    slots = tl.load(sorted_slots + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = slots < num_slots
+    return expert, slots, valid, tl.where(valid, slots, 0)
+
+
+@triton.jit
 def _gemm1_silu_mul(
     x_ptr, gate_table, up_table, act_ptr, sorted_slots, block_experts, num_slots,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_experts + pid_m)
+    expert, slots, valid, safe = block_slots(sorted_slots, block_experts, num_slots, BLOCK_M)
     if expert < 0:  # a padding block past the used length
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots + rows)
-    valid = slots < num_slots
-    tokens = tl.where(valid, slots // TOP_K, 0)
+    tokens = safe // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
     w_gate = tl.load(gate_table + expert).to(tl.pointer_type(x_ptr.dtype.element_ty))
@@ -57,15 +64,10 @@ def _gemm2_weighted(
     H: tl.constexpr, I: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_experts + pid_m)
+    expert, slots, valid, safe = block_slots(sorted_slots, block_experts, num_slots, BLOCK_M)
     if expert < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots + rows)
-    valid = slots < num_slots
-    safe = tl.where(valid, slots, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     w_down = tl.load(down_table + expert).to(tl.pointer_type(act_ptr.dtype.element_ty))
