@@ -212,17 +212,18 @@ def checked_load(cls, load, pretrained, model_args, kwargs):
     kwargs.setdefault("use_safetensors", True)
     folder = os.path.join(str(pretrained), kwargs.get("subfolder") or "")
     if os.path.isdir(folder) and kwargs["use_safetensors"] is not False:
+        if _streamable(kwargs) and not model_args:
+            # Our streaming loader reads the shards itself and checks every tensor's shape and dtype as it goes.
+            from .gptq.loading import load_full_precision
+
+            return load_full_precision(cls, pretrained, dict(kwargs, allow_missing_weights=allow_missing,
+                                                             output_loading_info=want_info))
         files = weight_files(folder)
         if not kwargs.get("ignore_mismatched_sizes") and os.path.isfile(os.path.join(folder, "config.json")):
             config = kwargs.get("config")
             if not hasattr(config, "to_dict"):
                 config = cls.config_class.from_pretrained(folder)
             check_against_model(cls, config, files)
-        if _streamable(kwargs) and not model_args:
-            from .gptq.loading import load_full_precision
-
-            return load_full_precision(cls, pretrained, dict(kwargs, allow_missing_weights=allow_missing,
-                                                             output_loading_info=want_info))
     model, info = load(pretrained, *model_args, output_loading_info=True, **kwargs)
     mismatched = list(info.get("mismatched_keys", []))
     if mismatched and not kwargs.get("ignore_mismatched_sizes"):
