@@ -75,13 +75,16 @@ def test_backend_matches_reference(backend, dtype, tokens, with_shared):
 
 @needs_fast
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("case", ["all_on_one_expert", "ties", "one_token", "idle_experts", "many_rows"])
+@pytest.mark.parametrize("case", ["all_on_one_expert", "ties", "one_token", "idle_experts", "many_rows",
+                                  "rows_for_sgemm"])
 def test_backend_routing_corner_cases(backend, case):
     block = _block(hidden=40, experts=9, top_k=2, inter=24, shared=16, seed=11)
-    tokens = {"one_token": 1, "many_rows": 200}.get(case, 33)
+    # many_rows: ~44 rows per expert (the cpu backend's register-blocked path); rows_for_sgemm: 800 rows on one
+    # expert and 400 on the shared one, past the cpu backend's switch to a widened weight and MKL (768 rows).
+    tokens = {"one_token": 1, "many_rows": 200, "rows_for_sgemm": 400}.get(case, 33)
     x = torch.randn(1, tokens, 40)
     ids = None
-    if case == "all_on_one_expert":  # every token's both slots on expert 4: one expert with 2T rows
+    if case in ("all_on_one_expert", "rows_for_sgemm"):  # every token's both slots on expert 4: 2T rows there
         ids = torch.full((tokens, 2), 4, dtype=torch.long)
     elif case == "ties":  # a zero router: all logits equal, top-k breaks the ties
         with torch.no_grad():

@@ -2,8 +2,11 @@
 //
 // Why: on CPUs without native bf16 matmul (AVX2-only machines) oneDNN's bf16 GEMM runs at ~20 GFLOP/s at every M,
 // so the expert GEMMs, which have few rows each, cost several times their memory floor. Here weights are read once
-// in their storage dtype (bf16 / fp16 / fp32), widened to fp32 in registers and multiplied with all of the
-// expert's rows at once; experts with many rows widen a weight slab to fp32 and use MKL's sgemm instead.
+// in their storage dtype (bf16 / fp16 / fp32) and widened to fp32 on the way. By rows per expert (M):
+//   M <= 4: stream4 / stream4_split read each weight once, straight from memory (bandwidth-bound: decode);
+//   M < 768: 6 weight rows are widened into an L2 buffer and xt_block multiplies them with 16 rows of x at a time
+//            (compute-bound, ~100 GFLOP/s per AVX2 core);
+//   larger: the whole weight is widened once and MKL's sgemm takes it.
 //
 // Contract (schema in qwen2_moe_hf/moe/ops.py):
 //   moe_ffn_cpu(x [T,H], topk_ids [T,k] int64, topk_weights [T,k], w_gate E x [I,H], w_up E x [I,H],
@@ -23,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -39,44 +43,44 @@ using namespace qmoe;
 using at::BFloat16;
 using at::Half;
 
-// Rows per expert from which widening a weight slab to fp32 and calling sgemm beats streaming it.
-constexpr int64_t kSgemmRows = 96;
-constexpr int64_t kSgemmRowsF32 = 8;
-// Rows per expert up to which weights are streamed (read once per pair of rows) rather than widened first.
+// Rows per job from which widening the whole weight to fp32 and calling MKL's sgemm beats xt_block (measured at
+// the real shape, 2 threads: xt_block won up to 512 rows, bf16 and fp32 alike; sgemm at 1024). Below that, MKL's
+// small-M sgemm runs at 30-55 GFLOP/s here against ~100 per core for xt_block.
+constexpr int64_t kSgemmRows = 768;
+// Rows per job up to which weights are streamed (each 4-row tile read once per pair of rows) rather than widened.
 constexpr int64_t kStreamRows = 4;
-// Output rows per parallel work item: 4 rows of a weight x K=2048 bf16 = 16 KiB, an L1-sized slab.
+// Output rows per parallel work item (64 rows x K=2048 bf16 = 256 KiB of weights).
 constexpr int64_t kTileN = 64;
-// Elements ahead of use that the single-row path prefetches (bytes = this * sizeof(weight)).
-constexpr int64_t kPrefetch = 512;
 
 
 #ifdef QMOE_AVX2
 // Streams weight rows from memory for the 1-2 rows of x that decode gives each expert: every weight element is
-// loaded once (widened to fp32 in registers) and prefetched a few cache lines ahead. Bandwidth-bound by design.
+// loaded once and widened to fp32 in registers. Bandwidth-bound by design. (Software prefetch measured ~5% slower
+// than the hardware prefetcher alone here.)
 template <typename T, int ROWS>
-inline void stream4(const float* x, int64_t K, const T* w0, int64_t n, float* y, int64_t ldy) {
+QMOE_KERNEL void stream4(const float* x, int64_t K, const T* w0, int64_t n, float* y, int64_t ldy) {
   const T* w1 = w0 + K;
   const T* w2 = w1 + K;
   const T* w3 = w2 + K;
   const int64_t K8 = K - K % 8;
   __m256 acc[ROWS][4];
+  QMOE_UNROLL
   for (int r = 0; r < ROWS; ++r)
+    QMOE_UNROLL
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K8; k += 8) {
-    if ((k & 31) == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(w0 + k + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w1 + k + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w2 + k + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w3 + k + kPrefetch), _MM_HINT_T0);
-    }
     const __m256 v[4] = {load8(w0 + k), load8(w1 + k), load8(w2 + k), load8(w3 + k)};
+    QMOE_UNROLL
     for (int r = 0; r < ROWS; ++r) {
       const __m256 a = _mm256_loadu_ps(x + r * K + k);
+      QMOE_UNROLL
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(a, v[j], acc[r][j]);
     }
   }
   const T* ws[4] = {w0, w1, w2, w3};
+  QMOE_UNROLL
   for (int r = 0; r < ROWS; ++r)
+    QMOE_UNROLL
     for (int j = 0; j < 4; ++j) {
       float sum = hsum(acc[r][j]);
       for (int64_t k = K8; k < K; ++k) sum += x[r * K + k] * to_float(ws[j][k]);
@@ -84,28 +88,118 @@ inline void stream4(const float* x, int64_t K, const T* w0, int64_t n, float* y,
     }
 }
 
-// For experts with several rows: widen a 4-row weight tile to fp32 once (into an L1-sized buffer) and run
-// 3 x-rows x 4 weight-rows register blocks over it, so the widening is paid once per tile, not once per row.
+// The same for bf16 weights with half the widening work: one 32-byte load holds 16 weights as 8 pairs; shifting
+// each 32-bit pair left by 16 gives the even weights as fp32, masking off its low half gives the odd ones. x comes
+// "split" (split16 below) so that its even and odd elements line up with them.
 template <int ROWS>
-inline void block_from_buffer(const float* x, int64_t K, const float* buf, int64_t n, float* y, int64_t ldy) {
-  const int64_t K8 = K - K % 8;
+QMOE_KERNEL void stream4_split(const float* xs, int64_t K, const BFloat16* w0, int64_t n, float* y, int64_t ldy) {
+  const BFloat16* ws[4] = {w0, w0 + K, w0 + 2 * K, w0 + 3 * K};
+  const int64_t K16 = K - K % 16;
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[ROWS][4];
+  QMOE_UNROLL
   for (int r = 0; r < ROWS; ++r)
+    QMOE_UNROLL
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
-    const __m256 v[4] = {_mm256_loadu_ps(buf + k), _mm256_loadu_ps(buf + K + k), _mm256_loadu_ps(buf + 2 * K + k),
-                         _mm256_loadu_ps(buf + 3 * K + k)};
+  for (int64_t k = 0; k < K16; k += 16) {
+    // One weight row at a time: ROWS x 4 accumulators + 2 x ROWS x vectors + the mask + 2 temporaries fit in
+    // AVX2's 16 registers (widening all 4 rows first did not, and spilled).
+    __m256 xe[ROWS], xo[ROWS];
+    QMOE_UNROLL
     for (int r = 0; r < ROWS; ++r) {
-      const __m256 a = _mm256_loadu_ps(x + r * K + k);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(a, v[j], acc[r][j]);
+      xe[r] = _mm256_loadu_ps(xs + r * K + k);
+      xo[r] = _mm256_loadu_ps(xs + r * K + k + 8);
+    }
+    QMOE_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws[j] + k));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      QMOE_UNROLL
+      for (int r = 0; r < ROWS; ++r) acc[r][j] = _mm256_fmadd_ps(xo[r], odd, _mm256_fmadd_ps(xe[r], even, acc[r][j]));
     }
   }
+  QMOE_UNROLL
   for (int r = 0; r < ROWS; ++r)
+    QMOE_UNROLL
     for (int j = 0; j < 4; ++j) {
       float sum = hsum(acc[r][j]);
-      for (int64_t k = K8; k < K; ++k) sum += x[r * K + k] * buf[j * K + k];
+      for (int64_t k = K16; k < K; ++k) sum += xs[r * K + k] * to_float(ws[j][k]);
       y[r * ldy + n + j] = sum;
     }
+}
+
+// For experts with several rows, x transposed: y[m, n0 + j] = sum_k buf[j, k] * xt[k, m] for one block of up to 16
+// rows of x, packed as xt [K, 16] (pack16). Each step broadcasts one widened weight and multiplies it with 8 or 16
+// rows of x at once: NR x MV accumulators stay in registers for the whole K and there is no horizontal sum.
+template <int NR, int MV>
+QMOE_KERNEL void xt_block(const float* xt, int64_t K, const float* buf, int64_t rows, float* y, int64_t ldy) {
+  __m256 acc[NR][MV];
+  QMOE_UNROLL
+  for (int j = 0; j < NR; ++j)
+    QMOE_UNROLL
+    for (int v = 0; v < MV; ++v) acc[j][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 xv[MV];
+    QMOE_UNROLL
+    for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xt + k * 16 + v * 8);
+    QMOE_UNROLL
+    for (int j = 0; j < NR; ++j) {
+      const __m256 b = _mm256_broadcast_ss(buf + j * K + k);
+      QMOE_UNROLL
+      for (int v = 0; v < MV; ++v) acc[j][v] = _mm256_fmadd_ps(b, xv[v], acc[j][v]);
+    }
+  }
+  // All lanes out first, then the valid rows: a lane loop with a data-dependent bound over acc itself made GCC
+  // keep a memory copy of every accumulator, stored on each step of the loop above (half speed).
+  alignas(32) float lanes[NR][MV * 8];
+  QMOE_UNROLL
+  for (int j = 0; j < NR; ++j)
+    QMOE_UNROLL
+    for (int v = 0; v < MV; ++v) _mm256_store_ps(&lanes[j][v * 8], acc[j][v]);
+  for (int64_t m = 0; m < rows; ++m)
+    QMOE_UNROLL
+    for (int j = 0; j < NR; ++j) y[m * ldy + j] = lanes[j][m];
+}
+
+// x rows [M, K] as xt_block reads them: blocks of 16 rows, each [K, 16] (row m of the block in lane m), the last
+// block padded with zeros.
+inline void pack16(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t b = 0; b * 16 < M; ++b) {
+    float* blk = out + b * 16 * K;
+    const int64_t rows = std::min<int64_t>(16, M - b * 16);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t m = 0; m < rows; ++m) blk[k * 16 + m] = x[(b * 16 + m) * K + k];
+      for (int64_t m = rows; m < 16; ++m) blk[k * 16 + m] = 0.f;
+    }
+  }
+}
+
+// NR widened weight rows (buf) times every 16-row block of x (xt): 16-row blocks use two vectors per weight, a
+// last block of up to 8 rows one.
+template <int NR>
+inline void xt_tile(const float* xt, int64_t M, int64_t K, const float* buf, float* y, int64_t ldy) {
+  for (int64_t b = 0; b * 16 < M; ++b) {
+    const int64_t rows = std::min<int64_t>(16, M - b * 16);
+    if (rows > 8) xt_block<NR, 2>(xt + b * 16 * K, K, buf, rows, y + b * 16 * ldy, ldy);
+    else xt_block<NR, 1>(xt + b * 16 * K, K, buf, rows, y + b * 16 * ldy, ldy);
+  }
+}
+
+// x rows [M, K] in the order stream4_split reads them: each full 16-element chunk as its 8 even then its 8 odd
+// elements; a tail shorter than 16 stays as it is.
+inline void split16(const float* x, int64_t M, int64_t K, float* out) {
+  const int64_t K16 = K - K % 16;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * K;
+    float* dst = out + m * K;
+    for (int64_t k = 0; k < K16; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        dst[k + i] = src[k + 2 * i];
+        dst[k + 8 + i] = src[k + 2 * i + 1];
+      }
+    std::copy(src + K16, src + K, dst + K16);
+  }
 }
 
 template <typename T>
@@ -116,29 +210,38 @@ inline void widen(const T* src, int64_t count, float* dst) {
 }
 #endif
 
-// y[m, n] = sum_k x[m, k] * w[n, k] for n in [n0, n1), all m < M. x: fp32 [M, K] (row stride K);
+// y[m, n] = sum_k x[m, k] * w[n, k] for n in [n0, n1), all m < M. x: fp32 [M, K] (row stride K); xs: the same
+// rows as the AVX2 kernels read them (split16 for bf16 with M <= kStreamRows, pack16 above; unused otherwise);
 // w: [N, K] row-major; y: fp32, row stride ldy.
 template <typename T>
-void rows_times_weight(const float* x, int64_t M, int64_t K, const T* w, int64_t n0, int64_t n1, float* y,
-                       int64_t ldy) {
+void rows_times_weight(const float* x, const float* xs, int64_t M, int64_t K, const T* w, int64_t n0, int64_t n1,
+                       float* y, int64_t ldy) {
   int64_t n = n0;
 #ifdef QMOE_AVX2
   if (M <= kStreamRows) {
     // Pairs of rows per pass; after the first pass the 4-row tile is in L1/L2.
     for (; n + 4 <= n1; n += 4) {
       int64_t m = 0;
-      for (; m + 2 <= M; m += 2) stream4<T, 2>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
-      if (m < M) stream4<T, 1>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
+      if constexpr (std::is_same<T, BFloat16>::value) {
+        for (; m + 2 <= M; m += 2) stream4_split<2>(xs + m * K, K, w + n * K, n, y + m * ldy, ldy);
+        if (m < M) stream4_split<1>(xs + m * K, K, w + n * K, n, y + m * ldy, ldy);
+      } else {
+        for (; m + 2 <= M; m += 2) stream4<T, 2>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
+        if (m < M) stream4<T, 1>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
+      }
     }
   } else {
-    std::vector<float> buf(4 * K);
-    for (; n + 4 <= n1; n += 4) {
-      widen(w + n * K, 4 * K, buf.data());
-      int64_t m = 0;
-      for (; m + 3 <= M; m += 3) block_from_buffer<3>(x + m * K, K, buf.data(), n, y + m * ldy, ldy);
-      if (M - m == 2) block_from_buffer<2>(x + m * K, K, buf.data(), n, y + m * ldy, ldy);
-      if (M - m == 1) block_from_buffer<1>(x + m * K, K, buf.data(), n, y + m * ldy, ldy);
-    }
+    // Widen 6 weight rows at a time to fp32 (fp32 weights are used in place), then xt_block over every 16-row block
+    // of x: 6 weight rows x 16 x-rows = 12 accumulators + 2 x vectors + 1 broadcast, 15 of AVX2's 16 registers.
+    std::vector<float> buf(std::is_same<T, float>::value ? 0 : 6 * K);
+    auto tile = [&](int64_t rows) -> const float* {
+      if constexpr (std::is_same<T, float>::value) return w + n * K;
+      widen(w + n * K, rows * K, buf.data());
+      return buf.data();
+    };
+    for (; n + 6 <= n1; n += 6) xt_tile<6>(xs, M, K, tile(6), y + n, ldy);
+    for (; n + 2 <= n1; n += 2) xt_tile<2>(xs, M, K, tile(2), y + n, ldy);
+    for (; n < n1; ++n) xt_tile<1>(xs, M, K, tile(1), y + n, ldy);
   }
 #endif
   for (; n < n1; ++n) {  // leftover rows (and the whole job without AVX2)
@@ -169,11 +272,9 @@ void run_jobs(const std::vector<Job>& jobs) {
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   std::vector<const Job*> streamed;
   std::vector<int64_t> first_item{0};
-  // fp32 weights need no widening, so MKL can take them as they are from a few rows on.
   constexpr bool kIsFloat = std::is_same<T, float>::value;
-  const int64_t sgemm_rows = kIsFloat ? kSgemmRowsF32 : kSgemmRows;
   for (const Job& job : jobs) {
-    if (job.M >= sgemm_rows) {
+    if (job.M >= kSgemmRows) {
       // Widen the weights once (bf16/fp16), then let MKL do a proper GEMM (itself multi-threaded).
       at::Tensor w32;
       if (kIsFloat) {
@@ -191,17 +292,53 @@ void run_jobs(const std::vector<Job>& jobs) {
       at::mm_out(ym, xm, w32.t());
     } else if (job.M > 0) {
       streamed.push_back(&job);
-      first_item.push_back(first_item.back() + (job.N + kTileN - 1) / kTileN);
     }
   }
-  at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
-    size_t j = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
-    for (int64_t item = begin; item < end; ++item) {
-      while (item >= first_item[j + 1]) ++j;
+  std::stable_sort(streamed.begin(), streamed.end(),
+                   [](const Job* a, const Job* b) { return a->M * a->K > b->M * b->K; });
+  for (const Job* job : streamed) first_item.push_back(first_item.back() + (job->N + kTileN - 1) / kTileN);
+  // x rows in the layout the kernels read: split16 for stream4_split (bf16, few rows), pack16 for xt_block (more
+  // rows); one copy per distinct x, as gate and up share theirs. Small next to the weights.
+  std::vector<const float*> x_prep(streamed.size(), nullptr);
+#ifdef QMOE_AVX2
+  std::vector<std::vector<float>> x_prep_store;
+  std::vector<std::pair<const float*, const float*>> done;  // (x, its prepared copy)
+  for (size_t j = 0; j < streamed.size(); ++j) {
+    const Job& job = *streamed[j];
+    const bool split = job.M <= kStreamRows && std::is_same<T, BFloat16>::value;
+    if (job.M <= kStreamRows && !split) continue;
+    auto it = std::find_if(done.begin(), done.end(), [&](const auto& d) { return d.first == job.x; });
+    if (it != done.end()) {
+      x_prep[j] = it->second;
+      continue;
+    }
+    if (split) {
+      x_prep_store.emplace_back(job.M * job.K);
+      split16(job.x, job.M, job.K, x_prep_store.back().data());
+    } else {
+      x_prep_store.emplace_back((job.M + 15) / 16 * 16 * job.K);
+      pack16(job.x, job.M, job.K, x_prep_store.back().data());
+    }
+    x_prep[j] = x_prep_store.back().data();
+    done.emplace_back(job.x, x_prep[j]);
+  }
+#endif
+  // Items are handed out one at a time from a shared counter: their costs differ by up to ~20x (a 16-row tile
+  // of the shared expert against a 1-row tile of a routed one), so a static split leaves one thread idle.
+  // Costliest jobs first, so that the last items handed out are short. The schedule does not change any result:
+  // each output element is computed by exactly one item.
+  const int64_t items = first_item.back();
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    size_t j = 0;
+    for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
+      if (item < first_item[j] || item >= first_item[j + 1])
+        j = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
       const Job& job = *streamed[j];
       const int64_t n0 = (item - first_item[j]) * kTileN;
       const int64_t n1 = std::min(job.N, n0 + kTileN);
-      rows_times_weight(job.x, job.M, job.K, static_cast<const T*>(job.w), n0, n1, job.y, job.ldy);
+      rows_times_weight(job.x, x_prep[j], job.M, job.K, static_cast<const T*>(job.w), n0, n1, job.y, job.ldy);
     }
   });
 }
@@ -246,11 +383,22 @@ void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs) {
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-// act[r, i] = silu(gu[r, i]) * gu[r, I + i] for rows [0, R).
+// act[r, i] = silu(gu[r, i]) * gu[r, I + i] for rows [0, R). Split over elements, not rows, so that both threads
+// share even the one row of a decode step.
 void silu_mul(const float* gu, int64_t R, int64_t I, float* act) {
-  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r)
-      for (int64_t i = 0; i < I; ++i) act[r * I + i] = silu(gu[r * 2 * I + i]) * gu[r * 2 * I + I + i];
+  at::parallel_for(0, R * I, 8192, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin / I; r * I < end; ++r) {
+      const float* g = gu + r * 2 * I;
+      const float* u = g + I;
+      float* a = act + r * I;
+      int64_t i = std::max<int64_t>(begin - r * I, 0);
+      const int64_t stop = std::min<int64_t>(end - r * I, I);
+#ifdef QMOE_AVX2
+      for (; i + 8 <= stop; i += 8)
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
+#endif
+      for (; i < stop; ++i) a[i] = silu(g[i]) * u[i];
+    }
   });
 }
 
