@@ -1,6 +1,7 @@
 """One MoE layer at the real Qwen1.5-MoE-A2.7B shape (hidden 2048, 60 experts of 1408, top-4, shared 5632), on CPU:
 our block (each available backend) vs transformers 5.23's built-in block (eager / grouped_mm / batched_mm, same
-weights), against the floor = max(weights read once / measured copy bandwidth, FLOPs / measured large-matmul rate).
+weights), against the floor = max(weights read once / measured copy bandwidth, FLOPs / measured large-matmul rate),
+the two rates measured in every round beside the variants (medians).
 
     python benchmarks/moe_block.py [--dtype bfloat16 float32] [--tokens 1 16 256 1024] [--threads 2] [--repeats 7]
 
@@ -29,18 +30,28 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def measure_copy_bandwidth(nbytes=512 << 20, repeats=5):
-    """STREAM-style copy: bytes read + bytes written per second (the larger, stricter convention)."""
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return 2 * nbytes / min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+class CopyProbe:
+    """STREAM-style copy of 512 MiB: bytes read + bytes written per second (the larger, stricter convention)."""
+
+    def __init__(self, nbytes=512 << 20):
+        self.src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+
+    def __call__(self):
+        return 2 * self.src.numel() / timed(lambda: self.dst.copy_(self.src))
 
 
-def measure_matmul_rate(dtype, m=1024, k=2048, n=2816, repeats=3):
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b
-    return 2 * m * k * n / min(timed(lambda: a @ b) for _ in range(repeats))
+class MatmulProbe:
+    """A large matmul (1024 x 2048 x 2816): FLOP per second."""
+
+    def __init__(self, dtype, m=1024, k=2048, n=2816):
+        self.a, self.b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        self.flops = 2 * m * k * n
+        self.a @ self.b
+
+    def __call__(self):
+        return self.flops / timed(lambda: self.a @ self.b)
 
 
 def builtin_block(ours, dtype):
@@ -66,7 +77,8 @@ def available_memory():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
 
 
-def floor_seconds(block, x, copy_bw, matmul_rate):
+def floor_work(block, x):
+    """(weight bytes read once, FLOPs, experts hit) of one forward of `block` on x."""
     config = block.config
     tokens = x.shape[0] * x.shape[1]
     _, ids = route(block.gate(x.reshape(-1, config.hidden_size)), config.num_experts_per_tok, config.norm_topk_prob)
@@ -80,7 +92,7 @@ def floor_seconds(block, x, copy_bw, matmul_rate):
         3 * config.num_experts_per_tok * config.moe_intermediate_size
         + 3 * config.shared_expert_intermediate_size + config.num_experts + 1
     )
-    return max(weights / copy_bw, flops / matmul_rate), weights, flops, hit
+    return weights, flops, hit
 
 
 def main():
@@ -95,9 +107,13 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    copy_bw = measure_copy_bandwidth()
+    # The floor's copy bandwidth and matmul rate are measured in every round of the round-robin, beside the
+    # variants, and their medians used: this machine's speed drifts by up to 2x within minutes, so rates taken
+    # once at the start would compare the variants against a different machine.
+    copy_probe = CopyProbe()
+    start_bw = max(copy_probe() for _ in range(3))
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read+write)")
+          f"{torch.backends.cpu.get_cpu_capability()}; copy bandwidth at start {start_bw / 1e9:.1f} GB/s (read+write)")
     print(f"backends: {qwen2_moe_hf.env_report()}")
     try:
         import transformers
@@ -108,10 +124,13 @@ def main():
 
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
-        rates = {name: measure_matmul_rate(getattr(torch, name)) for name in ("bfloat16", "float32")}
-        matmul_rate = max(rates.values())  # the best large-matmul rate this machine reaches, whatever the dtype
-        print(f"\n## {dtype_name}: large matmul 1024x2048x2816 bf16 {rates['bfloat16'] / 1e9:.0f} GFLOP/s, "
-              f"fp32 {rates['float32'] / 1e9:.0f} GFLOP/s (floor uses {matmul_rate / 1e9:.0f})")
+        # The best large-matmul rate this machine reaches, whatever the dtype (on AVX2 without native bf16: fp32).
+        probes = {name: MatmulProbe(getattr(torch, name)) for name in ("bfloat16", "float32")}
+        rates = {name: max(probe() for _ in range(2)) for name, probe in probes.items()}
+        matmul_name = max(rates, key=rates.get)
+        matmul_probe = probes[matmul_name]
+        print(f"\n## {dtype_name}: large matmul 1024x2048x2816 at start: bf16 {rates['bfloat16'] / 1e9:.0f} GFLOP/s, "
+              f"fp32 {rates['float32'] / 1e9:.0f} GFLOP/s (the floor uses {matmul_name}, re-measured each round)")
         config = Qwen2MoeConfig(**SHAPE)
         ours = Qwen2MoeSparseMoeBlock(config)
         with torch.no_grad():
@@ -127,13 +146,16 @@ def main():
             for impl in ("eager", "grouped_mm", "batched_mm"):
                 variants[f"builtin[{impl}]"] = (builtin, impl)
 
-        header = f"| tokens | floor ms | experts hit | " + " | ".join(variants) + " | ours best / floor | builtin best / ours best |"
+        header = (f"| tokens | copy GB/s | matmul GFLOP/s | floor ms | experts hit | " + " | ".join(variants)
+                  + " | ours best / floor | builtin best / ours best |")
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
         for tokens in args.tokens:
             x = torch.randn(1, tokens, config.hidden_size, dtype=dtype)
-            floor, weights, flops, hit = floor_seconds(ours, x, copy_bw, matmul_rate)
+            weights, flops, hit = floor_work(ours, x)
+            floor = max(weights / start_bw, flops / rates[matmul_name])  # until the rounds have measured it
             times = {name: [] for name in variants}
+            copy_bws, matmul_rates = [], []
             with torch.no_grad():
                 for name, (block, impl) in variants.items():  # warm-up, and drop hopeless variants
                     if block is ours:
@@ -156,6 +178,8 @@ def main():
                     if args.skip_slow and first > 20 * floor:
                         times[name] = None
                 for _ in range(args.repeats):
+                    copy_bws.append(copy_probe())
+                    matmul_rates.append(matmul_probe())
                     for name, (block, impl) in variants.items():
                         if times[name] is None:
                             continue
@@ -164,12 +188,15 @@ def main():
                         else:
                             hf_config._experts_implementation = impl
                         times[name].append(timed(lambda: block(x)))
+            copy_bw, matmul_rate = statistics.median(copy_bws), statistics.median(matmul_rates)
+            floor = max(weights / copy_bw, flops / matmul_rate)
             med = {n: statistics.median(t) if t else float("nan") for n, t in times.items()}
             ours_best = min(v for n, v in med.items() if n.startswith("ours") and v == v)
             builtin_vals = [v for n, v in med.items() if n.startswith("builtin") and v == v]
             ratio = f"{min(builtin_vals) / ours_best:.2f}x" if builtin_vals else "n/a"
             cells = " | ".join(f"{v * 1e3:.1f}" if v == v else "-" for v in med.values())
-            print(f"| {tokens} | {floor * 1e3:.1f} | {hit} | {cells} | {ours_best / floor:.2f} | {ratio} |", flush=True)
+            print(f"| {tokens} | {copy_bw / 1e9:.1f} | {matmul_rate / 1e9:.0f} | {floor * 1e3:.1f} | {hit} | {cells} | "
+                  f"{ours_best / floor:.2f} | {ratio} |", flush=True)
         config.moe_backend = None
 
 
