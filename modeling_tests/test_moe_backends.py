@@ -111,6 +111,52 @@ def test_backend_handles_nan_inputs_without_crashing(backend):
     assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2, 3]]).all()
 
 
+@pytest.mark.skipif("cpu" not in FAST, reason=f"the cpu backend does not run here: {qwen2_moe_hf.env_report()}")
+@pytest.mark.parametrize("change", ["new_parameter", "parameter_dict_entry", "new_module", "shared_expert",
+                                    "bias_added", "wrapped_module"])
+def test_cpu_backend_sees_changed_weights(change):
+    """The cpu backend caches where each layer's weights live; every kind of swap must reach the next call (or,
+    for what the op cannot run, hand the call to another backend), never leave it on stale weights."""
+    block = _block(seed=5)
+    x = torch.randn(1, 6, 45)
+    flat = x.reshape(-1, 45)
+    before, _ = _run(block, x, backend="auto")
+    with torch.no_grad():  # as _run calls it: with gradients every call goes to the torch reference
+        assert dispatch.select_backend("auto", flat, block.experts, block.shared_expert).name == "cpu"
+    expert = block.experts[int(_run(block, x)[1][1][0, 0])]  # an expert that token 0 uses
+    fresh = lambda shape: torch.nn.Parameter(torch.randn(shape) * 0.1)  # noqa: E731
+    with torch.no_grad():
+        if change == "new_parameter":  # module.weight = Parameter(...)
+            expert.up_proj.weight = fresh(expert.up_proj.weight.shape)
+        elif change == "parameter_dict_entry":  # accelerate's set_module_tensor_to_device writes the dict directly
+            expert.up_proj._parameters["weight"] = fresh(expert.up_proj.weight.shape)
+        elif change == "new_module":
+            linear = torch.nn.Linear(45, expert.up_proj.out_features, bias=False)
+            linear.weight.copy_(torch.randn_like(linear.weight) * 0.1)
+            expert.up_proj = linear
+        elif change == "shared_expert":
+            block.shared_expert.down_proj.weight = fresh(block.shared_expert.down_proj.weight.shape)
+        elif change == "bias_added":  # the op has no bias: the call must go elsewhere
+            expert.up_proj.bias = fresh(expert.up_proj.out_features)
+        elif change == "wrapped_module":  # PEFT-style: the projection becomes a wrapper around the old Linear
+            class Scaled(torch.nn.Module):
+                def __init__(self, base):
+                    super().__init__()
+                    self.base = base
+
+                def forward(self, h):
+                    return 3 * self.base(h)
+
+            expert.up_proj = Scaled(expert.up_proj)
+    after, (weights, ids) = _run(block, x, backend="auto")
+    expected, _ = _run(block, x, topk_ids=ids, backend="torch")
+    _assert_close(after, expected, torch.float32, change)
+    assert (after - before).abs().max() > 1e-4  # the change mattered, so matching the reference means it was seen
+    with torch.no_grad():
+        runs_on = dispatch.select_backend("auto", flat, block.experts, block.shared_expert).name
+    assert runs_on == ("cpu" if change not in ("bias_added", "wrapped_module") else "torch")
+
+
 def test_registry_rules(monkeypatch, caplog):
     block = _block()
     with pytest.raises(ValueError, match="unknown backend 'nope'"):

@@ -2,6 +2,9 @@
 (csrc/cpu/moe_ffn_cpu.cpp) that reads each expert's weights once in their storage dtype: bf16 / fp16 / fp32
 weights through moe_ffn_cpu, GPTQ 4-bit experts (gptq.linear.GPTQLinear) through moe_ffn_int4_cpu."""
 
+import itertools
+import operator
+
 import torch
 
 from .extension import load_cpu_ops
@@ -28,38 +31,71 @@ def supports(hidden_states, experts, shared_expert=None):
     return True, ""
 
 
-def _linear_weight(module):
-    """The weight of a bias-free nn.Linear-like module, straight from its dicts (this runs per call)."""
-    if module._parameters.get("bias") is not None:
-        return None
-    return module._parameters.get("weight")
+class _WeightView:
+    """Where the op's weights live in the model: every expert MLP (and the shared one), its gate/up/down modules
+    and their parameter dicts, captured once. `current()` re-reads them on each call with C-level iteration
+    (map / itemgetter: ~30 us for 61 MLPs, against ~100 us for the Python loop it replaced) and returns the weights, or None
+    when any module or bias was swapped since: then the view is rebuilt. Reading identities every call, rather
+    than trusting a cache, is what keeps accelerate's offload hooks and PEFT's module swaps visible."""
+
+    def __init__(self, experts, shared_expert):
+        self.experts, self.shared_expert = experts, shared_expert
+        self.mlps = self._mlps()
+        self.mlp_dicts = [m._modules for m in self.mlps]
+        self.projs = list(itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts)))
+        self.param_dicts = [p._parameters for p in self.projs]
+
+    def _mlps(self):
+        mlps = list(self.experts._modules.values())
+        return mlps if self.shared_expert is None else [*mlps, self.shared_expert]
+
+    def current(self):
+        if not all(map(operator.is_, self._mlps(), self.mlps)):
+            return None
+        projs = itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts))
+        if not all(map(operator.is_, projs, self.projs)):
+            return None
+        biases = list(map(dict.get, self.param_dicts, itertools.repeat("bias")))
+        if biases.count(None) != len(biases):  # count() tests identity first: no tensor comparisons here
+            return None
+        return list(map(dict.get, self.param_dicts, itertools.repeat("weight")))
 
 
-def _current(experts, shared_expert):
-    mlps = list(experts) if shared_expert is None else [*experts, shared_expert]
-    return [_linear_weight(m._modules[name]) for m in mlps for name in _PROJ]
-
-
-def _same_as_cached(experts, key, current):
-    cached = experts.__dict__.get(key)
-    return cached is not None and len(cached) == len(current) and all(a is b for a, b in zip(cached, current))
+_PROJ_GETTER = operator.itemgetter(*_PROJ)
 
 
 def _weight_lists(experts, shared_expert):
     """The per-expert weight tensors the op reads, as the model holds them (no copies); None if it cannot read them.
     Checked once and cached on the experts module; each call only re-checks that the same tensors are in place."""
-    weights = _current(experts, shared_expert)
-    if _same_as_cached(experts, "_qmoe_cpu_weights", weights):
-        return weights
-    ok = all(
+    view = experts.__dict__.get("_qmoe_cpu_view")
+    if view is not None and view.shared_expert is shared_expert:
+        try:
+            weights = view.current()
+        except (KeyError, AttributeError):  # a projection or the parameter dict itself was replaced
+            weights = None
+        if weights is not None and _same_as_cached(experts, "_qmoe_cpu_weights", weights):
+            return weights
+    try:
+        view = _WeightView(experts, shared_expert)
+        weights = view.current()
+    except (KeyError, AttributeError):  # not gate/up/down MLPs
+        weights = None
+    ok = weights is not None and all(
         isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2
         and w.dtype == weights[0].dtype for w in weights
     ) and weights[0].dtype in _DTYPES
     if not ok:
         experts.__dict__.pop("_qmoe_cpu_weights", None)
+        experts.__dict__.pop("_qmoe_cpu_view", None)
         return None
     experts.__dict__["_qmoe_cpu_weights"] = weights
+    experts.__dict__["_qmoe_cpu_view"] = view
     return weights
+
+
+def _same_as_cached(experts, key, current):
+    cached = experts.__dict__.get(key)
+    return cached is not None and len(cached) == len(current) and all(map(operator.is_, cached, current))
 
 
 def _int4_lists(experts, shared_expert):
