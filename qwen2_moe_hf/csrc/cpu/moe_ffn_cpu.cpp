@@ -3,7 +3,7 @@
 // Why: on CPUs without native bf16 matmul (AVX2-only machines) oneDNN's bf16 GEMM runs at ~20 GFLOP/s at every M,
 // so the expert GEMMs, which have few rows each, cost several times their memory floor. Here weights are read once
 // in their storage dtype (bf16 / fp16 / fp32) and widened to fp32 on the way. By rows per expert (M):
-//   M <= 4: stream4 / stream4_split read each weight once, straight from memory (bandwidth-bound: decode);
+//   M <= 4: stream4 / stream_split read each weight once, straight from memory (bandwidth-bound: decode);
 //   M < 768: 6 weight rows are widened into an L2 buffer and xt_block multiplies them with 16 rows of x at a time
 //            (compute-bound, ~100 GFLOP/s per AVX2 core);
 //   larger: the whole weight is widened once and MKL's sgemm takes it.
@@ -90,20 +90,22 @@ QMOE_KERNEL void stream4(const float* x, int64_t K, const T* w0, int64_t n, floa
 
 // The same for bf16 weights with half the widening work: one 32-byte load holds 16 weights as 8 pairs; shifting
 // each 32-bit pair left by 16 gives the even weights as fp32, masking off its low half gives the odd ones. x comes
-// "split" (split16 below) so that its even and odd elements line up with them.
-template <int ROWS>
-QMOE_KERNEL void stream4_split(const float* xs, int64_t K, const BFloat16* w0, int64_t n, float* y, int64_t ldy) {
-  const BFloat16* ws[4] = {w0, w0 + K, w0 + 2 * K, w0 + 3 * K};
+// "split" (split16 below) so that its even and odd elements line up with them. NW weight rows per pass.
+template <int ROWS, int NW>
+QMOE_KERNEL void stream_split(const float* xs, int64_t K, const BFloat16* w0, int64_t n, float* y, int64_t ldy) {
+  const BFloat16* ws[NW];
+  QMOE_UNROLL
+  for (int j = 0; j < NW; ++j) ws[j] = w0 + j * K;
   const int64_t K16 = K - K % 16;
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m256 acc[ROWS][4];
+  __m256 acc[ROWS][NW];
   QMOE_UNROLL
   for (int r = 0; r < ROWS; ++r)
     QMOE_UNROLL
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K16; k += 16) {
-    // One weight row at a time: ROWS x 4 accumulators + 2 x ROWS x vectors + the mask + 2 temporaries fit in
-    // AVX2's 16 registers (widening all 4 rows first did not, and spilled).
+    // One weight row at a time: ROWS x NW accumulators + 2 x ROWS x vectors + the mask + 2 temporaries fit in
+    // AVX2's 16 registers for (1, 8) and (2, 4) (widening all rows first did not, and spilled).
     __m256 xe[ROWS], xo[ROWS];
     QMOE_UNROLL
     for (int r = 0; r < ROWS; ++r) {
@@ -111,7 +113,7 @@ QMOE_KERNEL void stream4_split(const float* xs, int64_t K, const BFloat16* w0, i
       xo[r] = _mm256_loadu_ps(xs + r * K + k + 8);
     }
     QMOE_UNROLL
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NW; ++j) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws[j] + k));
       const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
       const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
@@ -122,7 +124,7 @@ QMOE_KERNEL void stream4_split(const float* xs, int64_t K, const BFloat16* w0, i
   QMOE_UNROLL
   for (int r = 0; r < ROWS; ++r)
     QMOE_UNROLL
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NW; ++j) {
       float sum = hsum(acc[r][j]);
       for (int64_t k = K16; k < K; ++k) sum += xs[r * K + k] * to_float(ws[j][k]);
       y[r * ldy + n + j] = sum;
@@ -186,7 +188,7 @@ inline void xt_tile(const float* xt, int64_t M, int64_t K, const float* buf, flo
   }
 }
 
-// x rows [M, K] in the order stream4_split reads them: each full 16-element chunk as its 8 even then its 8 odd
+// x rows [M, K] in the order stream_split reads them: each full 16-element chunk as its 8 even then its 8 odd
 // elements; a tail shorter than 16 stays as it is.
 inline void split16(const float* x, int64_t M, int64_t K, float* out) {
   const int64_t K16 = K - K % 16;
@@ -219,12 +221,17 @@ void rows_times_weight(const float* x, const float* xs, int64_t M, int64_t K, co
   int64_t n = n0;
 #ifdef QMOE_AVX2
   if (M <= kStreamRows) {
+    if constexpr (std::is_same<T, BFloat16>::value) {
+      // One row (decode): 8 weight rows per pass, 8 read streams instead of 4 (~7% faster at the real shape).
+      if (M == 1)
+        for (; n + 8 <= n1; n += 8) stream_split<1, 8>(xs, K, w + n * K, n, y, ldy);
+    }
     // Pairs of rows per pass; after the first pass the 4-row tile is in L1/L2.
     for (; n + 4 <= n1; n += 4) {
       int64_t m = 0;
       if constexpr (std::is_same<T, BFloat16>::value) {
-        for (; m + 2 <= M; m += 2) stream4_split<2>(xs + m * K, K, w + n * K, n, y + m * ldy, ldy);
-        if (m < M) stream4_split<1>(xs + m * K, K, w + n * K, n, y + m * ldy, ldy);
+        for (; m + 2 <= M; m += 2) stream_split<2, 4>(xs + m * K, K, w + n * K, n, y + m * ldy, ldy);
+        if (m < M) stream_split<1, 4>(xs + m * K, K, w + n * K, n, y + m * ldy, ldy);
       } else {
         for (; m + 2 <= M; m += 2) stream4<T, 2>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
         if (m < M) stream4<T, 1>(x + m * K, K, w + n * K, n, y + m * ldy, ldy);
@@ -297,7 +304,7 @@ void run_jobs(const std::vector<Job>& jobs) {
   std::stable_sort(streamed.begin(), streamed.end(),
                    [](const Job* a, const Job* b) { return a->M * a->K > b->M * b->K; });
   for (const Job* job : streamed) first_item.push_back(first_item.back() + (job->N + kTileN - 1) / kTileN);
-  // x rows in the layout the kernels read: split16 for stream4_split (bf16, few rows), pack16 for xt_block (more
+  // x rows in the layout the kernels read: split16 for stream_split (bf16, few rows), pack16 for xt_block (more
   // rows); one copy per distinct x, as gate and up share theirs. Small next to the weights.
   std::vector<const float*> x_prep(streamed.size(), nullptr);
 #ifdef QMOE_AVX2
