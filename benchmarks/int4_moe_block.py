@@ -1,7 +1,7 @@
 """One MoE layer at the real Qwen1.5-MoE-A2.7B shape on CPU with GPTQ-Int4 experts (group 128, sym, like the
 released checkpoint; the shared expert is int4 too): ours int4 vs ours bf16 (the `cpu` backend) vs auto-gptq's
 QuantLinear torch path applied per expert (when auto_gptq is installed), and the int4 memory floor = bytes of
-int4 weights + scales + zeros read once / measured copy bandwidth.
+int4 weights + scales + zeros read once / copy bandwidth measured in every round beside the variants (median).
 
     python benchmarks/int4_moe_block.py [--tokens 1 16 256] [--threads 2] [--repeats 7]
 
@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_block import SHAPE, measure_copy_bandwidth, timed  # noqa: E402
+from moe_block import SHAPE, CopyProbe, timed  # noqa: E402
 
 import qwen2_moe_hf  # noqa: E402,F401
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock  # noqa: E402
@@ -71,8 +71,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    copy_bw = measure_copy_bandwidth()
-    print(f"torch {torch.__version__}, {args.threads} threads; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read+write)")
+    copy_probe = CopyProbe()  # measured in every round beside the variants, as in moe_block.py
+    print(f"torch {torch.__version__}, {args.threads} threads; copy bandwidth at start "
+          f"{max(copy_probe() for _ in range(3)) / 1e9:.1f} GB/s (read+write)")
 
     config = Qwen2MoeConfig(**SHAPE)
     spec = GPTQSpec(bits=4, group_size=128, sym=True)
@@ -96,16 +97,19 @@ def main():
         x = torch.randn(1, tokens, config.hidden_size)
         _, ids = route(bf16.gate(x.to(torch.bfloat16).reshape(-1, config.hidden_size)), config.num_experts_per_tok,
                        config.norm_topk_prob)
-        floor = int4_bytes(config, ids.unique().numel(), spec.group_size) / copy_bw
+        weight_bytes = int4_bytes(config, ids.unique().numel(), spec.group_size)
         inputs = {name: x.to(dtype) for name, (_, dtype) in variants.items()}
         run = {n: v for n, v in variants.items() if not (n.startswith("auto-gptq") and tokens > args.autogptq_max_tokens)}
         times = {name: [] for name in run}
+        copy_bws = []
         with torch.no_grad():
             for name, (block, _) in run.items():
                 block(inputs[name])  # warm-up (builds the CPU ops on first use)
             for _ in range(args.repeats):
+                copy_bws.append(copy_probe())
                 for name, (block, _) in run.items():
                     times[name].append(timed(lambda: block(inputs[name])))
+        floor = weight_bytes / statistics.median(copy_bws)
         med = {n: statistics.median(times[n]) if n in times else float("nan") for n in variants}
         ours = med["ours int4 (bf16 act)"]
         agptq = med.get("auto-gptq QuantLinear per expert (fp16)")

@@ -41,3 +41,11 @@ def test_blog_snippet_runs_on_a_checkpoint_path(demo_cache):
     path = build_demo_checkpoint(os.path.join(cache, "demo-v1"))  # reuses the folder the chat test made
     out = _run(["examples/blog_snippet.py", path], env)
     assert out.startswith("A large language model is")
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
+def test_benchmark_scripts_start(script):
+    """Every benchmark imports what it needs and parses its arguments (they share helpers, and a renamed helper
+    once broke one of them unseen). Running them is for a quiet machine, not for CI."""
+    out = _run([os.path.join("benchmarks", script), "--help"], dict(os.environ))
+    assert out.startswith(f"usage: {script}")
