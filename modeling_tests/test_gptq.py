@@ -346,6 +346,54 @@ def test_cpu_backend_runs_int4_experts_like_the_reference(gptq_checkpoint):
     assert rel(outputs["cpu"], outputs["torch"]) < 1e-5
 
 
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (-1, False), (32, True)])
+@pytest.mark.parametrize("routing", ["spread", "all_on_one_expert"])
+def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
+    """The cpu backend's int4 MoE op against the same layer with its experts dequantized to fp32, in each of its
+    row regimes: 1-31 rows per expert (the packed weights unpacked once per 4 rows, 1 to 4 rows a pass) and 32+
+    (the weight dequantized once, then sgemm)."""
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+    from qwen2_moe_hf.moe import moe_forward, route
+
+    import helpers
+
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
+        hidden_size=96, num_attention_heads=1, num_key_value_heads=1, head_dim=8, num_experts=5,
+        num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=64))
+    block = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), 3).eval()
+    spec = GPTQSpec(bits=4, group_size=group_size, sym=False, desc_act=act_order)
+    gen = torch.Generator().manual_seed(1)
+    for mlp in [*block.experts, block.shared_expert]:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(mlp, name)
+            g_idx = None
+            if act_order and group_size > 0:
+                g_idx = torch.randperm(linear.in_features, generator=gen) // group_size
+            packed = gptq_format.quantize_rtn(linear.weight, 4, group_size, False, spec.zero_offset, g_idx)
+            layer = GPTQLinear(linear.in_features, linear.out_features, False, spec)
+            for part, value in packed.items():
+                layer._buffers[part] = value
+            setattr(mlp, name, layer)
+    twin = copy.deepcopy(block)
+    for mlp in [*twin.experts, twin.shared_expert]:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = getattr(mlp, name)
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+            linear.weight.data = layer.dequantize(torch.float32)
+            setattr(mlp, name, linear)
+    for tokens in (1, 3, 9, 30):
+        x = torch.randn(tokens, 96, generator=gen)
+        with torch.no_grad():
+            weights, ids = route(block.gate(x), 2, False)
+            if routing == "all_on_one_expert":  # 2 * tokens rows on expert 3: 2, 6, 18, 60 (the sgemm path)
+                ids = torch.full_like(ids, 3)
+            args = (x, ids, weights)
+            got = moe_forward(*args, block.experts, block.shared_expert, block.shared_expert_gate, backend="cpu")
+            want = moe_forward(*args, twin.experts, twin.shared_expert, twin.shared_expert_gate, backend="torch")
+        assert rel(got, want) < 1e-5, (tokens, rel(got, want))
+
+
 # --------------------------------------------------------------------------------------------- faults
 
 
