@@ -516,6 +516,36 @@ def test_real_gptq_config_is_understood():
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_cpu_backend_sees_a_wrapped_int4_projection(gptq_checkpoint):
+    """A PEFT-style wrapper around one expert's GPTQ layer changes no GPTQ tensor; the cpu backend's int4 cache must
+    still notice the new module (and, as it cannot run a wrapper, leave the call to the torch path)."""
+    from qwen2_moe_hf.moe import dispatch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, h):
+            return 3 * self.base(h)
+
+    model = load(gptq_checkpoint)
+    ids = torch.randint(1, model.config.vocab_size, (2, 7))
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        before = model(ids).logits  # auto: the cpu backend, which caches the layer's int4 tensors
+        x = torch.randn(3, model.config.hidden_size)
+        assert dispatch.select_backend("auto", x, mlp.experts, mlp.shared_expert).name == "cpu"
+        for expert in mlp.experts:  # every expert, so that whichever the tokens pick, the change shows
+            expert.up_proj = Scaled(expert.up_proj)
+        after = model(ids).logits
+        assert dispatch.select_backend("auto", x, mlp.experts, mlp.shared_expert).name == "torch"
+        model.config.moe_backend = "torch"
+        reference = model(ids).logits
+    assert rel(after, before) > 1e-3
+    assert torch.equal(after, reference)
+
+
 def test_cpu_backend_sees_replaced_int4_tensors(gptq_checkpoint):
     """The cpu backend caches each layer's int4 tensor list; swapping an expert's layer must not leave it stale."""
     model = load(gptq_checkpoint)

@@ -49,11 +49,17 @@ class _WeightView:
         mlps = list(self.experts._modules.values())
         return mlps if self.shared_expert is None else [*mlps, self.shared_expert]
 
-    def current(self):
+    def modules_unchanged(self):
         if not all(map(operator.is_, self._mlps(), self.mlps)):
-            return None
-        projs = itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts))
-        if not all(map(operator.is_, projs, self.projs)):
+            return False
+        try:
+            projs = list(itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts)))
+        except KeyError:  # a projection was deleted
+            return False
+        return all(map(operator.is_, projs, self.projs))
+
+    def current(self):
+        if not self.modules_unchanged():
             return None
         biases = list(map(dict.get, self.param_dicts, itertools.repeat("bias")))
         if biases.count(None) != len(biases):  # count() tests identity first: no tensor comparisons here
@@ -103,10 +109,13 @@ def _int4_lists(experts, shared_expert):
     Cached on the experts module; rebuilt only when GPTQLinear.generation says some GPTQ tensor may have moved."""
     from ..gptq.linear import GPTQLinear
 
-    key = (GPTQLinear.generation, len(experts), id(experts[0]), id(shared_expert))
+    key = (GPTQLinear.generation, len(experts), id(shared_expert))
     cached = experts.__dict__.get("_qmoe_int4")
     if cached is not None and experts.__dict__.get("_qmoe_int4_key") == key:
-        return cached
+        # A module swapped in (PEFT wrapping an expert's projection, a layer dequantized back to nn.Linear)
+        # changes no GPTQ tensor, so the generation does not see it: compare the modules themselves too.
+        if experts.__dict__["_qmoe_int4_view"].modules_unchanged():
+            return cached
     experts.__dict__.pop("_qmoe_int4", None)
     if not isinstance(experts[0]._modules.get("gate_proj"), GPTQLinear):
         return None  # full-precision experts: leave them to _weight_lists without building lists here
@@ -125,6 +134,7 @@ def _int4_lists(experts, shared_expert):
     cached = (tensors[:split], tensors[split:], offsets.pop())
     experts.__dict__["_qmoe_int4"] = cached
     experts.__dict__["_qmoe_int4_key"] = key
+    experts.__dict__["_qmoe_int4_view"] = _WeightView(experts, shared_expert)
     return cached
 
 
