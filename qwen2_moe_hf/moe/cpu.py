@@ -33,10 +33,10 @@ def supports(hidden_states, experts, shared_expert=None):
 
 class _WeightView:
     """Where the op's weights live in the model: every expert MLP (and the shared one), its gate/up/down modules
-    and their parameter dicts, captured once. `current()` re-reads them on each call with C-level iteration
-    (map / itemgetter: ~30 us for 61 MLPs, against ~100 us for the Python loop it replaced) and returns the
-    weights, or None when any module or bias was swapped since: then the view is rebuilt. Reading identities every
-    call, rather than trusting a cache, is what keeps accelerate's offload hooks and PEFT's module swaps visible."""
+    and their parameter dicts, captured once; `weights` is set once they are checked to be ones the op can read.
+    Each call re-reads the identities with C-level iteration (map / itemgetter: ~30 us for 61 MLPs, against ~100 us
+    for the Python loop it replaced). Re-reading rather than trusting the cache is what keeps accelerate's offload
+    hooks (which write `_parameters` directly) and PEFT's module swaps visible."""
 
     def __init__(self, experts, shared_expert):
         self.experts, self.shared_expert = experts, shared_expert
@@ -44,13 +44,15 @@ class _WeightView:
         self.mlp_dicts = [m._modules for m in self.mlps]
         self.projs = list(itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts)))
         self.param_dicts = [p._parameters for p in self.projs]
+        self.weights = None
 
     def _mlps(self):
         mlps = list(self.experts._modules.values())
         return mlps if self.shared_expert is None else [*mlps, self.shared_expert]
 
     def modules_unchanged(self):
-        if not all(map(operator.is_, self._mlps(), self.mlps)):
+        mlps = self._mlps()
+        if len(mlps) != len(self.mlps) or not all(map(operator.is_, mlps, self.mlps)):
             return False
         try:
             projs = list(itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts)))
@@ -59,6 +61,7 @@ class _WeightView:
         return all(map(operator.is_, projs, self.projs))
 
     def current(self):
+        """The projections' weights as the model holds them now, or None if a module or a bias changed."""
         if not self.modules_unchanged():
             return None
         biases = list(map(dict.get, self.param_dicts, itertools.repeat("bias")))
@@ -75,33 +78,24 @@ def _weight_lists(experts, shared_expert):
     Checked once and cached on the experts module; each call only re-checks that the same tensors are in place."""
     view = experts.__dict__.get("_qmoe_cpu_view")
     if view is not None and view.shared_expert is shared_expert:
-        try:
-            weights = view.current()
-        except (KeyError, AttributeError):  # a projection or the parameter dict itself was replaced
-            weights = None
-        if weights is not None and _same_as_cached(experts, "_qmoe_cpu_weights", weights):
+        weights = view.current()
+        if weights is not None and all(map(operator.is_, weights, view.weights)):
             return weights
+    experts.__dict__.pop("_qmoe_cpu_view", None)
     try:
         view = _WeightView(experts, shared_expert)
-        weights = view.current()
     except (KeyError, AttributeError):  # not gate/up/down MLPs
-        weights = None
+        return None
+    weights = view.current()
     ok = weights is not None and all(
         isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2
         and w.dtype == weights[0].dtype for w in weights
     ) and weights[0].dtype in _DTYPES
     if not ok:
-        experts.__dict__.pop("_qmoe_cpu_weights", None)
-        experts.__dict__.pop("_qmoe_cpu_view", None)
         return None
-    experts.__dict__["_qmoe_cpu_weights"] = weights
+    view.weights = weights
     experts.__dict__["_qmoe_cpu_view"] = view
     return weights
-
-
-def _same_as_cached(experts, key, current):
-    cached = experts.__dict__.get(key)
-    return cached is not None and len(cached) == len(current) and all(map(operator.is_, cached, current))
 
 
 def _int4_lists(experts, shared_expert):
@@ -109,7 +103,7 @@ def _int4_lists(experts, shared_expert):
     Cached on the experts module; rebuilt only when GPTQLinear.generation says some GPTQ tensor may have moved."""
     from ..gptq.linear import GPTQLinear
 
-    key = (GPTQLinear.generation, len(experts), id(shared_expert))
+    key = (GPTQLinear.generation, id(shared_expert))
     cached = experts.__dict__.get("_qmoe_int4")
     if cached is not None and experts.__dict__.get("_qmoe_int4_key") == key:
         # A module swapped in (PEFT wrapping an expert's projection, a layer dequantized back to nn.Linear)
@@ -148,7 +142,7 @@ def moe_forward_cpu(hidden_states, topk_ids, topk_weights, experts, shared_exper
         if shared_expert is not None and not shared_tensors:  # a full-precision shared expert beside int4 experts
             out = out + torch.sigmoid(shared_expert_gate(hidden_states)) * shared_expert(hidden_states)
         return out
-    weights = experts.__dict__["_qmoe_cpu_weights"]
+    weights = experts.__dict__["_qmoe_cpu_view"].weights
     gate, up, down = weights[0:3 * len(experts):3], weights[1:3 * len(experts):3], weights[2:3 * len(experts):3]
     shared = (None, None, None, None)
     if shared_expert is not None:
