@@ -521,13 +521,7 @@ def test_cpu_backend_sees_a_wrapped_int4_projection(gptq_checkpoint):
     still notice the new module (and, as it cannot run a wrapper, leave the call to the torch path)."""
     from qwen2_moe_hf.moe import dispatch
 
-    class Scaled(torch.nn.Module):
-        def __init__(self, base):
-            super().__init__()
-            self.base = base
-
-        def forward(self, h):
-            return 3 * self.base(h)
+    from helpers import Scaled
 
     model = load(gptq_checkpoint)
     ids = torch.randint(1, model.config.vocab_size, (2, 7))

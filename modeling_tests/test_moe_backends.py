@@ -139,15 +139,7 @@ def test_cpu_backend_sees_changed_weights(change):
         elif change == "bias_added":  # the op has no bias: the call must go elsewhere
             expert.up_proj.bias = fresh(expert.up_proj.out_features)
         elif change == "wrapped_module":  # PEFT-style: the projection becomes a wrapper around the old Linear
-            class Scaled(torch.nn.Module):
-                def __init__(self, base):
-                    super().__init__()
-                    self.base = base
-
-                def forward(self, h):
-                    return 3 * self.base(h)
-
-            expert.up_proj = Scaled(expert.up_proj)
+            expert.up_proj = helpers.Scaled(expert.up_proj)
     after, (weights, ids) = _run(block, x, backend="auto")
     expected, _ = _run(block, x, topk_ids=ids, backend="torch")
     _assert_close(after, expected, torch.float32, change)
