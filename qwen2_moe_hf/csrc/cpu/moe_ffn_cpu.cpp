@@ -131,7 +131,7 @@ QMOE_KERNEL void stream_split(const float* xs, int64_t K, const BFloat16* w0, in
     }
 }
 
-// For experts with several rows, x transposed: y[m, n0 + j] = sum_k buf[j, k] * xt[k, m] for one block of up to 16
+// For experts with several rows, x transposed: y[m, j] = sum_k buf[j, k] * xt[k, m] for one block of up to 16
 // rows of x, packed as xt [K, 16] (pack16). Each step broadcasts one widened weight and multiplies it with 8 or 16
 // rows of x at once: NR x MV accumulators stay in registers for the whole K and there is no horizontal sum.
 template <int NR, int MV>
@@ -277,7 +277,7 @@ struct Job {
 template <typename T>
 void run_jobs(const std::vector<Job>& jobs) {
   auto f32 = at::TensorOptions().dtype(at::kFloat);
-  std::vector<const Job*> streamed;
+  std::vector<const Job*> tiled;
   std::vector<int64_t> first_item{0};
   constexpr bool kIsFloat = std::is_same<T, float>::value;
   for (const Job& job : jobs) {
@@ -298,20 +298,20 @@ void run_jobs(const std::vector<Job>& jobs) {
       at::Tensor ym = at::from_blob(job.y, {job.M, job.N}, {job.ldy, 1}, f32);
       at::mm_out(ym, xm, w32.t());
     } else if (job.M > 0) {
-      streamed.push_back(&job);
+      tiled.push_back(&job);
     }
   }
-  std::stable_sort(streamed.begin(), streamed.end(),
+  std::stable_sort(tiled.begin(), tiled.end(),
                    [](const Job* a, const Job* b) { return a->M * a->K > b->M * b->K; });
-  for (const Job* job : streamed) first_item.push_back(first_item.back() + (job->N + kTileN - 1) / kTileN);
+  for (const Job* job : tiled) first_item.push_back(first_item.back() + (job->N + kTileN - 1) / kTileN);
   // x rows in the layout the kernels read: split16 for stream_split (bf16, few rows), pack16 for xt_block (more
   // rows); one copy per distinct x, as gate and up share theirs. Small next to the weights.
-  std::vector<const float*> x_prep(streamed.size(), nullptr);
+  std::vector<const float*> x_prep(tiled.size(), nullptr);
 #ifdef QMOE_AVX2
   std::vector<std::vector<float>> x_prep_store;
   std::vector<std::pair<const float*, const float*>> done;  // (x, its prepared copy)
-  for (size_t j = 0; j < streamed.size(); ++j) {
-    const Job& job = *streamed[j];
+  for (size_t j = 0; j < tiled.size(); ++j) {
+    const Job& job = *tiled[j];
     const bool split = job.M <= kStreamRows && std::is_same<T, BFloat16>::value;
     if (job.M <= kStreamRows && !split) continue;
     auto it = std::find_if(done.begin(), done.end(), [&](const auto& d) { return d.first == job.x; });
@@ -342,7 +342,7 @@ void run_jobs(const std::vector<Job>& jobs) {
     for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
       if (item < first_item[j] || item >= first_item[j + 1])
         j = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
-      const Job& job = *streamed[j];
+      const Job& job = *tiled[j];
       const int64_t n0 = (item - first_item[j]) * kTileN;
       const int64_t n1 = std::min(job.N, n0 + kTileN);
       rows_times_weight(job.x, x_prep[j], job.M, job.K, static_cast<const T*>(job.w), n0, n1, job.y, job.ldy);
