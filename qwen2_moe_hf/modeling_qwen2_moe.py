@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (
 
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
-from .moe import moe_block_forward, requested_backend
+from .moe import requested_backend, sparse_moe_block_forward
 
 logger = logging.getLogger("qwen2_moe_hf")
 
@@ -215,13 +215,9 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, hidden_states, return_router_logits=False):
-        batch, seq, hidden = hidden_states.shape
-        x = hidden_states.reshape(-1, hidden)
-        router_logits = self.gate(x)
-        out = moe_block_forward(
-            x, router_logits, self.top_k, self.norm_topk_prob, self.experts, self.shared_expert,
-            self.shared_expert_gate, backend=requested_backend(getattr(self.config, "moe_backend", None)),
-        ).reshape(batch, seq, hidden)
+        # router_logits = self.gate(x), then the experts (moe/dispatch.py); a backend may run the router itself.
+        out, router_logits = sparse_moe_block_forward(
+            self, hidden_states, backend=requested_backend(getattr(self.config, "moe_backend", None)))
         return (out, router_logits) if return_router_logits else out
 
 

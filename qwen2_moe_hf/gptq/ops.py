@@ -11,12 +11,17 @@ SCHEMA = ("(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx
 MOE_SCHEMA = ("(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, Tensor[] shared, "
               "Tensor? shared_expert_gate, int zero_offset) -> Tensor")
 
-if not hasattr(getattr(torch.ops, LIB), "moe_ffn_int4_cpu"):
-    torch.library.define(f"{LIB}::moe_ffn_int4_cpu", MOE_SCHEMA)
+# The same with the router's softmax / top-k done inside, from the router logits.
+MOE_BLOCK_SCHEMA = ("(Tensor x, Tensor router_logits, int top_k, bool renormalize, Tensor[] experts, Tensor[] shared, "
+                    "Tensor? shared_expert_gate, int zero_offset) -> Tensor")
 
-    @torch.library.register_fake(f"{LIB}::moe_ffn_int4_cpu")
-    def _(x, *args):
-        return torch.empty_like(x)
+for _name, _schema in (("moe_ffn_int4_cpu", MOE_SCHEMA), ("moe_block_int4_cpu", MOE_BLOCK_SCHEMA)):
+    if not hasattr(getattr(torch.ops, LIB), _name):
+        torch.library.define(f"{LIB}::{_name}", _schema)
+
+        @torch.library.register_fake(f"{LIB}::{_name}")
+        def _(x, *args):
+            return torch.empty_like(x)
 
 if not hasattr(getattr(torch.ops, LIB), "gptq_linear_cpu"):
     torch.library.define(f"{LIB}::gptq_linear_cpu", SCHEMA)

@@ -8,6 +8,7 @@ from .dispatch import (
     register_backend,
     requested_backend,
     select_backend,
+    sparse_moe_block_forward,
 )
 from .reference import experts_forward_reference, moe_forward_reference
 from .routing import route
@@ -23,4 +24,5 @@ __all__ = [
     "requested_backend",
     "route",
     "select_backend",
+    "sparse_moe_block_forward",
 ]

@@ -1,21 +1,157 @@
-"""The `cpu` backend: the whole MoE feed-forward (routed experts + gated shared expert) in one C++ op
-(csrc/cpu/moe_ffn_cpu.cpp) that reads each expert's weights once in their storage dtype: bf16 / fp16 / fp32
-weights through moe_ffn_cpu, GPTQ 4-bit experts (gptq.linear.GPTQLinear) through moe_ffn_int4_cpu."""
+"""The `cpu` backend: the whole MoE layer after its router's logits (softmax / top-k, routed experts, gated shared
+expert) in one C++ op (csrc/cpu/moe_ffn_cpu.cpp) that reads each expert's weights once in their storage dtype:
+bf16 / fp16 / fp32 weights through moe_block_cpu, GPTQ 4-bit experts (gptq.linear.GPTQLinear) through
+moe_block_int4_cpu (moe_ffn_cpu / moe_ffn_int4_cpu when the routing is given).
 
-import itertools
-import operator
+Per call, the op needs the ~180 weight tensors the model holds now. Reading them from the modules costs ~0.3 ms per
+layer when caches are cold (as they are after a decode step's weights streamed through), 5% of the layer's time;
+so each layer's view of its weights is built once and kept while the dicts they come from are unchanged.
+`_WatchedDict` replaces those dicts (the experts' `_modules`, the projections' `_parameters` / `_buffers`) and
+counts every change made through them, which is how torch (`module.weight = ...`, `register_*`, `.to()`),
+accelerate (writes `_parameters[name]` directly) and PEFT (swaps modules) change a model.
+"""
 
 import torch
+from torch.nn.modules import module as _torch_module
 
-from .extension import load_cpu_ops
+from .extension import cpu_module, load_cpu_ops
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
-
+_VIEW = "_qmoe_cpu_view"
 
 def available():
     return load_cpu_ops()
+
+
+# Changes made through any _WatchedDict since import; a view is current while this is what it was at its build.
+_changes = 0
+
+
+def _changed():
+    global _changes
+    _changes += 1
+
+
+class _WatchedDict(dict):
+    """A module's `_modules` / `_parameters` / `_buffers` dict that counts its changes (module-level `_changes`).
+    Reads are plain dict reads. Pickles and copies as a plain dict (the copy's views watch it again)."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        _changed()
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        _changed()
+
+    def __ior__(self, other):
+        dict.update(self, other)
+        _changed()
+        return self
+
+    def _changing(method):  # noqa: N805  (wraps dict's other mutating methods)
+        def wrapped(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                _changed()
+
+        wrapped.__name__ = method.__name__
+        return wrapped
+
+    pop, popitem, clear, update, setdefault = map(_changing, (dict.pop, dict.popitem, dict.clear, dict.update,
+                                                              dict.setdefault))
+    del _changing
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+def _watch(module, names):
+    for name in names:
+        d = module.__dict__.get(name)
+        if d is not None and type(d) is not _WatchedDict:
+            module.__dict__[name] = _WatchedDict(d)
+
+
+class _LayerView:
+    """One MoE layer's expert weights as the op reads them, checked once; valid while no watched dict changed.
+    kind: "dense" (tensors: gate, up, down per expert, then the shared expert's), "int4" (tensors: the 12 GPTQ
+    tensors per expert, then the shared expert's 12 or none; zero_offset) or None (the op cannot read them)."""
+
+    def __init__(self, experts, shared_expert):
+        self.experts, self.shared_expert = experts, shared_expert
+        self.kind, self.tensors, self.shared_tensors, self.zero_offset, self.pack = None, [], [], 0, None
+        self.module = None  # the CPU extension, once the pack is built
+        mlps = list(experts._modules.values())
+        config = getattr(mlps[0], "config", None) if mlps else None
+        # The activation is fixed when the MLPs are built (act_fn = ACT2FN[config.hidden_act]): checked here once.
+        self.activation = getattr(config, "hidden_act", "silu")
+        if shared_expert is not None:
+            mlps.append(shared_expert)
+        _watch(experts, ("_modules",))
+        for mlp in mlps:
+            _watch(mlp, ("_modules",))
+        projs = [mlp._modules.get(name) for mlp in mlps for name in _PROJ]
+        if any(p is None for p in projs):  # not gate/up/down MLPs
+            self.changes = _changes
+            return
+        for proj in projs:
+            _watch(proj, ("_parameters", "_buffers"))
+        self.changes = _changes  # after installing the watches: installing them is not a change
+        if self.activation in ("silu", "swish") and available()[0]:  # the pack is a class of the CPU extension
+            self._check_int4(experts, mlps, projs) or self._check_dense(projs)
+
+    def _check_dense(self, projs):
+        if any(p._parameters.get("bias") is not None for p in projs):
+            return False
+        weights = [p._parameters.get("weight") for p in projs]
+        if not all(isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2
+                   and w.dtype == weights[0].dtype for w in weights) or weights[0].dtype not in _DTYPES:
+            return False
+        self.kind, self.tensors = "dense", weights
+        self.module = cpu_module()
+        self.pack = self.module.LayerPack(weights, len(self.experts), False, 0)
+        return True
+
+    def _check_int4(self, experts, mlps, projs):
+        from ..gptq.linear import GPTQLinear
+
+        def int4(layer):
+            return isinstance(layer, GPTQLinear) and layer.bits == 4 and layer.bias is None
+
+        routed = projs[:3 * len(experts)]
+        if not all(map(int4, routed)):
+            return False
+        shared = projs[3 * len(experts):]
+        shared_int4 = bool(shared) and all(map(int4, shared))
+        layers = routed + shared if shared_int4 else routed
+        tensors = [layer._buffers[part] for layer in layers for part in _INT4_PARTS]
+        offsets = {layer.zero_offset for layer in layers}
+        if len(offsets) != 1 or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+            return False
+        split = 12 * len(experts)
+        self.kind, self.tensors, self.shared_tensors = "int4", tensors[:split], tensors[split:]
+        self.zero_offset = offsets.pop()
+        self.module = cpu_module()
+        self.pack = self.module.LayerPack(tensors, len(experts), True, self.zero_offset)
+        return True
+
+    def __reduce__(self):  # copies and pickles of the model build their own views
+        return type(None), ()
+
+
+def _view(experts, shared_expert):
+    view = experts.__dict__.get(_VIEW)
+    if (view is None or view.changes != _changes or view.experts is not experts
+            or view.shared_expert is not shared_expert):
+        view = _LayerView(experts, shared_expert)
+        experts.__dict__[_VIEW] = view
+    return view
 
 
 def supports(hidden_states, experts, shared_expert=None):
@@ -23,129 +159,96 @@ def supports(hidden_states, experts, shared_expert=None):
         return False, f"inputs on {hidden_states.device}, not cpu"
     if hidden_states.dtype not in _DTYPES:
         return False, f"dtype {hidden_states.dtype} (cpu backend: float32, bfloat16, float16)"
-    if _int4_lists(experts, shared_expert) is None and _weight_lists(experts, shared_expert) is None:
+    view = _view(experts, shared_expert)
+    if view.activation not in ("silu", "swish"):
+        return False, f"activation {view.activation} (cpu backend: silu)"
+    if view.kind is None:
         return False, "expert weights are neither plain contiguous CPU tensors of one dtype nor GPTQ 4-bit (offloaded?)"
-    config = getattr(experts[0], "config", None)
-    if config is not None and config.hidden_act not in ("silu", "swish"):
-        return False, f"activation {config.hidden_act} (cpu backend: silu)"
     return True, ""
 
 
-class _WeightView:
-    """Where the op's weights live in the model: every expert MLP (and the shared one), its gate/up/down modules
-    and their parameter dicts, captured once; `weights` is set once they are checked to be ones the op can read.
-    Each call re-reads the identities with C-level iteration (map / itemgetter: ~30 us for 61 MLPs, against ~100 us
-    for the Python loop it replaced). Re-reading rather than trusting the cache is what keeps accelerate's offload
-    hooks (which write `_parameters` directly) and PEFT's module swaps visible."""
-
-    def __init__(self, experts, shared_expert):
-        self.experts, self.shared_expert = experts, shared_expert
-        self.mlps = self._mlps()
-        self.mlp_dicts = [m._modules for m in self.mlps]
-        self.projs = list(itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts)))
-        self.param_dicts = [p._parameters for p in self.projs]
-        self.weights = None
-
-    def _mlps(self):
-        mlps = list(self.experts._modules.values())
-        return mlps if self.shared_expert is None else [*mlps, self.shared_expert]
-
-    def modules_unchanged(self):
-        mlps = self._mlps()
-        if len(mlps) != len(self.mlps) or not all(map(operator.is_, mlps, self.mlps)):
-            return False
-        try:
-            projs = list(itertools.chain.from_iterable(map(_PROJ_GETTER, self.mlp_dicts)))
-        except KeyError:  # a projection was deleted
-            return False
-        return all(map(operator.is_, projs, self.projs))
-
-    def current(self):
-        """The projections' weights as the model holds them now, or None if a module or a bias changed."""
-        if not self.modules_unchanged():
-            return None
-        biases = list(map(dict.get, self.param_dicts, itertools.repeat("bias")))
-        if biases.count(None) != len(biases):  # count() tests identity first: no tensor comparisons here
-            return None
-        return list(map(dict.get, self.param_dicts, itertools.repeat("weight")))
-
-
-_PROJ_GETTER = operator.itemgetter(*_PROJ)
-
-
-def _weight_lists(experts, shared_expert):
-    """The per-expert weight tensors the op reads, as the model holds them (no copies); None if it cannot read them.
-    Checked once and cached on the experts module; each call only re-checks that the same tensors are in place."""
-    view = experts.__dict__.get("_qmoe_cpu_view")
-    if view is not None and view.shared_expert is shared_expert:
-        weights = view.current()
-        if weights is not None and all(map(operator.is_, weights, view.weights)):
-            return weights
-    experts.__dict__.pop("_qmoe_cpu_view", None)
-    try:
-        view = _WeightView(experts, shared_expert)
-    except (KeyError, AttributeError):  # not gate/up/down MLPs
-        return None
-    weights = view.current()
-    ok = weights is not None and all(
-        isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2
-        and w.dtype == weights[0].dtype for w in weights
-    ) and weights[0].dtype in _DTYPES
-    if not ok:
-        return None
-    view.weights = weights
-    experts.__dict__["_qmoe_cpu_view"] = view
-    return weights
-
-
-def _int4_lists(experts, shared_expert):
-    """(expert tensors, shared tensors or [], zero_offset) for GPTQ 4-bit experts without bias, else None.
-    Cached on the experts module; rebuilt only when GPTQLinear.generation says some GPTQ tensor may have moved."""
-    from ..gptq.linear import GPTQLinear
-
-    key = (GPTQLinear.generation, id(shared_expert))
-    cached = experts.__dict__.get("_qmoe_int4")
-    if cached is not None and experts.__dict__.get("_qmoe_int4_key") == key:
-        # A module swapped in (PEFT wrapping an expert's projection, a layer dequantized back to nn.Linear)
-        # changes no GPTQ tensor, so the generation does not see it: compare the modules themselves too.
-        if experts.__dict__["_qmoe_int4_view"].modules_unchanged():
-            return cached
-    experts.__dict__.pop("_qmoe_int4", None)
-    if not isinstance(experts[0]._modules.get("gate_proj"), GPTQLinear):
-        return None  # full-precision experts: leave them to _weight_lists without building lists here
-    layers = [m._modules.get(name) for m in experts for name in _PROJ]
-    if not all(isinstance(layer, GPTQLinear) and layer.bits == 4 and layer.bias is None for layer in layers):
-        return None
-    shared_int4 = shared_expert is not None and all(
-        isinstance(shared_expert._modules.get(n), GPTQLinear) and shared_expert._modules[n].bits == 4
-        and shared_expert._modules[n].bias is None for n in _PROJ)
-    mlps = list(experts) + ([shared_expert] if shared_int4 else [])
-    tensors = [m._modules[name]._buffers[part] for m in mlps for name in _PROJ for part in _INT4_PARTS]
-    offsets = {m._modules[name].zero_offset for m in mlps for name in _PROJ}
-    if len(offsets) != 1 or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        return None
-    split = 12 * len(experts)
-    cached = (tensors[:split], tensors[split:], offsets.pop())
-    experts.__dict__["_qmoe_int4"] = cached
-    experts.__dict__["_qmoe_int4_key"] = key
-    experts.__dict__["_qmoe_int4_view"] = _WeightView(experts, shared_expert)
-    return cached
+def _dense_args(view, experts, shared_expert_gate):
+    w, n = view.tensors, 3 * len(experts)
+    shared = (*w[n:], shared_expert_gate.weight) if len(w) > n else (None, None, None, None)
+    return (w[0:n:3], w[1:n:3], w[2:n:3], *shared)
 
 
 def moe_forward_cpu(hidden_states, topk_ids, topk_weights, experts, shared_expert=None, shared_expert_gate=None):
-    int4 = experts.__dict__.get("_qmoe_int4")
-    if int4 is not None:  # set by supports(), which dispatch always runs first
-        expert_tensors, shared_tensors, zero_offset = int4
-        gate = shared_expert_gate.weight if shared_tensors else None
-        out = torch.ops.qwen2_moe_hf.moe_ffn_int4_cpu(hidden_states, topk_ids, topk_weights, expert_tensors,
-                                                      shared_tensors, gate, zero_offset)
-        if shared_expert is not None and not shared_tensors:  # a full-precision shared expert beside int4 experts
-            out = out + torch.sigmoid(shared_expert_gate(hidden_states)) * shared_expert(hidden_states)
-        return out
-    weights = experts.__dict__["_qmoe_cpu_view"].weights
-    gate, up, down = weights[0:3 * len(experts):3], weights[1:3 * len(experts):3], weights[2:3 * len(experts):3]
-    shared = (None, None, None, None)
-    if shared_expert is not None:
-        shared = (*weights[3 * len(experts):], shared_expert_gate.weight)
-    return torch.ops.qwen2_moe_hf.moe_ffn_cpu(hidden_states, topk_ids, topk_weights, gate, up, down, *shared)
+    view = _view(experts, shared_expert)  # supports() built it; this only re-reads it
+    if view.kind == "int4":
+        gate = shared_expert_gate.weight if view.shared_tensors else None
+        out = torch.ops.qwen2_moe_hf.moe_ffn_int4_cpu(hidden_states, topk_ids, topk_weights, view.tensors,
+                                                      view.shared_tensors, gate, view.zero_offset)
+        return _add_full_precision_shared(out, view, hidden_states, shared_expert, shared_expert_gate)
+    return torch.ops.qwen2_moe_hf.moe_ffn_cpu(hidden_states, topk_ids, topk_weights,
+                                              *_dense_args(view, experts, shared_expert_gate))
 
+
+def moe_block_forward_cpu(hidden_states, router_logits, top_k, norm_topk_prob, experts, shared_expert=None,
+                          shared_expert_gate=None):
+    """Routing (as moe.routing.route computes it) and the layer in one op call."""
+    view = _view(experts, shared_expert)
+    if _direct(hidden_states, router_logits):
+        gate = shared_expert_gate.weight if shared_expert_gate is not None else None
+        out = cpu_module().moe_block(hidden_states, router_logits, top_k, norm_topk_prob, view.pack, gate)
+    elif view.kind == "int4":
+        gate = shared_expert_gate.weight if view.shared_tensors else None
+        out = torch.ops.qwen2_moe_hf.moe_block_int4_cpu(hidden_states, router_logits, top_k, norm_topk_prob,
+                                                        view.tensors, view.shared_tensors, gate, view.zero_offset)
+    else:
+        out = torch.ops.qwen2_moe_hf.moe_block_cpu(hidden_states, router_logits, top_k, norm_topk_prob,
+                                                   *_dense_args(view, experts, shared_expert_gate))
+    if view.kind == "int4":
+        out = _add_full_precision_shared(out, view, hidden_states, shared_expert, shared_expert_gate)
+    return out
+
+
+def moe_layer_forward_cpu(block, hidden_states):
+    """The whole layer, router included, in one call: (out, router_logits), or None when this backend does not take
+    it so (the caller then goes the general way: select a backend, run the router as a module). It takes plain CPU
+    tensors of a supported dtype, with gradients off, a router that is a plain bias-free Linear in the inputs'
+    dtype without hooks (not quantized, wrapped or watched), experts the op reads, and no compile tracing or
+    function / dispatch mode active. Decode runs this once per layer per token with caches cold, where each Python
+    call costs microseconds: hence one flat function."""
+    modules = block._modules
+    gate, experts, shared = modules.get("gate"), modules.get("experts"), modules.get("shared_expert")
+    view = experts.__dict__.get(_VIEW) if experts is not None else None
+    if view is None or view.changes != _changes or view.experts is not experts or view.shared_expert is not shared:
+        if experts is None or not available()[0]:
+            return None
+        view = _view(experts, shared)
+    if view.pack is None or type(gate) is not torch.nn.Linear or gate._forward_hooks or gate._forward_pre_hooks:
+        return None
+    weight = gate._parameters.get("weight")
+    if (weight is None or gate._parameters.get("bias") is not None or type(hidden_states) is not torch.Tensor
+            or type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor
+            or not hidden_states.is_cpu or hidden_states.dtype is not weight.dtype or weight.dtype not in _DTYPES
+            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks or not _no_modes()):
+        return None
+    shared_expert_gate, shared_gate = modules.get("shared_expert_gate"), None
+    if shared is not None:
+        if type(shared_expert_gate) is not torch.nn.Linear:
+            return None
+        shared_gate = shared_expert_gate._parameters.get("weight")
+    out, logits = view.module.moe_layer(hidden_states, weight, block.top_k, block.norm_topk_prob, view.pack,
+                                        shared_gate)
+    if view.kind == "int4":
+        out = _add_full_precision_shared(out, view, hidden_states, shared, shared_expert_gate)
+    return out, logits
+
+
+def _no_modes():
+    return (not torch._C._is_torch_function_mode_enabled() and not torch._C._len_torch_dispatch_stack()
+            and not torch.compiler.is_compiling())
+
+
+def _direct(*tensors):
+    """Whether the extension's functions may be called directly, outside the dispatcher: plain tensors, and no
+    torch.compile tracing, TorchFunctionMode or TorchDispatchMode (fake tensors, flop counters) to see the call."""
+    return all(type(t) is torch.Tensor for t in tensors) and _no_modes()
+
+
+def _add_full_precision_shared(out, view, hidden_states, shared_expert, shared_expert_gate):
+    if shared_expert is not None and not view.shared_tensors:  # a full-precision shared expert beside int4 experts
+        out = out + torch.sigmoid(shared_expert_gate(hidden_states)) * shared_expert(hidden_states)
+    return out

@@ -37,6 +37,9 @@ class Backend:
     has_backward: bool = False
     # (router_logits, top_k, norm_topk_prob) -> (topk_weights, topk_ids); None: moe.routing.route
     route: Optional[Callable] = None
+    # (hidden_states, router_logits, top_k, norm_topk_prob, experts, shared_expert, shared_expert_gate) -> [T, H]:
+    # routes as moe.routing.route does and runs the experts in one call; None: route, then forward.
+    forward_logits: Optional[Callable] = None
 
 
 _BACKENDS = {}
@@ -45,6 +48,30 @@ _warned_fallback = set()
 
 def register_backend(backend):
     _BACKENDS[backend.name] = backend
+    _ordered.clear()
+    _cpu_leads.clear()
+
+
+_ordered = []
+_GPU_ONLY = ("triton", "cuda")  # built-in backends that never take CPU tensors
+
+
+def _by_priority():
+    if not _ordered:
+        _ordered.extend(sorted(_BACKENDS.values(), key=lambda b: b.priority))
+    return _ordered
+
+
+def _cpu_leads_auto():
+    """Whether `auto` gives CPU inputs to the cpu backend whenever it supports them: only GPU-only built-ins come
+    before it (a backend registered ahead of it takes that lane away)."""
+    if not _cpu_leads:
+        order = [b.name for b in _by_priority()]
+        _cpu_leads.append("cpu" in order and all(name in _GPU_ONLY for name in order[:order.index("cpu")]))
+    return _cpu_leads[0]
+
+
+_cpu_leads = []  # cached answer of _cpu_leads_auto, cleared by register_backend
 
 
 def _always(*_args):
@@ -52,7 +79,8 @@ def _always(*_args):
 
 
 register_backend(Backend("torch", moe_forward_reference, _always, _always, priority=1000, has_backward=True))
-register_backend(Backend("cpu", cpu.moe_forward_cpu, cpu.available, cpu.supports, priority=50))
+register_backend(Backend("cpu", cpu.moe_forward_cpu, cpu.available, cpu.supports, priority=50,
+                         forward_logits=cpu.moe_block_forward_cpu))
 register_backend(Backend("triton", triton_backend.moe_forward_triton, triton_backend.available,
                          triton_backend.supports, priority=20))
 register_backend(Backend("cuda", cuda_backend.moe_forward_cuda, cuda_backend.available, cuda_backend.supports,
@@ -109,7 +137,7 @@ def select_backend(name, hidden_states, experts, shared_expert=None):
         if not ok:
             raise RuntimeError(f"moe_backend {name!r} cannot run here: {why}")
         return backend
-    for backend in sorted(_BACKENDS.values(), key=lambda b: b.priority):
+    for backend in _by_priority():
         ok, why = backend.available()
         if ok:
             ok, why = backend.supports(hidden_states, experts, shared_expert)
@@ -119,11 +147,36 @@ def select_backend(name, hidden_states, experts, shared_expert=None):
     raise RuntimeError("no moe backend can run these inputs")  # unreachable: torch always runs
 
 
+def sparse_moe_block_forward(block, hidden_states, backend="auto"):
+    """A whole Qwen2MoeSparseMoeBlock (router `gate`, `experts`, `shared_expert`, `shared_expert_gate`, `top_k`,
+    `norm_topk_prob`) on one backend: hidden_states [..., H] -> (out [..., H], router_logits [tokens, E])."""
+    # The fast lane: the cpu backend's whole-layer call (router included), when these inputs would go to it. It
+    # answers None for anything it does not take, and the general way below decides.
+    if not torch.is_grad_enabled() and (backend == "cpu" or backend == "auto" and _cpu_leads_auto()):
+        result = cpu.moe_layer_forward_cpu(block, hidden_states)
+        if result is not None:
+            return result
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    chosen = select_backend(backend, x, block.experts, block.shared_expert)
+    router_logits = block.gate(x)
+    out = _run(chosen, x, router_logits, block.top_k, block.norm_topk_prob, block.experts, block.shared_expert,
+               block.shared_expert_gate)
+    return out.reshape(hidden_states.shape), router_logits
+
+
 def moe_block_forward(hidden_states, router_logits, top_k, norm_topk_prob, experts, shared_expert=None,
                       shared_expert_gate=None, backend="auto"):
     """The MoE layer after its router: route (top-k of the softmax) and run the experts, on one backend.
     hidden_states [T, H], router_logits [T, E] -> [T, H]."""
     chosen = select_backend(backend, hidden_states, experts, shared_expert)
+    return _run(chosen, hidden_states, router_logits, top_k, norm_topk_prob, experts, shared_expert,
+                shared_expert_gate)
+
+
+def _run(chosen, hidden_states, router_logits, top_k, norm_topk_prob, experts, shared_expert, shared_expert_gate):
+    if chosen.forward_logits is not None:
+        return chosen.forward_logits(hidden_states, router_logits, top_k, norm_topk_prob, experts, shared_expert,
+                                     shared_expert_gate)
     topk_weights, topk_ids = (chosen.route or routing.route)(router_logits, top_k, norm_topk_prob)
     return chosen.forward(hidden_states, topk_ids, topk_weights, experts, shared_expert, shared_expert_gate)
 

@@ -32,43 +32,55 @@ def _cpu_flags():
     return "generic", []
 
 
+_cpu_module = []  # the loaded CPU extension module, once loaded
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_ops():
     """Load (building if needed) the CPU ops; returns (True, "") or (False, why not). Registers
-    torch.ops.qwen2_moe_hf.moe_ffn_cpu and the other CPU ops (csrc/cpu/*.cpp)."""
+    torch.ops.qwen2_moe_hf.moe_ffn_cpu and the other CPU ops (csrc/cpu/*.cpp); the module itself (cpu_module())
+    holds the cpu backend's direct entry points."""
     from . import ops  # noqa: F401  (the schemas the compiled implementations attach to)
     from ..gptq import ops as gptq_ops  # noqa: F401
 
-    if torch._C._dispatch_has_kernel_for_dispatch_key("qwen2_moe_hf::gptq_linear_cpu", "CPU"):
-        return True, ""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return False, "no C++ compiler found (install g++ or set CXX) to build the CPU ops"
     tag, vector_flags = _cpu_flags()
-    return _build("cpu", f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}",
-                  sources=[os.path.join(CSRC, "cpu", name) for name in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp",
-                                                                           "gptq_int4_cpu.cpp")],
-                  extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"])
+    ok, why, module = _build("cpu", f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}",
+                             sources=[os.path.join(CSRC, "cpu", name) for name in (
+                                 "moe_ffn_cpu.cpp", "moe_ops_cpu.cpp", "gptq_int4_cpu.cpp")],
+                             extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"],
+                             is_python_module=True)
+    if ok:
+        _cpu_module.append(module)
+    return ok, why
+
+
+def cpu_module():
+    """The CPU extension module (after load_cpu_ops() succeeded)."""
+    return _cpu_module[0]
 
 
 def _torch_tag():
     return torch.__version__.split("+")[0].replace(".", "_")
 
 
-def _build(kind, name, **load_kwargs):
-    """cpp_extension.load with our rules: honour QWEN2_MOE_HF_NO_EXT_BUILD, turn failures into a reason."""
+def _build(kind, name, is_python_module=False, **load_kwargs):
+    """cpp_extension.load with our rules: honour QWEN2_MOE_HF_NO_EXT_BUILD, turn failures into a reason.
+    -> (ok, why not, the module when is_python_module)."""
     from torch.utils import cpp_extension
 
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     if os.environ.get(ENV_NO_BUILD) == "1" and not os.path.isfile(os.path.join(build_dir, f"{name}.so")):
-        return False, f"the {kind.upper()} ops are not built and {ENV_NO_BUILD}=1 forbids building them"
+        return False, f"the {kind.upper()} ops are not built and {ENV_NO_BUILD}=1 forbids building them", None
     try:
-        cpp_extension.load(name=name, is_python_module=False,
-                           verbose=os.environ.get("QWEN2_MOE_HF_VERBOSE_BUILD") == "1", **load_kwargs)
+        module = cpp_extension.load(name=name, is_python_module=is_python_module,
+                                    verbose=os.environ.get("QWEN2_MOE_HF_VERBOSE_BUILD") == "1", **load_kwargs)
     except Exception as exc:  # compiler errors, missing headers or ninja: report, do not crash the model
         logger.warning("qwen2_moe_hf: building the %s ops failed: %s", kind.upper(), exc)
-        return False, f"building the {kind.upper()} ops failed: {str(exc).strip().splitlines()[-1][:300]}"
-    return True, ""
+        return False, f"building the {kind.upper()} ops failed: {str(exc).strip().splitlines()[-1][:300]}", None
+    return True, "", module
 
 
 def find_cuda_home():
@@ -123,7 +135,7 @@ def load_cuda_ops():
     return _build("cuda", f"qwen2_moe_hf_cuda_torch{_torch_tag()}",
                   sources=[os.path.join(CSRC, "cuda", "moe_ops.cu")], extra_include_paths=_nvidia_include_dirs(),
                   extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
-                  extra_ldflags=[f"-L{d}" for d in lib_dirs])
+                  extra_ldflags=[f"-L{d}" for d in lib_dirs])[:2]
 
 
 def main(argv=None):

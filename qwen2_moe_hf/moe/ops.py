@@ -16,6 +16,10 @@ SCHEMAS = {
     "moe_ffn_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] w_gate, Tensor[] w_up, "
     "Tensor[] w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? shared_expert_gate) "
     "-> Tensor",
+    # moe_ffn_cpu with the router's softmax / top-k done inside, from the router logits: one call per layer.
+    "moe_block_cpu": "(Tensor x, Tensor router_logits, int top_k, bool renormalize, Tensor[] w_gate, Tensor[] w_up, "
+    "Tensor[] w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? shared_expert_gate) "
+    "-> Tensor",
 }
 
 
@@ -43,6 +47,10 @@ def _define():
         return expert_out.new_empty(weights.shape[0], expert_out.shape[1])
 
     @torch.library.register_fake(f"{LIB}::moe_ffn_cpu")
+    def _(x, *args):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(f"{LIB}::moe_block_cpu")
     def _(x, *args):
         return torch.empty_like(x)
 

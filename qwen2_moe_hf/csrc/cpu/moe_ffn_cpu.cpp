@@ -23,6 +23,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -419,56 +421,150 @@ struct LayerWeights {
   c10::optional<at::Tensor> shared_expert_gate;
 };
 
-// The layer after its router: align (token, slot) pairs by expert, GEMM1 (gate, up) -> SiLU*up -> GEMM2, then
-// combine each token's k slots in order plus the gated shared expert. Weights come through `lw`.
-at::Tensor moe_ffn_core(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                        const LayerWeights& lw, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [tokens, hidden], got ", x.sizes());
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_ids.scalar_type() == at::kLong, op,
+// Reads a float32 / bfloat16 / float16 tensor (any layout) as n fp32 values: plain loops rather than ATen ops,
+// whose per-call dispatch costs more than a decode step's worth of these conversions when caches are cold.
+void read_floats(const at::Tensor& t, float* dst, const char* op, const char* what) {
+  const at::Tensor c = t.is_contiguous() ? t : t.contiguous();
+  const int64_t n = c.numel();
+  switch (c.scalar_type()) {
+    case at::kFloat: std::copy(c.data_ptr<float>(), c.data_ptr<float>() + n, dst); return;
+    case at::kBFloat16: {
+      const BFloat16* p = c.data_ptr<BFloat16>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+      return;
+    }
+    case at::kHalf: {
+      const Half* p = c.data_ptr<Half>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+      return;
+    }
+    default: TORCH_CHECK(false, op, ": ", what, " must be float32, bfloat16 or float16, got ", c.scalar_type());
+  }
+}
+
+// v rounded to `dtype` (float32, bfloat16 or float16) and back, as Tensor.to(dtype) rounds.
+inline float round_to(float v, at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) return static_cast<float>(static_cast<BFloat16>(v));
+  if (dtype == at::kHalf) return static_cast<float>(static_cast<Half>(v));
+  return v;
+}
+
+// Each (token, slot)'s expert and weight (fp32), slot-major: ids[t * k + j].
+struct Routing {
+  int64_t k = 0;
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+};
+
+Routing routing_from_topk(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t T, int64_t E,
+                          const char* op) {
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_ids.scalar_type() == at::kLong, op,
               ": topk_ids must be int64 [tokens, k], got ", topk_ids.sizes(), " ", topk_ids.scalar_type());
   TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), op, ": topk_weights must match topk_ids' shape");
-  const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1), E = lw.E, I = lw.I, S = lw.S;
+  Routing r;
+  r.k = topk_ids.size(1);
+  const at::Tensor ids = topk_ids.contiguous();
+  r.ids.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + T * r.k);
+  for (int64_t id : r.ids) TORCH_CHECK(id >= 0 && id < E, op, ": expert id ", id, " out of range [0, ", E, ")");
+  r.weights.resize(T * r.k);
+  read_floats(topk_weights, r.weights.data(), op, "topk_weights");
+  return r;
+}
 
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor ids = topk_ids.contiguous();
-  at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < T * k; ++i)
-    TORCH_CHECK(id[i] >= 0 && id[i] < E, op, ": expert id ", id[i], " out of range [0, ", E, ")");
+// The router after its logits, as qwen2_moe_hf.moe.routing.route computes it: softmax over the experts in fp32,
+// the top_k largest (torch.topk's CPU algorithm, so that equal probabilities resolve exactly as there: the same
+// comparator, NaN largest, and the same std:: selection and sort on (probability, id) pairs in id order),
+// optionally renormalised, the weights rounded to the logits' dtype.
+Routing routing_from_logits(const at::Tensor& logits, int64_t top_k, bool renormalize, int64_t T, int64_t E,
+                            const char* op) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == T && logits.size(1) == E, op,
+              ": router_logits must be [tokens=", T, ", experts=", E, "], got ", logits.sizes());
+  TORCH_CHECK(top_k >= 1 && top_k <= E, op, ": top_k=", top_k, " must be in [1, experts=", E, "]");
+  Routing r;
+  r.k = top_k;
+  r.ids.resize(T * top_k);
+  r.weights.resize(T * top_k);
+  std::vector<float> l(T * E);
+  read_floats(logits, l.data(), op, "router_logits");
+  using Elem = std::pair<float, int64_t>;
+  std::vector<Elem> queue(E);
+  auto larger = [](const Elem& a, const Elem& b) {
+    return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
+  };
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = l.data() + t * E;
+    float mx = row[0];
+    for (int64_t i = 1; i < E; ++i) mx = std::max(mx, row[i]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < E; ++i) sum += (queue[i].first = std::exp(row[i] - mx));
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < E; ++i) queue[i] = {queue[i].first * inv, i};
+    if (top_k * 64 <= E) {
+      std::partial_sort(queue.begin(), queue.begin() + top_k, queue.end(), larger);
+    } else {
+      std::nth_element(queue.begin(), queue.begin() + top_k - 1, queue.end(), larger);
+      std::sort(queue.begin(), queue.begin() + top_k - 1, larger);
+    }
+    float picked = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) picked += queue[j].first;
+    for (int64_t j = 0; j < top_k; ++j) {
+      r.ids[t * top_k + j] = queue[j].second;
+      const float w = renormalize ? queue[j].first / picked : queue[j].first;
+      r.weights[t * top_k + j] = round_to(w, logits.scalar_type());
+    }
+  }
+  return r;
+}
+
+// The layer after its router: align (token, slot) pairs by expert, GEMM1 (gate, up) -> SiLU*up -> GEMM2, then
+// combine each token's k slots in order plus the gated shared expert. Weights come through `lw`. Every fp32
+// intermediate lives in one workspace allocation.
+at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const LayerWeights& lw, const char* op) {
+  const int64_t T = x.size(0), H = x.size(1), k = routing.k, E = lw.E, I = lw.I, S = lw.S;
+  const int64_t P = T * k;
+  const int64_t* id = routing.ids.data();
 
   // Align: (token, slot) pairs sorted by expert, tokens ascending within an expert (a stable counting sort).
   std::vector<int64_t> offsets(E + 1, 0);
-  for (int64_t i = 0; i < T * k; ++i) offsets[id[i] + 1]++;
+  for (int64_t i = 0; i < P; ++i) offsets[id[i] + 1]++;
   for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
-  std::vector<int64_t> pair_of_slot(T * k), cursor(offsets.begin(), offsets.end() - 1);
-  std::vector<int64_t> token_of_pair(T * k);
-  for (int64_t i = 0; i < T * k; ++i) {
+  std::vector<int64_t> pair_of_slot(P), cursor(offsets.begin(), offsets.end() - 1);
+  std::vector<int64_t> token_of_pair(P);
+  for (int64_t i = 0; i < P; ++i) {
     const int64_t p = cursor[id[i]]++;
     pair_of_slot[i] = p;
     token_of_pair[p] = i / k;
   }
-  const int64_t P = T * k;
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor xs = at::empty({P, H}, f32);
-  const float* xp = xf.data_ptr<float>();
-  float* xsp = xs.data_ptr<float>();
+
+  // Workspace: x (fp32), its rows gathered by expert, gate|up, silu*up and the experts' outputs; for the shared
+  // expert its gate|up, silu*up, output and gate value. Each part starts on a 64-byte boundary.
+  auto round16 = [](int64_t n) { return (n + 15) / 16 * 16; };
+  const int64_t sizes[] = {T * H, P * H, P * 2 * I, P * I, P * H, T * 2 * S, T * S, T * H, S > 0 ? T : 0};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += round16(n);
+  at::Tensor workspace = at::empty({total + 16}, at::TensorOptions().dtype(at::kFloat));
+  float* part[9];
+  float* cur = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(workspace.data_ptr<float>()) + 63) & ~uintptr_t(63));
+  for (int i = 0; i < 9; ++i) {
+    part[i] = cur;
+    cur += round16(sizes[i]);
+  }
+  float *xf = part[0], *xs = part[1], *gu = part[2], *act = part[3], *ys = part[4];
+  float *sgu = part[5], *sact = part[6], *shared_out = part[7], *shared_scale = part[8];
+  read_floats(x, xf, op, "x");
   at::parallel_for(0, P, 64, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) std::copy(xp + token_of_pair[p] * H, xp + (token_of_pair[p] + 1) * H, xsp + p * H);
+    for (int64_t p = b; p < e; ++p) std::copy(xf + token_of_pair[p] * H, xf + (token_of_pair[p] + 1) * H, xs + p * H);
   });
 
   // GEMM1: gate and up of every routed expert, and of the shared expert, in one parallel region.
-  at::Tensor gu = at::empty({P, 2 * I}, f32);
-  at::Tensor act = at::empty({P, I}, f32);
-  at::Tensor ys = at::empty({P, H}, f32);
-  at::Tensor sgu, sact, shared_out, shared_scale;
   std::vector<Job> gemm1, gemm2;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t M = offsets[e + 1] - offsets[e];
     if (M == 0) continue;
-    const float* xe = xsp + offsets[e] * H;
-    float* gue = gu.data_ptr<float>() + offsets[e] * 2 * I;
+    const float* xe = xs + offsets[e] * H;
+    float* gue = gu + offsets[e] * 2 * I;
     Job g{xe, M, nullptr, gue, I, H, 2 * I}, u{xe, M, nullptr, gue + I, I, H, 2 * I};
-    Job d{act.data_ptr<float>() + offsets[e] * I, M, nullptr, ys.data_ptr<float>() + offsets[e] * H, H, I, H};
+    Job d{act + offsets[e] * I, M, nullptr, ys + offsets[e] * H, H, I, H};
     lw.expert(g, e, 0);
     lw.expert(u, e, 1);
     lw.expert(d, e, 2);
@@ -479,47 +575,104 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const at::Tensor& topk_ids, const a
   if (S > 0) {
     TORCH_CHECK(lw.shared_expert_gate.has_value() && lw.shared_expert_gate->numel() == H, op,
                 ": shared_expert_gate must have hidden=", H, " weights");
-    sgu = at::empty({T, 2 * S}, f32);
-    sact = at::empty({T, S}, f32);
-    shared_out = at::empty({T, H}, f32);
-    Job g{xp, T, nullptr, sgu.data_ptr<float>(), S, H, 2 * S}, u{xp, T, nullptr, sgu.data_ptr<float>() + S, S, H, 2 * S};
-    Job d{sact.data_ptr<float>(), T, nullptr, shared_out.data_ptr<float>(), H, S, H};
+    Job g{xf, T, nullptr, sgu, S, H, 2 * S}, u{xf, T, nullptr, sgu + S, S, H, 2 * S};
+    Job d{sact, T, nullptr, shared_out, H, S, H};
     lw.shared(g, 0);
     lw.shared(u, 1);
     lw.shared(d, 2);
     gemm1.push_back(g);
     gemm1.push_back(u);
     gemm2.push_back(d);
-    shared_scale = at::sigmoid(at::mv(xf, lw.shared_expert_gate->reshape({H}).to(at::kFloat)));
+    std::vector<float> gate_w(H);
+    read_floats(*lw.shared_expert_gate, gate_w.data(), op, "shared_expert_gate");
+    for (int64_t t = 0; t < T; ++t) {
+      float dot = 0.f;
+      for (int64_t h = 0; h < H; ++h) dot += xf[t * H + h] * gate_w[h];
+      shared_scale[t] = 1.f / (1.f + std::exp(-dot));
+    }
   }
   run_jobs_any(lw.dense_dtype, gemm1);
-  silu_mul(gu.data_ptr<float>(), P, I, act.data_ptr<float>());
-  if (S > 0) silu_mul(sgu.data_ptr<float>(), T, S, sact.data_ptr<float>());
+  silu_mul(gu, P, I, act);
+  if (S > 0) silu_mul(sgu, T, S, sact);
   run_jobs_any(lw.dense_dtype, gemm2);
 
-  // Combine: per token, its k slots in order, then the gated shared expert.
-  at::Tensor out = at::empty({T, H}, f32);
-  float* o_all = out.data_ptr<float>();
-  const float* yp = ys.data_ptr<float>();
-  const float* wp = wts.data_ptr<float>();
-  const float* so = S > 0 ? shared_out.data_ptr<float>() : nullptr;
-  const float* ss = S > 0 ? shared_scale.data_ptr<float>() : nullptr;
+  // Combine: per token, its k slots in order, then the gated shared expert; rounded once to x's dtype.
+  at::Tensor out = at::empty({T, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::ScalarType out_type = x.scalar_type();
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> row(out_type == at::kFloat ? 0 : H);
     for (int64_t t = b; t < e; ++t) {
-      float* o = o_all + t * H;
+      float* o = out_type == at::kFloat ? out.data_ptr<float>() + t * H : row.data();
       std::fill(o, o + H, 0.f);
       for (int64_t j = 0; j < k; ++j) {
-        const float w = wp[t * k + j];
-        const float* y = yp + pair_of_slot[t * k + j] * H;
+        const float w = routing.weights[t * k + j];
+        const float* y = ys + pair_of_slot[t * k + j] * H;
         for (int64_t h = 0; h < H; ++h) o[h] += w * y[h];
       }
-      if (so) {
-        const float s = ss[t];
-        for (int64_t h = 0; h < H; ++h) o[h] += s * so[t * H + h];
+      if (S > 0) {
+        const float s = shared_scale[t];
+        for (int64_t h = 0; h < H; ++h) o[h] += s * shared_out[t * H + h];
+      }
+      if (out_type == at::kBFloat16) {
+        BFloat16* dst = out.data_ptr<BFloat16>() + t * H;
+        for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<BFloat16>(o[h]);
+      } else if (out_type == at::kHalf) {
+        Half* dst = out.data_ptr<Half>() + t * H;
+        for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<Half>(o[h]);
       }
     }
   });
-  return out.to(x.scalar_type());
+  return out;
+}
+
+// The layer's dense (bf16 / fp16 / fp32) weights, checked, as the LayerWeights that `body` runs the layer with.
+template <typename F>
+at::Tensor with_dense_weights(const at::Tensor& x, at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
+                              const c10::optional<at::Tensor>& shared_gate,
+                              const c10::optional<at::Tensor>& shared_up,
+                              const c10::optional<at::Tensor>& shared_down,
+                              const c10::optional<at::Tensor>& shared_expert_gate, const char* op, F&& body) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [tokens, hidden], got ", x.sizes());
+  const int64_t H = x.size(1);
+  const int64_t E = static_cast<int64_t>(w_gate.size());
+  TORCH_CHECK(E > 0 && w_up.size() == w_gate.size() && w_down.size() == w_gate.size(),
+              op, ": need one gate, up and down weight per expert");
+  TORCH_CHECK(w_gate[0].dim() == 2, op, ": expert 0 gate must be 2-D, got ", w_gate[0].sizes());
+  const int64_t I = w_gate[0].size(0);
+  const at::ScalarType wdt = w_gate[0].scalar_type();
+  LayerWeights lw;
+  lw.E = E;
+  lw.I = I;
+  lw.dense_dtype = wdt;
+  // Each expert's weights are checked when it has tokens, just before they are read: a decode step then touches
+  // 4 experts' tensors, not 60 (cold, each costs a few cache misses).
+  lw.expert = [&](Job& job, int64_t e, int which) {
+    const at::Tensor& t = (which == 0 ? w_gate : which == 1 ? w_up : w_down)[e];
+    const int64_t rows = which == 2 ? H : I, cols = which == 2 ? I : H;
+    TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == wdt, op, ": expert ", e,
+                " ", which == 0 ? "gate" : which == 1 ? "up" : "down",
+                " weight must be a contiguous 2-D CPU tensor in the experts' dtype ", wdt, ", got ", t.scalar_type());
+    TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, op, ": expert ", e, " ",
+                which == 0 ? "gate" : which == 1 ? "up" : "down", " weight must be [", rows, ", ", cols, "], got ",
+                t.sizes());
+    job.w = t.data_ptr();
+  };
+  if (shared_gate.has_value() && shared_gate->defined()) {
+    TORCH_CHECK(shared_up.has_value() && shared_down.has_value() && shared_expert_gate.has_value(),
+                op, ": the shared expert needs gate, up, down and shared_expert_gate weights");
+    const at::Tensor& sg = *shared_gate;
+    const at::Tensor& su = *shared_up;
+    const at::Tensor& sd = *shared_down;
+    lw.S = sg.size(0);
+    TORCH_CHECK(sg.dim() == 2 && sg.size(1) == H && su.sizes() == sg.sizes() && sd.dim() == 2 && sd.size(0) == H &&
+                    sd.size(1) == lw.S, op, ": shared expert weights must be [S,H], [S,H], [H,S]");
+    TORCH_CHECK(sg.is_contiguous() && su.is_contiguous() && sd.is_contiguous() && sg.scalar_type() == wdt &&
+                    su.scalar_type() == wdt && sd.scalar_type() == wdt,
+                op, ": shared expert weights must be contiguous, in the experts' dtype");
+    lw.shared = [&](Job& job, int which) { job.w = (which == 0 ? sg : which == 1 ? su : sd).data_ptr(); };
+    lw.shared_expert_gate = shared_expert_gate;
+  }
+  return body(lw);
 }
 
 at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
@@ -527,61 +680,42 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
                        const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
                        const c10::optional<at::Tensor>& shared_down,
                        const c10::optional<at::Tensor>& shared_expert_gate) {
-  TORCH_CHECK(x.dim() == 2, "moe_ffn_cpu: x must be [tokens, hidden], got ", x.sizes());
-  const int64_t H = x.size(1);
-  const int64_t E = static_cast<int64_t>(w_gate.size());
-  TORCH_CHECK(E > 0 && w_up.size() == w_gate.size() && w_down.size() == w_gate.size(),
-              "moe_ffn_cpu: need one gate, up and down weight per expert");
-  const int64_t I = w_gate[0].size(0);
-  const at::ScalarType wdt = w_gate[0].scalar_type();
-  for (int64_t e = 0; e < E; ++e) {
-    for (const at::Tensor* t : {&w_gate[e], &w_up[e], &w_down[e]}) {
-      TORCH_CHECK(t->dim() == 2 && t->is_contiguous() && t->device().is_cpu() && t->scalar_type() == wdt,
-                  "moe_ffn_cpu: expert ", e, " weights must be contiguous 2-D CPU tensors of one dtype");
-    }
-    TORCH_CHECK(w_gate[e].size(0) == I && w_gate[e].size(1) == H && w_up[e].sizes() == w_gate[e].sizes(),
-                "moe_ffn_cpu: expert ", e, " gate/up must be [", I, ", ", H, "], got ", w_gate[e].sizes());
-    TORCH_CHECK(w_down[e].size(0) == H && w_down[e].size(1) == I,
-                "moe_ffn_cpu: expert ", e, " down must be [", H, ", ", I, "], got ", w_down[e].sizes());
-  }
-  LayerWeights lw;
-  lw.E = E;
-  lw.I = I;
-  lw.dense_dtype = wdt;
-  lw.expert = [&](Job& job, int64_t e, int which) {
-    job.w = (which == 0 ? w_gate : which == 1 ? w_up : w_down)[e].data_ptr();
-  };
-  if (shared_gate.has_value() && shared_gate->defined()) {
-    TORCH_CHECK(shared_up.has_value() && shared_down.has_value() && shared_expert_gate.has_value(),
-                "moe_ffn_cpu: the shared expert needs gate, up, down and shared_expert_gate weights");
-    const at::Tensor& sg = *shared_gate;
-    const at::Tensor& su = *shared_up;
-    const at::Tensor& sd = *shared_down;
-    lw.S = sg.size(0);
-    TORCH_CHECK(sg.dim() == 2 && sg.size(1) == H && su.sizes() == sg.sizes() && sd.dim() == 2 && sd.size(0) == H &&
-                    sd.size(1) == lw.S, "moe_ffn_cpu: shared expert weights must be [S,H], [S,H], [H,S]");
-    TORCH_CHECK(sg.is_contiguous() && su.is_contiguous() && sd.is_contiguous() && sg.scalar_type() == wdt &&
-                    su.scalar_type() == wdt && sd.scalar_type() == wdt,
-                "moe_ffn_cpu: shared expert weights must be contiguous, in the experts' dtype");
-    lw.shared = [&](Job& job, int which) { job.w = (which == 0 ? sg : which == 1 ? su : sd).data_ptr(); };
-    lw.shared_expert_gate = shared_expert_gate;
-  }
-  return moe_ffn_core(x, topk_ids, topk_weights, lw, "moe_ffn_cpu");
+  const char* op = "moe_ffn_cpu";
+  return with_dense_weights(x, w_gate, w_up, w_down, shared_gate, shared_up, shared_down, shared_expert_gate, op,
+                            [&](const LayerWeights& lw) {
+                              return moe_ffn_core(x, routing_from_topk(topk_ids, topk_weights, x.size(0), lw.E, op),
+                                                  lw, op);
+                            });
+}
+
+// The same layer with its router's softmax and top-k done here too (from the router logits): one call per layer.
+at::Tensor moe_block_cpu(const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
+                         at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
+                         const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
+                         const c10::optional<at::Tensor>& shared_down,
+                         const c10::optional<at::Tensor>& shared_expert_gate) {
+  const char* op = "moe_block_cpu";
+  return with_dense_weights(
+      x, w_gate, w_up, w_down, shared_gate, shared_up, shared_down, shared_expert_gate, op,
+      [&](const LayerWeights& lw) {
+        return moe_ffn_core(x, routing_from_logits(router_logits, top_k, renormalize, x.size(0), lw.E, op), lw, op);
+      });
 }
 
 // The same layer with GPTQ 4-bit experts: `experts` holds 12 tensors per expert, (qweight, qzeros, scales,
 // g_idx) for gate, up, down; `shared` the same 12 for the shared expert, or nothing.
-at::Tensor moe_ffn_int4_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                            at::TensorList experts, at::TensorList shared,
-                            const c10::optional<at::Tensor>& shared_expert_gate, int64_t zero_offset) {
-  TORCH_CHECK(!experts.empty() && experts.size() % 12 == 0, "moe_ffn_int4_cpu: experts must hold 12 tensors "
+template <typename F>
+at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::TensorList shared,
+                             const c10::optional<at::Tensor>& shared_expert_gate, int64_t zero_offset, const char* op,
+                             F&& body) {
+  TORCH_CHECK(!experts.empty() && experts.size() % 12 == 0, op, ": experts must hold 12 tensors "
               "(qweight, qzeros, scales, g_idx for gate, up, down) per expert, got ", experts.size());
-  TORCH_CHECK(shared.empty() || shared.size() == 12, "moe_ffn_int4_cpu: shared must hold 12 tensors or none");
-  TORCH_CHECK(x.dim() == 2, "moe_ffn_int4_cpu: x must be [tokens, hidden], got ", x.sizes());
+  TORCH_CHECK(shared.empty() || shared.size() == 12, op, ": shared must hold 12 tensors or none");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [tokens, hidden], got ", x.sizes());
   const int64_t H = x.size(1);
   LayerWeights lw;
   lw.E = static_cast<int64_t>(experts.size()) / 12;
-  TORCH_CHECK(experts[0].dim() == 2, "moe_ffn_int4_cpu: expert 0 gate_proj qweight must be [H/8, I]");
+  TORCH_CHECK(experts[0].dim() == 2, op, ": expert 0 gate_proj qweight must be [H/8, I]");
   lw.I = experts[0].size(1);  // gate's qweight is [H/8, I]
   std::vector<Int4Weight> prepared(3 * lw.E + 3);
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
@@ -595,7 +729,7 @@ at::Tensor moe_ffn_int4_cpu(const at::Tensor& x, const at::Tensor& topk_ids, con
     Int4Weight& w = prepared[3 * e + which];
     const int64_t K = which == 2 ? lw.I : H, N = which == 2 ? H : lw.I;
     prepare(w, experts, 12 * e + 4 * which, which, K, N,
-            "moe_ffn_int4_cpu: expert " + std::to_string(e) + " " + names[which]);
+            std::string(op) + ": expert " + std::to_string(e) + " " + names[which]);
     job.q = &w;
   };
   if (!shared.empty()) {
@@ -603,17 +737,161 @@ at::Tensor moe_ffn_int4_cpu(const at::Tensor& x, const at::Tensor& topk_ids, con
     lw.shared = [&](Job& job, int which) {
       Int4Weight& w = prepared[3 * lw.E + which];
       const int64_t K = which == 2 ? lw.S : H, N = which == 2 ? H : lw.S;
-      prepare(w, shared, 4 * which, which, K, N, std::string("moe_ffn_int4_cpu: shared expert ") + names[which]);
+      prepare(w, shared, 4 * which, which, K, N, std::string(op) + ": shared expert " + names[which]);
       job.q = &w;
     };
     lw.shared_expert_gate = shared_expert_gate;
   }
-  return moe_ffn_core(x, topk_ids, topk_weights, lw, "moe_ffn_int4_cpu");
+  return body(lw);
+}
+
+at::Tensor moe_ffn_int4_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                            at::TensorList experts, at::TensorList shared,
+                            const c10::optional<at::Tensor>& shared_expert_gate, int64_t zero_offset) {
+  const char* op = "moe_ffn_int4_cpu";
+  return with_int4_weights(x, experts, shared, shared_expert_gate, zero_offset, op, [&](const LayerWeights& lw) {
+    return moe_ffn_core(x, routing_from_topk(topk_ids, topk_weights, x.size(0), lw.E, op), lw, op);
+  });
+}
+
+at::Tensor moe_block_int4_cpu(const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
+                              at::TensorList experts, at::TensorList shared,
+                              const c10::optional<at::Tensor>& shared_expert_gate, int64_t zero_offset) {
+  const char* op = "moe_block_int4_cpu";
+  return with_int4_weights(x, experts, shared, shared_expert_gate, zero_offset, op, [&](const LayerWeights& lw) {
+    return moe_ffn_core(x, routing_from_logits(router_logits, top_k, renormalize, x.size(0), lw.E, op), lw, op);
+  });
+}
+
+// A layer's expert weights as the model holds them, gathered once by the cpu backend's view (moe/cpu.py), so
+// that a call passes one object instead of ~180 tensors. The op still checks each tensor it reads on every call: one
+// may have been changed in place (param.data = ...). tensors: dense, gate / up / down per expert then the shared
+// expert's three (or none); int4, the 12 GPTQ tensors per expert then the shared expert's 12 (or none).
+struct LayerPack {
+  std::vector<at::Tensor> gate, up, down, shared, int4_experts, int4_shared;
+  int64_t zero_offset = 0;
+  bool int4 = false;
+
+  LayerPack(std::vector<at::Tensor> tensors, int64_t experts, bool is_int4, int64_t offset)
+      : zero_offset(offset), int4(is_int4) {
+    const int64_t per = is_int4 ? 12 : 3;
+    const int64_t n = static_cast<int64_t>(tensors.size());
+    TORCH_CHECK(experts > 0 && (n == per * experts || n == per * (experts + 1)), "LayerPack: expected ", per,
+                " tensors per expert for ", experts, " experts (and as many for a shared expert), got ", n);
+    auto first = tensors.begin();
+    if (is_int4) {
+      int4_experts.assign(first, first + 12 * experts);
+      int4_shared.assign(first + 12 * experts, tensors.end());
+      return;
+    }
+    for (int64_t e = 0; e < experts; ++e) {
+      gate.push_back(tensors[3 * e]);
+      up.push_back(tensors[3 * e + 1]);
+      down.push_back(tensors[3 * e + 2]);
+    }
+    shared.assign(first + 3 * experts, tensors.end());
+  }
+};
+
+// moe_block_cpu / moe_block_int4_cpu with the weights from a LayerPack.
+at::Tensor moe_block_packed(const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
+                            const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
+  if (pack.int4)
+    return moe_block_int4_cpu(x, router_logits, top_k, renormalize, pack.int4_experts, pack.int4_shared,
+                              shared_expert_gate, pack.zero_offset);
+  const bool has_shared = !pack.shared.empty();
+  auto shared = [&](int i) { return has_shared ? c10::optional<at::Tensor>(pack.shared[i]) : c10::nullopt; };
+  return moe_block_cpu(x, router_logits, top_k, renormalize, pack.gate, pack.up, pack.down, shared(0), shared(1),
+                       shared(2), has_shared ? shared_expert_gate : c10::nullopt);
+}
+
+// The router's logits x @ router_weight^T ([T, E], x's dtype), for moe_layer_cpu: fp32 dot products over H,
+// rounded once, as a Linear layer's output is. The weight is read in its dtype (E x H, small) for every token.
+template <typename T>
+void router_dots(const float* xf, int64_t T_, int64_t H, const T* w, int64_t E, float* out) {
+  // Over (token, expert) pairs: a decode step's 60 rows are split between threads too.
+  at::parallel_for(0, T_ * E, 16, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      const float* xr = xf + (i / E) * H;
+      const T* wr = w + (i % E) * H;
+      int64_t h = 0;
+      float sum = 0.f;
+#ifdef QMOE_AVX2
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (; h + 16 <= H; h += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + h), load8(wr + h), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + h + 8), load8(wr + h + 8), acc1);
+      }
+      sum = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+      for (; h < H; ++h) sum += xr[h] * to_float(wr[h]);
+      out[i] = sum;
+    }
+  });
+}
+
+at::Tensor router_logits(const at::Tensor& x, const at::Tensor& router_weight, const char* op) {
+  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(1) == x.size(1) && router_weight.is_contiguous(), op,
+              ": router_weight must be a contiguous [experts, hidden=", x.size(1), "], got ", router_weight.sizes());
+  TORCH_CHECK(router_weight.scalar_type() == x.scalar_type(), op, ": router_weight dtype ",
+              router_weight.scalar_type(), " differs from x's ", x.scalar_type());
+  const int64_t T = x.size(0), H = x.size(1), E = router_weight.size(0);
+  std::vector<float> xf(T * H), dots(T * E);
+  read_floats(x, xf.data(), op, "x");
+  switch (router_weight.scalar_type()) {
+    case at::kFloat: router_dots(xf.data(), T, H, router_weight.data_ptr<float>(), E, dots.data()); break;
+    case at::kBFloat16: router_dots(xf.data(), T, H, router_weight.data_ptr<BFloat16>(), E, dots.data()); break;
+    case at::kHalf: router_dots(xf.data(), T, H, router_weight.data_ptr<Half>(), E, dots.data()); break;
+    default: TORCH_CHECK(false, op, ": router_weight must be float32, bfloat16 or float16");
+  }
+  at::Tensor logits = at::empty({T, E}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  for (int64_t i = 0; i < T * E; ++i) {
+    if (x.scalar_type() == at::kBFloat16) logits.data_ptr<BFloat16>()[i] = static_cast<BFloat16>(dots[i]);
+    else if (x.scalar_type() == at::kHalf) logits.data_ptr<Half>()[i] = static_cast<Half>(dots[i]);
+    else logits.data_ptr<float>()[i] = dots[i];
+  }
+  return logits;
+}
+
+// The whole MoE layer, router included: x [..., H] -> (output [..., H], router logits [tokens, E]).
+std::tuple<at::Tensor, at::Tensor> moe_layer_packed(const at::Tensor& x, const at::Tensor& router_weight,
+                                                    int64_t top_k, bool renormalize, const LayerPack& pack,
+                                                    const c10::optional<at::Tensor>& shared_expert_gate) {
+  TORCH_CHECK(x.dim() >= 2, "moe_layer: x must be [..., tokens, hidden], got ", x.sizes());
+  const at::Tensor flat = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+  at::Tensor logits = router_logits(flat, router_weight, "moe_layer");
+  at::Tensor out = moe_block_packed(flat, logits, top_k, renormalize, pack, shared_expert_gate);
+  return {x.dim() == 2 ? out : out.view(x.sizes()), logits};
 }
 
 }  // namespace
 
+// The cpu backend's eager entry points (moe/cpu.py), called as plain Python functions rather than through the
+// dispatcher: with caches cold, as they are in decode, a dispatcher call from Python costs ~0.25 ms before the op
+// starts, this ~0.1 ms. They are used only for plain CPU tensors outside torch.compile and dispatch / function
+// modes; everything else goes through the registered ops (moe_block_cpu, ...), which compute the same thing.
+// The profiler still sees them (RECORD_FUNCTION), and they release the GIL while they run, as ops do.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<LayerPack>(m, "LayerPack")
+      .def(py::init<std::vector<at::Tensor>, int64_t, bool, int64_t>(), py::arg("tensors"), py::arg("experts"),
+           py::arg("int4"), py::arg("zero_offset"));
+  m.def("moe_layer", [](const at::Tensor& x, const at::Tensor& router_weight, int64_t top_k, bool renormalize,
+                        const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
+    RECORD_FUNCTION("qwen2_moe_hf::moe_layer", std::vector<c10::IValue>({x}));
+    py::gil_scoped_release no_gil;
+    return moe_layer_packed(x, router_weight, top_k, renormalize, pack, shared_expert_gate);
+  });
+  m.def("moe_block", [](const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
+                        const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
+    RECORD_FUNCTION("qwen2_moe_hf::moe_block", std::vector<c10::IValue>({x}));
+    py::gil_scoped_release no_gil;
+    return moe_block_packed(x, router_logits, top_k, renormalize, pack, shared_expert_gate);
+  });
+}
+
 TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
   m.impl("moe_ffn_cpu", &moe_ffn_cpu);
   m.impl("moe_ffn_int4_cpu", &moe_ffn_int4_cpu);
+  m.impl("moe_block_cpu", &moe_block_cpu);
+  m.impl("moe_block_int4_cpu", &moe_block_int4_cpu);
 }
