@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_block import SHAPE, CopyProbe, timed  # noqa: E402
+from moe_block import SHAPE, CleanCaches, CopyProbe, timed  # noqa: E402
 
 import qwen2_moe_hf  # noqa: E402,F401
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock  # noqa: E402
@@ -72,6 +72,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     copy_probe = CopyProbe()  # measured in every round beside the variants, as in moe_block.py
+    clean_caches = CleanCaches()  # each timed call starts from caches of clean, unrelated data, as in moe_block.py
     print(f"torch {torch.__version__}, {args.threads} threads; copy bandwidth at start "
           f"{max(copy_probe() for _ in range(3)) / 1e9:.1f} GB/s (read+write)")
 
@@ -108,6 +109,7 @@ def main():
             for _ in range(args.repeats):
                 copy_bws.append(copy_probe())
                 for name, (block, _) in run.items():
+                    clean_caches()
                     times[name].append(timed(lambda: block(inputs[name])))
         floor = weight_bytes / statistics.median(copy_bws)
         med = {n: statistics.median(times[n]) if n in times else float("nan") for n in variants}

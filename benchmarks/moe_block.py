@@ -42,6 +42,18 @@ class CopyProbe:
         return 2 * self.src.numel() / timed(lambda: self.dst.copy_(self.src))
 
 
+class CleanCaches:
+    """Reads 64 MiB (twice the last-level cache) so that every timed call starts alike: caches full of clean data
+    it does not use. Without it the first variant after the probes paid for writing back the matmul probe's dirty
+    output (~10 MB, ~0.7 ms at 1 token), a cost that belongs to neither the variant nor a decode step."""
+
+    def __init__(self, nbytes=64 << 20):
+        self.buf = torch.ones(nbytes // 4)
+
+    def __call__(self):
+        self.buf.sum()
+
+
 class MatmulProbe:
     """A large matmul (1024 x 2048 x 2816): FLOP per second."""
 
@@ -111,6 +123,7 @@ def main():
     # variants, and their medians used: this machine's speed drifts by up to 2x within minutes, so rates taken
     # once at the start would compare the variants against a different machine.
     copy_probe = CopyProbe()
+    clean_caches = CleanCaches()
     start_bw = max(copy_probe() for _ in range(3))
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; copy bandwidth at start {start_bw / 1e9:.1f} GB/s (read+write)")
@@ -187,6 +200,7 @@ def main():
                             config.moe_backend = impl
                         else:
                             hf_config._experts_implementation = impl
+                        clean_caches()
                         times[name].append(timed(lambda: block(x)))
             copy_bw, matmul_rate = statistics.median(copy_bws), statistics.median(matmul_rates)
             floor = max(weights / copy_bw, flops / matmul_rate)
