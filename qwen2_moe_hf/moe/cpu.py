@@ -1,7 +1,9 @@
-"""The `cpu` backend: the whole MoE layer after its router's logits (softmax / top-k, routed experts, gated shared
-expert) in one C++ op (csrc/cpu/moe_ffn_cpu.cpp) that reads each expert's weights once in their storage dtype:
-bf16 / fp16 / fp32 weights through moe_block_cpu, GPTQ 4-bit experts (gptq.linear.GPTQLinear) through
-moe_block_int4_cpu (moe_ffn_cpu / moe_ffn_int4_cpu when the routing is given).
+"""The `cpu` backend: the MoE layer in C++ (csrc/cpu/moe_ffn_cpu.cpp), reading each expert's weights once in their
+storage dtype (bf16 / fp16 / fp32, or GPTQ 4-bit experts from gptq.linear.GPTQLinear). Three entries:
+- moe_layer_forward_cpu: the whole layer, router included, in one call to the extension (the layer lane, tried
+  first by dispatch.sparse_moe_block_forward);
+- moe_block_forward_cpu: from the router's logits (softmax / top-k done in the op);
+- moe_forward_cpu: from given top-k ids and weights (the ops moe_ffn_cpu / moe_ffn_int4_cpu).
 
 Per call, the op needs the ~180 weight tensors the model holds now. Reading them from the modules costs ~0.3 ms per
 layer when caches are cold (as they are after a decode step's weights streamed through), 5% of the layer's time;
@@ -20,6 +22,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _VIEW = "_qmoe_cpu_view"
+
 
 def available():
     return load_cpu_ops()

@@ -544,7 +544,8 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const Layer
   for (int64_t n : sizes) total += round16(n);
   at::Tensor workspace = at::empty({total + 16}, at::TensorOptions().dtype(at::kFloat));
   float* part[9];
-  float* cur = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(workspace.data_ptr<float>()) + 63) & ~uintptr_t(63));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace.data_ptr<float>());
+  float* cur = reinterpret_cast<float*>((base + 63) & ~uintptr_t(63));
   for (int i = 0; i < 9; ++i) {
     part[i] = cur;
     cur += round16(sizes[i]);
