@@ -215,3 +215,15 @@ def test_an_in_place_weight_swap_the_op_cannot_read_names_the_expert():
         weight.data = weight.data.t().contiguous().t()  # same values and shape, not contiguous
         with pytest.raises(RuntimeError, match=f"expert {used} up weight must be a contiguous 2-D CPU tensor"):
             block(x)
+
+
+def test_a_weight_moved_off_the_cpu_in_place_is_refused_by_name():
+    """The direct entry reads raw pointers: a weight it is handed on another device (here the shared expert's
+    gate, which is read on every call, on meta) must raise naming it, not be read."""
+    block = _block(torch.float32, seed=9)
+    x = torch.randn(1, 3, 40)
+    with torch.no_grad():
+        block(x)
+        block.shared_expert_gate.weight = torch.nn.Parameter(torch.empty(1, 40, device="meta"))
+        with pytest.raises(RuntimeError, match="shared_expert_gate must be a CPU tensor"):
+            block(x)

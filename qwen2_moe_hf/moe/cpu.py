@@ -225,7 +225,7 @@ def moe_layer_forward_cpu(block, hidden_states):
     weight = gate._parameters.get("weight")
     if (weight is None or gate._parameters.get("bias") is not None or type(hidden_states) is not torch.Tensor
             or type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor
-            or not hidden_states.is_cpu or hidden_states.dtype is not weight.dtype or weight.dtype not in _DTYPES
+            or not hidden_states.is_cpu or not weight.is_cpu or hidden_states.dtype is not weight.dtype or weight.dtype not in _DTYPES
             or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks or not _no_modes()):
         return None
     shared_expert_gate, shared_gate = modules.get("shared_expert_gate"), None

@@ -424,6 +424,7 @@ struct LayerWeights {
 // Reads a float32 / bfloat16 / float16 tensor (any layout) as n fp32 values: plain loops rather than ATen ops,
 // whose per-call dispatch costs more than a decode step's worth of these conversions when caches are cold.
 void read_floats(const at::Tensor& t, float* dst, const char* op, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got one on ", t.device());
   const at::Tensor c = t.is_contiguous() ? t : t.contiguous();
   const int64_t n = c.numel();
   switch (c.scalar_type()) {
@@ -461,6 +462,7 @@ Routing routing_from_topk(const at::Tensor& topk_ids, const at::Tensor& topk_wei
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_ids.scalar_type() == at::kLong, op,
               ": topk_ids must be int64 [tokens, k], got ", topk_ids.sizes(), " ", topk_ids.scalar_type());
   TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), op, ": topk_weights must match topk_ids' shape");
+  TORCH_CHECK(topk_ids.device().is_cpu(), op, ": topk_ids must be a CPU tensor, got one on ", topk_ids.device());
   Routing r;
   r.k = topk_ids.size(1);
   const at::Tensor ids = topk_ids.contiguous();
@@ -668,8 +670,9 @@ at::Tensor with_dense_weights(const at::Tensor& x, at::TensorList w_gate, at::Te
     TORCH_CHECK(sg.dim() == 2 && sg.size(1) == H && su.sizes() == sg.sizes() && sd.dim() == 2 && sd.size(0) == H &&
                     sd.size(1) == lw.S, op, ": shared expert weights must be [S,H], [S,H], [H,S]");
     TORCH_CHECK(sg.is_contiguous() && su.is_contiguous() && sd.is_contiguous() && sg.scalar_type() == wdt &&
-                    su.scalar_type() == wdt && sd.scalar_type() == wdt,
-                op, ": shared expert weights must be contiguous, in the experts' dtype");
+                    su.scalar_type() == wdt && sd.scalar_type() == wdt && sg.device().is_cpu() &&
+                    su.device().is_cpu() && sd.device().is_cpu(),
+                op, ": shared expert weights must be contiguous CPU tensors, in the experts' dtype");
     lw.shared = [&](Job& job, int which) { job.w = (which == 0 ? sg : which == 1 ? su : sd).data_ptr(); };
     lw.shared_expert_gate = shared_expert_gate;
   }
@@ -834,6 +837,8 @@ void router_dots(const float* xf, int64_t T_, int64_t H, const T* w, int64_t E, 
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& router_weight, const char* op) {
   TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(1) == x.size(1) && router_weight.is_contiguous(), op,
               ": router_weight must be a contiguous [experts, hidden=", x.size(1), "], got ", router_weight.sizes());
+  TORCH_CHECK(router_weight.device().is_cpu(), op, ": router_weight must be a CPU tensor, got one on ",
+              router_weight.device());
   TORCH_CHECK(router_weight.scalar_type() == x.scalar_type(), op, ": router_weight dtype ",
               router_weight.scalar_type(), " differs from x's ", x.scalar_type());
   const int64_t T = x.size(0), H = x.size(1), E = router_weight.size(0);
