@@ -96,6 +96,21 @@ def test_backend_routing_corner_cases(backend, case):
     _assert_close(got, expected, torch.float32, f"{backend} {case}")
 
 
+@pytest.mark.skipif("cpu" not in FAST, reason=f"the cpu backend does not run here: {qwen2_moe_hf.env_report()}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("hidden", [46, 45])
+@pytest.mark.parametrize("rows", [5, 8, 9, 16, 17, 40])
+def test_cpu_backend_row_regimes(dtype, hidden, rows):
+    """The cpu backend's register-blocked kernels (5+ rows per expert): x in blocks of 8 or 16 rows, weights in tiles
+    of 4 rows (bf16 read in place, even K only) or 6 (widened), then 2- and 1-row leftovers; hidden 46 / 45 gives
+    even and odd K for gate/up, inter 30 and shared 22 leave leftover rows in every tile size."""
+    block = _block(hidden=hidden, experts=3, top_k=1, inter=30, shared=22, seed=rows).to(dtype)
+    x = torch.randn(1, rows, hidden).to(dtype)
+    ids = torch.ones(rows, 1, dtype=torch.long)  # every token on expert 1: `rows` rows there and on the shared one
+    got, (weights, ids) = _run(block, x, topk_ids=ids, backend="cpu")
+    _assert_close(got, _reference_fp32(block, x, weights, ids), dtype, f"cpu {dtype} hidden={hidden} rows={rows}")
+
+
 @needs_fast
 @pytest.mark.parametrize("backend", FAST)
 def test_backend_handles_nan_inputs_without_crashing(backend):
