@@ -198,10 +198,43 @@ def test_copies_and_pickles_of_a_used_block_are_independent():
 ])
 def test_watched_dict_counts_every_change(change):
     watched = cpu._WatchedDict(a=1, b=2)
-    before = cpu._changes
-    assert watched["a"] == 1 and "b" in watched and list(watched) == ["a", "b"] and cpu._changes == before
+    cells = [[0], [5]]
+    watched._cells.extend(cells)
+    assert watched["a"] == 1 and "b" in watched and list(watched) == ["a", "b"] and cells == [[0], [5]]
     change(watched)
-    assert cpu._changes > before
+    assert cells == [[1], [6]]
+
+
+def test_a_change_rebuilds_only_the_views_of_the_layers_it_touches():
+    """Each layer's view is rebuilt after a change to the weights it reads, and only then: a swap in one layer
+    leaves the others' views (and their packs) in place; a module two layers share counts for both."""
+    blocks = [_block(torch.float32, seed=s) for s in (1, 2, 3)]
+    x = torch.randn(1, 4, 40)
+
+    def views():
+        with torch.no_grad():
+            for block in blocks:
+                block(x)
+        return [block.experts.__dict__[cpu._VIEW] for block in blocks]
+
+    first = views()
+    assert views() == first, "a call without changes rebuilt a view"
+    with torch.no_grad():
+        blocks[0].experts[2].down_proj.weight = torch.nn.Parameter(blocks[0].experts[2].down_proj.weight * 2)
+    second = views()
+    assert second[0] is not first[0] and second[1:] == first[1:]
+    blocks[2].shared_expert = blocks[1].shared_expert  # now read by layers 1 and 2
+    third = views()
+    assert third[0] is second[0] and third[1] is second[1] and third[2] is not second[2]
+    with torch.no_grad():
+        blocks[1].shared_expert.up_proj.weight = torch.nn.Parameter(blocks[1].shared_expert.up_proj.weight * 2)
+    fourth = views()
+    assert fourth[0] is third[0] and fourth[1] is not third[1] and fourth[2] is not third[2]
+    with torch.no_grad():  # and the rebuilt views compute with the new weights
+        for block in blocks:
+            expected = copy.deepcopy(block)
+            expected.config.moe_backend = "torch"
+            torch.testing.assert_close(block(x), expected(x), rtol=1e-5, atol=1e-6)
 
 
 def test_an_in_place_weight_swap_the_op_cannot_read_names_the_expert():

@@ -22,38 +22,40 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _VIEW = "_qmoe_cpu_view"
+_CELL = "_qmoe_cpu_changes"  # on the experts module: [changes to the dicts its layer's view reads]
 
 
 def available():
     return load_cpu_ops()
 
 
-# Changes made through any _WatchedDict since import; a view is current while this is what it was at its build.
-_changes = 0
-
-
-def _changed():
-    global _changes
-    _changes += 1
-
-
 class _WatchedDict(dict):
-    """A module's `_modules` / `_parameters` / `_buffers` dict that counts its changes (module-level `_changes`).
+    """A module's `_modules` / `_parameters` / `_buffers` dict that counts its changes in the change cell (a
+    one-element list) of each layer whose view reads it, so a change invalidates those layers' views and no other
+    (accelerate's offload rewrites the offloaded layers' weights on every forward; the resident layers keep theirs).
     Reads are plain dict reads. Pickles and copies as a plain dict (the copy's views watch it again)."""
 
-    __slots__ = ()
+    __slots__ = ("_cells",)
+
+    def __init__(self, *args, **kwargs):
+        dict.__init__(self, *args, **kwargs)
+        self._cells = []
+
+    def _changed(self):
+        for cell in self._cells:
+            cell[0] += 1
 
     def __setitem__(self, key, value):
         dict.__setitem__(self, key, value)
-        _changed()
+        self._changed()
 
     def __delitem__(self, key):
         dict.__delitem__(self, key)
-        _changed()
+        self._changed()
 
     def __ior__(self, other):
         dict.update(self, other)
-        _changed()
+        self._changed()
         return self
 
     def _changing(method):  # noqa: N805  (wraps dict's other mutating methods)
@@ -61,7 +63,7 @@ class _WatchedDict(dict):
             try:
                 return method(self, *args, **kwargs)
             finally:
-                _changed()
+                self._changed()
 
         wrapped.__name__ = method.__name__
         return wrapped
@@ -74,15 +76,20 @@ class _WatchedDict(dict):
         return dict, (dict(self),)
 
 
-def _watch(module, names):
+def _watch(module, names, cell):
     for name in names:
         d = module.__dict__.get(name)
-        if d is not None and type(d) is not _WatchedDict:
-            module.__dict__[name] = _WatchedDict(d)
+        if d is None:
+            continue
+        if type(d) is not _WatchedDict:
+            d = module.__dict__[name] = _WatchedDict(d)
+        if not any(c is cell for c in d._cells):  # a module in several layers counts for each
+            d._cells.append(cell)
 
 
 class _LayerView:
-    """One MoE layer's expert weights as the op reads them, checked once; valid while no watched dict changed.
+    """One MoE layer's expert weights as the op reads them, checked once; valid while the layer's change cell (kept
+    on the experts module, shared by its successive views) is what it was at the build.
     kind: "dense" (tensors: gate, up, down per expert, then the shared expert's), "int4" (tensors: the 12 GPTQ
     tensors per expert, then the shared expert's 12 or none; zero_offset) or None (the op cannot read them)."""
 
@@ -96,16 +103,17 @@ class _LayerView:
         self.activation = getattr(config, "hidden_act", "silu")
         if shared_expert is not None:
             mlps.append(shared_expert)
-        _watch(experts, ("_modules",))
+        self.cell = cell = experts.__dict__.setdefault(_CELL, [0])
+        _watch(experts, ("_modules",), cell)
         for mlp in mlps:
-            _watch(mlp, ("_modules",))
+            _watch(mlp, ("_modules",), cell)
         projs = [mlp._modules.get(name) for mlp in mlps for name in _PROJ]
         if any(p is None for p in projs):  # not gate/up/down MLPs
-            self.changes = _changes
+            self.changes = cell[0]
             return
         for proj in projs:
-            _watch(proj, ("_parameters", "_buffers"))
-        self.changes = _changes  # after installing the watches: installing them is not a change
+            _watch(proj, ("_parameters", "_buffers"), cell)
+        self.changes = cell[0]  # after installing the watches: installing them is not a change
         if self.activation in ("silu", "swish") and available()[0]:  # the pack is a class of the CPU extension
             self._check_int4(experts, mlps, projs) or self._check_dense(projs)
 
@@ -150,7 +158,7 @@ class _LayerView:
 
 def _view(experts, shared_expert):
     view = experts.__dict__.get(_VIEW)
-    if (view is None or view.changes != _changes or view.experts is not experts
+    if (view is None or view.changes != view.cell[0] or view.experts is not experts
             or view.shared_expert is not shared_expert):
         view = _LayerView(experts, shared_expert)
         experts.__dict__[_VIEW] = view
@@ -216,7 +224,7 @@ def moe_layer_forward_cpu(block, hidden_states):
     modules = block._modules
     gate, experts, shared = modules.get("gate"), modules.get("experts"), modules.get("shared_expert")
     view = experts.__dict__.get(_VIEW) if experts is not None else None
-    if view is None or view.changes != _changes or view.experts is not experts or view.shared_expert is not shared:
+    if view is None or view.changes != view.cell[0] or view.experts is not experts or view.shared_expert is not shared:
         if experts is None or not available()[0]:
             return None
         view = _view(experts, shared)
