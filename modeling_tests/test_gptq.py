@@ -123,7 +123,7 @@ def _random_layer(k, n, group_size, sym, zero_offset, act_order, bias, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_int4_linear_matches_dequantized(group_size, sym, zero_offset, act_order, dtype, monkeypatch):
     layer = _random_layer(256, 72, group_size, sym, zero_offset, act_order, bias=group_size == 64)
-    for tokens in (1, 3, 17):
+    for tokens in (1, 3, 17, 520):  # 2, 6, 34 and 1040 rows: each of the kernel's paths (int4_gemm.h)
         x = torch.randn(2, tokens, 256).to(dtype)
         with torch.no_grad():
             got = layer(x)
@@ -351,8 +351,9 @@ def test_cpu_backend_runs_int4_experts_like_the_reference(gptq_checkpoint):
 @pytest.mark.parametrize("routing", ["spread", "all_on_one_expert"])
 def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
     """The cpu backend's int4 MoE op against the same layer with its experts dequantized to fp32, in each of its
-    row regimes: 1-31 rows per expert (the packed weights unpacked once per 4 rows, 1 to 4 rows a pass) and 32+
-    (the weight dequantized once, then sgemm)."""
+    row regimes: 1-19 rows per expert (the packed weights unpacked once per 4 rows, 1 to 4 rows a pass), 20-1023
+    (tiles of 16 or 8 columns dequantized, then 6 rows at a time and 1-5 left over) and 1024+ (the weight
+    dequantized once, then sgemm). Out features 40 = two 16-column tiles and an 8-column one."""
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
     from qwen2_moe_hf.moe import moe_forward, route
 
@@ -382,11 +383,11 @@ def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
             linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
             linear.weight.data = layer.dequantize(torch.float32)
             setattr(mlp, name, linear)
-    for tokens in (1, 3, 9, 30):
+    for tokens in (1, 3, 9, 31, 601):
         x = torch.randn(tokens, 96, generator=gen)
         with torch.no_grad():
             weights, ids = route(block.gate(x), 2, False)
-            if routing == "all_on_one_expert":  # 2 * tokens rows on expert 3: 2, 6, 18, 60 (the sgemm path)
+            if routing == "all_on_one_expert":  # 2 * tokens rows on expert 3: 2, 6, 18, 62, 1202 (sgemm)
                 ids = torch.full_like(ids, 3)
             args = (x, ids, weights)
             got = moe_forward(*args, block.experts, block.shared_expert, block.shared_expert_gate, backend="cpu")

@@ -26,19 +26,8 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t M = x.size(0), N = w.N, K = w.K;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M >= qmoe::kInt4SgemmRows && N > 0 && K > 0) {
-    qmoe::int4_sgemm(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N);
-  } else if (M > 0 && N > 0 && K > 0) {
-    const float* xp = xf.data_ptr<float>();
-    const std::vector<float> xsum = w.row_sums(xp, M, K);
-    // One contiguous slice of columns per thread: each walks qweight's rows front to back.
-    const int64_t blocks = N / 8;
-    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s)
-        qmoe::int4_rows_times_weight(w, xp, M, K, xsum.data(), 8 * (blocks * s / slices),
-                                     8 * (blocks * (s + 1) / slices), out.data_ptr<float>(), N);
-    });
+  if (N > 0 && K > 0) {
+    qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N);
   } else {
     out.zero_();
   }

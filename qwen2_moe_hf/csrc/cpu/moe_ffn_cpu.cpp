@@ -457,25 +457,11 @@ void run_jobs(const std::vector<Job>& jobs) {
   });
 }
 
-// Int4 jobs, one after another, each split into one contiguous column slice per thread: every thread then walks
-// the longest possible row segments of qweight. (One region over tiles of all jobs, as run_jobs does, measured
-// 1.5x slower for a decode step: 5.0 vs 3.4 ms, shorter segments and threads on different matrices.)
+// Int4 jobs, one after another, each split into one contiguous column slice per thread (int4_matmul): every
+// thread then walks the longest possible row segments of qweight. (One region over tiles of all jobs, as run_jobs
+// does, measured 1.5x slower for a decode step: 5.0 vs 3.4 ms, shorter segments and threads on different matrices.)
 void run_int4_jobs(const std::vector<const Job*>& jobs) {
-  const int64_t threads = at::get_num_threads();
-  for (const Job* job : jobs) {
-    if (job->M >= kInt4SgemmRows) {
-      int4_sgemm(*job->q, job->x, job->M, job->y, job->ldy);
-      continue;
-    }
-    const std::vector<float> sums = job->q->row_sums(job->x, job->M, job->K);
-    const int64_t blocks = job->N / 8;
-    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
-    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s)
-        int4_rows_times_weight(*job->q, job->x, job->M, job->K, sums.data(), 8 * (blocks * s / slices),
-                               8 * (blocks * (s + 1) / slices), job->y, job->ldy);
-    });
-  }
+  for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy);
 }
 
 void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs) {
