@@ -351,7 +351,7 @@ def test_cpu_backend_runs_int4_experts_like_the_reference(gptq_checkpoint):
 @pytest.mark.parametrize("routing", ["spread", "all_on_one_expert"])
 def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
     """The cpu backend's int4 MoE op against the same layer with its experts dequantized to fp32, in each of its
-    row regimes: 1-19 rows per expert (the packed weights unpacked once per 4 rows, 1 to 4 rows a pass), 20-1023
+    row regimes: 1-15 rows per expert (the packed weights unpacked once per 4 rows, 1 to 4 rows a pass), 16-1023
     (tiles of 16 or 8 columns dequantized, then 6 rows at a time and 1-5 left over) and 1024+ (the weight
     dequantized once, then sgemm). Out features 40 = two 16-column tiles and an 8-column one."""
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock

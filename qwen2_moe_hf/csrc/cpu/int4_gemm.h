@@ -7,7 +7,7 @@
 //   W[n,k] = scales[g,n] * (q[k,n] - (z[g,n] + zero_offset)), g = g_idx[k]
 //
 // By rows of x (M):
-//   M < kInt4TileRows: unpack the weights once per 4 rows (int4_rows_times_weight), in one of two ways:
+//   M < kInt4TileRows (16; 24 for K > 4096): unpack the weights once per 4 rows (int4_rows_times_weight), by:
 //   grouped (every packed row of 8 inputs lies in one group, e.g. g_idx = k // G with G a multiple of 8, the
 //     common case): sum x*q over a run of one group first and apply its scale and zero once:
 //     y[n] += s[g,n] * (sum_k x[k] q[k,n] - z[g,n] * sum_k x[k]), so the inner loop is unpack + FMA only;
@@ -29,12 +29,14 @@
 namespace qmoe {
 
 constexpr int kInt4RowsPerPass = 4;
-// Rows of x from which the tile path beats unpacking once per 4 rows, and from which dequantizing the whole weight
-// once and calling sgemm beats the tile path. Measured on one GPTQ Linear (group 128, 2 threads, bf16 x): at
-// K=2048, N=1408 the two first paths tie at 16 rows and tiles win from 17; at K=5632, N=2048 the 4-row path wins
-// at 16 and tiles at 24. Against sgemm the tiles won at every size up to 1024 rows (2.1x at 32 and 64 rows,
-// 1.3x at 256, 1.05x at 1024; K=5632: 4.5x at 64 rows, 2.4x at 256).
-constexpr int64_t kInt4TileRows = 20;
+// Rows of x from which the tile path beats unpacking once per 4 rows (K up to 4096, and longer: the tile buffer is
+// 64 bytes per k), and from which dequantizing the whole weight once and calling sgemm beats the tile path.
+// Measured on one GPTQ Linear (group 128, 2 threads, bf16 x, interleaved): tiles won from 14-16 rows at K=1408,
+// tied at 16-18 rows at K=2048, lost at 16 and won at 24 at K=5632. Against sgemm the tiles won at every size up
+// to 1024 rows (K=2048, N=1408: 2.1x at 32 and 64 rows, 1.3x at 256, 1.05x at 1024; K=5632: 4.5x at 64, 2.4x at
+// 256).
+constexpr int64_t kInt4TileRows = 16;
+constexpr int64_t kInt4TileRowsLongK = 24;
 constexpr int64_t kInt4SgemmRows = 1024;
 // Packed rows ahead that the grouped path prefetches: a column tile jumps between rows, which hardware
 // prefetchers follow poorly; without it one decode row read ~5 GB/s from DRAM instead of ~8.
@@ -463,7 +465,7 @@ inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y
     return;
   }
   if (M >= kInt4SgemmRows) return int4_sgemm(w, x, M, y, ldy);
-  const bool tiles = M >= kInt4TileRows;
+  const bool tiles = M >= (w.K > 4096 ? kInt4TileRowsLongK : kInt4TileRows);
   const std::vector<float> sums = tiles ? std::vector<float>() : w.row_sums(x, M, w.K);
   const int64_t unit = tiles ? 16 : 8;  // columns per block: a tile, or one packed int32's
   const int64_t blocks = (w.N + unit - 1) / unit;
