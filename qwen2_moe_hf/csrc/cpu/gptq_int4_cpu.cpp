@@ -23,14 +23,10 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   w.prepare(qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), zero_offset,
             "gptq_linear_cpu");
   TORCH_CHECK(x.size(1) == w.K, "gptq_linear_cpu: x has K=", x.size(1), ", qweight holds K=", w.K);
-  const int64_t M = x.size(0), N = w.N, K = w.K;
+  const int64_t M = x.size(0), N = w.N;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (N > 0 && K > 0) {
-    qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N);
-  } else {
-    out.zero_();
-  }
+  qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N);  // K = 0 gives zeros
   if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
   return out.to(x.scalar_type());
 }

@@ -134,6 +134,34 @@ QMOE_KERNEL void stream_split(const float* xs, int64_t K, const BFloat16* w0, in
     }
 }
 
+// Prefetches [p, p + bytes) spread over a loop of `chunks` steps, a few cache lines per step (step(c) at step c):
+// the fetch then overlaps the loop's arithmetic.
+struct SpreadPrefetch {
+  const char* p;
+  int64_t lines, chunks, fetched = 0;
+  SpreadPrefetch(const char* p, int64_t bytes, int64_t chunks)
+      : p(p), lines(p == nullptr ? 0 : (bytes + 63) / 64), chunks(chunks) {}
+  void step(int64_t c) {
+    for (const int64_t until = lines * (c + 1) / chunks; fetched < until; ++fetched)
+      _mm_prefetch(p + fetched * 64, _MM_HINT_T0);
+  }
+};
+
+// y[m * ldy + j] = lane m of acc[j] for m < rows: the x-transposed kernels' accumulators hold one x row per lane.
+// All lanes go out first, then the valid rows: a lane loop with a data-dependent bound over acc itself made GCC
+// keep a memory copy of every accumulator, stored on each step of the kernel's loop (half speed).
+template <int NR, int MV>
+inline void store_lanes(const __m256 (&acc)[NR][MV], int64_t rows, float* y, int64_t ldy) {
+  alignas(32) float lanes[NR][MV * 8];
+  QMOE_UNROLL
+  for (int j = 0; j < NR; ++j)
+    QMOE_UNROLL
+    for (int v = 0; v < MV; ++v) _mm256_store_ps(&lanes[j][v * 8], acc[j][v]);
+  for (int64_t m = 0; m < rows; ++m)
+    QMOE_UNROLL
+    for (int j = 0; j < NR; ++j) y[m * ldy + j] = lanes[j][m];
+}
+
 // For experts with several rows, x transposed: y[m, j] = sum_k buf[j * ldb + k] * xt[k, m] for one block of up
 // to 16 rows of x, packed as xt [K, 16] (pack16). Each step broadcasts one widened weight and multiplies it with 8
 // or 16 rows of x at once: NR x MV accumulators stay in registers for the whole K and there is no horizontal sum.
@@ -150,11 +178,9 @@ QMOE_KERNEL void xt_block(const float* xt, int64_t K, const float* buf, int64_t 
     for (int v = 0; v < MV; ++v) acc[j][v] = _mm256_setzero_ps();
   constexpr int64_t kChunk = 64;
   const int64_t chunks = (K + kChunk - 1) / kChunk;
-  const int64_t lines = pf == nullptr ? 0 : (pf_bytes + 63) / 64;
-  int64_t fetched = 0;
+  SpreadPrefetch prefetch(pf, pf_bytes, chunks);
   for (int64_t c = 0; c < chunks; ++c) {
-    for (const int64_t until = lines * (c + 1) / chunks; fetched < until; ++fetched)
-      _mm_prefetch(pf + fetched * 64, _MM_HINT_T0);
+    prefetch.step(c);
     const int64_t k_end = std::min(K, (c + 1) * kChunk);
     for (int64_t k = c * kChunk; k < k_end; ++k) {
       __m256 xv[MV];
@@ -168,16 +194,7 @@ QMOE_KERNEL void xt_block(const float* xt, int64_t K, const float* buf, int64_t 
       }
     }
   }
-  // All lanes out first, then the valid rows: a lane loop with a data-dependent bound over acc itself made GCC
-  // keep a memory copy of every accumulator, stored on each step of the loop above (half speed).
-  alignas(32) float lanes[NR][MV * 8];
-  QMOE_UNROLL
-  for (int j = 0; j < NR; ++j)
-    QMOE_UNROLL
-    for (int v = 0; v < MV; ++v) _mm256_store_ps(&lanes[j][v * 8], acc[j][v]);
-  for (int64_t m = 0; m < rows; ++m)
-    QMOE_UNROLL
-    for (int j = 0; j < NR; ++j) y[m * ldy + j] = lanes[j][m];
+  store_lanes(acc, rows, y, ldy);
 }
 
 // xt_block for bf16 weights read in place, without widening them first: one 32-bit broadcast holds the pair
@@ -195,11 +212,9 @@ QMOE_KERNEL void xt_pair_block(const float* xt, int64_t K, const BFloat16* w, in
   const __m256 high = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
   constexpr int64_t kChunk = 64;
   const int64_t chunks = (K + kChunk - 1) / kChunk;
-  const int64_t lines = pf == nullptr ? 0 : (pf_bytes + 63) / 64;
-  int64_t fetched = 0;
+  SpreadPrefetch prefetch(pf, pf_bytes, chunks);
   for (int64_t c = 0; c < chunks; ++c) {
-    for (const int64_t until = lines * (c + 1) / chunks; fetched < until; ++fetched)
-      _mm_prefetch(pf + fetched * 64, _MM_HINT_T0);
+    prefetch.step(c);
     const int64_t k_end = std::min(K, (c + 1) * kChunk);
     for (int64_t k = c * kChunk; k < k_end; k += 2) {
       __m256 xe[MV], xo[MV];
@@ -218,14 +233,7 @@ QMOE_KERNEL void xt_pair_block(const float* xt, int64_t K, const BFloat16* w, in
       }
     }
   }
-  alignas(32) float lanes[NR][MV * 8];
-  QMOE_UNROLL
-  for (int j = 0; j < NR; ++j)
-    QMOE_UNROLL
-    for (int v = 0; v < MV; ++v) _mm256_store_ps(&lanes[j][v * 8], acc[j][v]);
-  for (int64_t m = 0; m < rows; ++m)
-    QMOE_UNROLL
-    for (int j = 0; j < NR; ++j) y[m * ldy + j] = lanes[j][m];
+  store_lanes(acc, rows, y, ldy);
 }
 
 template <int NR>
