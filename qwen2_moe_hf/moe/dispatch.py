@@ -44,34 +44,20 @@ class Backend:
 
 _BACKENDS = {}
 _warned_fallback = set()
+_GPU_ONLY = ("triton", "cuda")  # built-in backends that never take CPU tensors
+# Derived from _BACKENDS by register_backend, its only writer: the backends by priority, and whether `auto` gives
+# CPU inputs to the cpu backend whenever it supports them (only GPU-only built-ins come before it; a backend
+# registered ahead of it takes that lane away).
+_ordered = []
+_cpu_leads = False
 
 
 def register_backend(backend):
+    global _cpu_leads
     _BACKENDS[backend.name] = backend
-    _ordered.clear()
-    _cpu_leads.clear()
-
-
-_ordered = []
-_GPU_ONLY = ("triton", "cuda")  # built-in backends that never take CPU tensors
-
-
-def _by_priority():
-    if not _ordered:
-        _ordered.extend(sorted(_BACKENDS.values(), key=lambda b: b.priority))
-    return _ordered
-
-
-def _cpu_leads_auto():
-    """Whether `auto` gives CPU inputs to the cpu backend whenever it supports them: only GPU-only built-ins come
-    before it (a backend registered ahead of it takes that lane away)."""
-    if not _cpu_leads:
-        order = [b.name for b in _by_priority()]
-        _cpu_leads.append("cpu" in order and all(name in _GPU_ONLY for name in order[:order.index("cpu")]))
-    return _cpu_leads[0]
-
-
-_cpu_leads = []  # cached answer of _cpu_leads_auto, cleared by register_backend
+    _ordered[:] = sorted(_BACKENDS.values(), key=lambda b: b.priority)
+    names = [b.name for b in _ordered]
+    _cpu_leads = "cpu" in names and all(name in _GPU_ONLY for name in names[:names.index("cpu")])
 
 
 def _always(*_args):
@@ -137,7 +123,7 @@ def select_backend(name, hidden_states, experts, shared_expert=None):
         if not ok:
             raise RuntimeError(f"moe_backend {name!r} cannot run here: {why}")
         return backend
-    for backend in _by_priority():
+    for backend in _ordered:
         ok, why = backend.available()
         if ok:
             ok, why = backend.supports(hidden_states, experts, shared_expert)
@@ -152,7 +138,7 @@ def sparse_moe_block_forward(block, hidden_states, backend="auto"):
     `norm_topk_prob`) on one backend: hidden_states [..., H] -> (out [..., H], router_logits [tokens, E])."""
     # The fast lane: the cpu backend's whole-layer call (router included), when these inputs would go to it. It
     # answers None for anything it does not take, and the general way below decides.
-    if not torch.is_grad_enabled() and (backend == "cpu" or backend == "auto" and _cpu_leads_auto()):
+    if not torch.is_grad_enabled() and (backend == "cpu" or backend == "auto" and _cpu_leads):
         result = cpu.moe_layer_forward_cpu(block, hidden_states)
         if result is not None:
             return result
