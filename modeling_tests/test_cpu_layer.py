@@ -237,16 +237,22 @@ def test_a_change_rebuilds_only_the_views_of_the_layers_it_touches():
             torch.testing.assert_close(block(x), expected(x), rtol=1e-5, atol=1e-6)
 
 
-def test_an_in_place_weight_swap_the_op_cannot_read_names_the_expert():
-    """`param.data = ...` changes no dict; the op checks each weight it reads and says which one is wrong."""
+def test_an_in_place_weight_swap_is_read_right_or_refused_by_name():
+    """`param.data = ...` changes no dict, so the layer's view keeps the old tensor objects; the op checks each weight
+    it reads: a non-contiguous layout is read from a contiguous copy (same result as the reference), a dtype the
+    layer's other weights do not share is refused naming the expert."""
     block = _block(torch.float32, seed=8)
     x = torch.randn(1, 3, 40)
     with torch.no_grad():
         _, logits = block(x, return_router_logits=True)
         used = int(route(logits, block.top_k, False)[1][0, 0])
         weight = block.experts[used].up_proj.weight
-        weight.data = weight.data.t().contiguous().t()  # same values and shape, not contiguous
-        with pytest.raises(RuntimeError, match=f"expert {used} up weight must be a contiguous 2-D CPU tensor"):
+        weight.data = (weight.data * 2).t().contiguous().t()  # new values, not contiguous
+        expected = copy.deepcopy(block)
+        expected.config.moe_backend = "torch"
+        torch.testing.assert_close(block(x), expected(x), rtol=1e-5, atol=1e-6)
+        weight.data = weight.data.double()
+        with pytest.raises(RuntimeError, match=f"expert {used} up weight must be {torch.float32}"):
             block(x)
 
 
@@ -258,5 +264,5 @@ def test_a_weight_moved_off_the_cpu_in_place_is_refused_by_name():
     with torch.no_grad():
         block(x)
         block.shared_expert_gate.weight = torch.nn.Parameter(torch.empty(1, 40, device="meta"))
-        with pytest.raises(RuntimeError, match="shared_expert_gate must be a CPU tensor"):
+        with pytest.raises(RuntimeError, match="shared_expert_gate must be on cpu, got a tensor on meta"):
             block(x)

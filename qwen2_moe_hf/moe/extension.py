@@ -1,26 +1,50 @@
 """Building and loading the C++ ops in qwen2_moe_hf/csrc with torch.utils.cpp_extension.
 
 Built on first use (JIT) and cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), or ahead
-of time with `python -m qwen2_moe_hf.moe.extension [cpu] [cuda]`. Never needed by `pip install`;
-when there is no compiler the backends that need the ops report why and `auto` uses another one.
+of time with `python -m qwen2_moe_hf.moe.extension [cpu] [cuda]`. Never needed by `pip install`.
+
+A build never hangs and never breaks a forward: every reason the ops cannot be had (no compiler, no ninja, an
+unusable build folder, a compile error, another process building for longer than QWEN2_MOE_HF_BUILD_TIMEOUT
+seconds) becomes one warning naming the cause, and the model runs on the torch path. Builders take an exclusive
+lock (flock) on the build folder, which the kernel releases when a builder dies; holding it, a `lock` file that
+torch's own baton left behind (a build that was killed) is stale and is removed, where torch would wait for it
+forever. Two processes building at once: the second waits for the first, then loads what it built.
+
+QWEN2_MOE_HF_SANITIZE=1 builds the CPU ops with AddressSanitizer and UBSan (a build of its own, -O1): for tests,
+in a process started with the sanitizer runtime preloaded (LD_PRELOAD=$(c++ -print-file-name=libasan.so)).
 """
 
+import contextlib
 import functools
 import glob
 import logging
 import os
 import shutil
 import sys
+import time
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not locked
+    fcntl = None
 
 logger = logging.getLogger("qwen2_moe_hf")
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 ENV_NO_BUILD = "QWEN2_MOE_HF_NO_EXT_BUILD"  # 1: never compile; use only what is already built
+ENV_SANITIZE = "QWEN2_MOE_HF_SANITIZE"  # 1: the CPU ops with AddressSanitizer + UBSan (tests only)
+ENV_BUILD_TIMEOUT = "QWEN2_MOE_HF_BUILD_TIMEOUT"  # seconds to wait for another process's build (default 900)
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+LOCK_NAME = "qwen2_moe_hf.lock"  # ours, held with flock while building or loading
+TORCH_BATON = "lock"  # torch's FileBaton file in the build folder
+
+Status = Tuple[bool, str]
 
 
-def _cpu_flags():
+def _cpu_flags() -> Tuple[str, List[str]]:
     """Vector flags this machine runs: AVX2 + FMA + F16C when present, else portable code."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -32,26 +56,36 @@ def _cpu_flags():
     return "generic", []
 
 
+def sanitized() -> bool:
+    """Whether this process builds and loads the sanitizer build of the CPU ops."""
+    return os.environ.get(ENV_SANITIZE) == "1"
+
+
 _cpu_module = []  # the loaded CPU extension module, once loaded
 
 
 @functools.lru_cache(maxsize=None)
-def load_cpu_ops():
+def load_cpu_ops() -> Status:
     """Load (building if needed) the CPU ops; returns (True, "") or (False, why not). Registers
     torch.ops.qwen2_moe_hf.moe_ffn_cpu and the other CPU ops (csrc/cpu/*.cpp); the module itself (cpu_module())
-    holds the cpu backend's direct entry points."""
+    holds the cpu backend's direct entry points. When they cannot be had, warns once, naming the cause."""
     from . import ops  # noqa: F401  (the schemas the compiled implementations attach to)
-    from ..gptq import ops as gptq_ops  # noqa: F401
 
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        return False, "no C++ compiler found (install g++ or set CXX) to build the CPU ops"
-    tag, vector_flags = _cpu_flags()
-    ok, why, module = _build("cpu", f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}",
-                             sources=[os.path.join(CSRC, "cpu", name) for name in (
-                                 "moe_ffn_cpu.cpp", "moe_ops_cpu.cpp", "gptq_int4_cpu.cpp")],
-                             extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"],
-                             is_python_module=True)
+    tag, flags = _cpu_flags()
+    cflags, ldflags = ["-O3", "-fopenmp", *flags], ["-fopenmp"]
+    name = f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}"
+    if sanitized():
+        preload = os.environ.get("LD_PRELOAD", "")
+        if "libasan" not in preload:
+            # Loading an ASan-built library into a process without the runtime preloaded kills the process.
+            return _unavailable("cpu", f"{ENV_SANITIZE}=1 needs the ASan runtime preloaded "
+                                       "(LD_PRELOAD=$(c++ -print-file-name=libasan.so))")[:2]
+        cflags, ldflags, name = ["-O1", "-g", "-fopenmp", *flags, *SANITIZE_FLAGS], \
+            ["-fopenmp", "-fsanitize=address,undefined"], name + "_asan_ubsan"
+    ok, why, module = build_extension(
+        "cpu", name, sources=[os.path.join(CSRC, "cpu", n) for n in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp",
+                                                                      "gptq_int4_cpu.cpp")],
+        extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=True)
     if ok:
         _cpu_module.append(module)
     return ok, why
@@ -62,24 +96,94 @@ def cpu_module():
     return _cpu_module[0]
 
 
-def _torch_tag():
+def _torch_tag() -> str:
     return torch.__version__.split("+")[0].replace(".", "_")
 
 
-def _build(kind, name, is_python_module=False, **load_kwargs):
-    """cpp_extension.load with our rules: honour QWEN2_MOE_HF_NO_EXT_BUILD, turn failures into a reason.
-    -> (ok, why not, the module when is_python_module)."""
+_FALLBACK = {"cpu": "the MoE layers and GPTQ linears run on the torch path instead (correct, slower)",
+             "cuda": "the cuda MoE backend is unavailable; the triton or torch backend runs instead"}
+
+
+def _unavailable(kind: str, why: str):
+    logger.warning("qwen2_moe_hf: the %s ops are unavailable (%s); %s", kind.upper(), why,
+                   _FALLBACK.get(kind, "the torch path runs instead"))
+    return False, why, None
+
+
+def _missing_tool() -> Optional[str]:
+    """Why the build cannot start for lack of a tool, or None."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        if shutil.which(cxx) is None:
+            return f"the C++ compiler CXX={cxx} was not found"
+    elif shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler found (install g++, or set CXX)"
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str, timeout: float) -> Iterator[None]:
+    """Exclusive flock on build_dir/qwen2_moe_hf.lock, waiting up to `timeout` s; raises TimeoutError."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(os.path.join(build_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building in {build_dir} for more than "
+                                       f"{timeout:.0f} s ({ENV_BUILD_TIMEOUT})") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def build_extension(kind: str, name: str, is_python_module: bool = False, **load_kwargs):
+    """cpp_extension.load with our rules: honour QWEN2_MOE_HF_NO_EXT_BUILD, never hang on a stale lock, turn every
+    failure into one warning and a reason. -> (ok, why not, the module when is_python_module)."""
     from torch.utils import cpp_extension
 
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    if os.environ.get(ENV_NO_BUILD) == "1" and not os.path.isfile(os.path.join(build_dir, f"{name}.so")):
-        return False, f"the {kind.upper()} ops are not built and {ENV_NO_BUILD}=1 forbids building them", None
+    missing = _missing_tool()
     try:
-        module = cpp_extension.load(name=name, is_python_module=is_python_module,
-                                    verbose=os.environ.get("QWEN2_MOE_HF_VERBOSE_BUILD") == "1", **load_kwargs)
-    except Exception as exc:  # compiler errors, missing headers or ninja: report, do not crash the model
-        logger.warning("qwen2_moe_hf: building the %s ops failed: %s", kind.upper(), exc)
-        return False, f"building the {kind.upper()} ops failed: {str(exc).strip().splitlines()[-1][:300]}", None
+        build_dir = cpp_extension._get_build_directory(name, verbose=False)
+        if not os.access(build_dir, os.W_OK):
+            raise PermissionError(f"{build_dir} is not writable")
+    except OSError as exc:
+        root = os.environ.get("TORCH_EXTENSIONS_DIR", "the default folder")
+        return _unavailable(kind, f"the build folder under {root} is not usable ({exc}); set TORCH_EXTENSIONS_DIR "
+                                  "to a writable folder")
+    built = os.path.isfile(os.path.join(build_dir, f"{name}.so"))
+    if os.environ.get(ENV_NO_BUILD) == "1" and not built:
+        logger.info("qwen2_moe_hf: the %s ops are not built and %s=1 forbids building them", kind.upper(),
+                    ENV_NO_BUILD)
+        return False, f"the {kind.upper()} ops are not built and {ENV_NO_BUILD}=1 forbids building them", None
+    if missing is not None:
+        return _unavailable(kind, missing)
+    timeout = float(os.environ.get(ENV_BUILD_TIMEOUT, "900"))
+    try:
+        with _build_lock(build_dir, timeout):
+            baton = os.path.join(build_dir, TORCH_BATON)
+            if fcntl is not None and os.path.exists(baton):
+                # Every builder holds our lock; we hold it now, so this baton's builder is gone.
+                logger.warning("qwen2_moe_hf: removing the stale build lock %s (a build of the %s ops was killed)",
+                               baton, kind.upper())
+                os.remove(baton)
+            module = cpp_extension.load(name=name, build_directory=build_dir, is_python_module=is_python_module,
+                                        verbose=os.environ.get("QWEN2_MOE_HF_VERBOSE_BUILD") == "1", **load_kwargs)
+    except Exception as exc:  # compiler errors, missing headers, timeouts: report, do not break the model
+        text = str(exc).strip().splitlines()
+        return _unavailable(kind, f"building them failed: {(text[-1] if text else type(exc).__name__)[:300]}")
     return True, "", module
 
 
@@ -132,10 +236,10 @@ def load_cuda_ops():
     lib_dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "lib")) if os.path.isdir(d)]
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    return _build("cuda", f"qwen2_moe_hf_cuda_torch{_torch_tag()}",
-                  sources=[os.path.join(CSRC, "cuda", "moe_ops.cu")], extra_include_paths=_nvidia_include_dirs(),
-                  extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
-                  extra_ldflags=[f"-L{d}" for d in lib_dirs])[:2]
+    return build_extension("cuda", f"qwen2_moe_hf_cuda_torch{_torch_tag()}",
+                           sources=[os.path.join(CSRC, "cuda", "moe_ops.cu")],
+                           extra_include_paths=_nvidia_include_dirs(), extra_cflags=["-O3"],
+                           extra_cuda_cflags=["-O3", "-lineinfo"], extra_ldflags=[f"-L{d}" for d in lib_dirs])[:2]
 
 
 def main(argv=None):

@@ -1,40 +1,86 @@
-"""The schemas of the package's custom ops (namespace `qwen2_moe_hf`), defined once for every device.
+"""Every custom op of the package (namespace `qwen2_moe_hf`): its schema and its fake, defined once for every device.
 
-The C++ files in csrc/ only register implementations (CPU in csrc/cpu, CUDA in csrc/cuda); the shape functions
-here let torch.compile and CUDA-graph capture trace through the ops without running them. Contracts are spelled
-out in csrc/cpu/moe_ops_cpu.cpp and csrc/cpu/moe_ffn_cpu.cpp.
+The C++ files in csrc/ only register implementations (CPU in csrc/cpu, CUDA in csrc/cuda), and each checks its own
+arguments (csrc/common/checks.h). The fakes give torch.compile and CUDA-graph capture the output shapes without
+running the ops. They are also what the dispatcher runs when any argument is a meta tensor, so each fake first
+checks that every tensor argument is on one device: a meta tensor mixed with real CPU tensors would otherwise get
+an uninitialised CPU tensor back instead of an error.
 """
+
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 LIB = "qwen2_moe_hf"
 
-SCHEMAS = {
+_MOE_WEIGHTS = "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? shared_expert_gate"
+SCHEMAS: Dict[str, str] = {
     "topk_softmax": "(Tensor logits, int k, bool renormalize) -> (Tensor, Tensor)",
     "moe_align": "(Tensor ids, int num_experts, int block) -> (Tensor, Tensor, Tensor)",
     "moe_combine": "(Tensor expert_out, Tensor weights, Tensor? shared_out, Tensor? shared_gate) -> Tensor",
     "moe_ffn_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] w_gate, Tensor[] w_up, "
-    "Tensor[] w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? shared_expert_gate) "
-    "-> Tensor",
+    f"Tensor[] w_down, {_MOE_WEIGHTS}) -> Tensor",
     # moe_ffn_cpu with the router's softmax / top-k done inside, from the router logits: one call per layer.
     "moe_block_cpu": "(Tensor x, Tensor router_logits, int top_k, bool renormalize, Tensor[] w_gate, Tensor[] w_up, "
-    "Tensor[] w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? shared_expert_gate) "
-    "-> Tensor",
+    f"Tensor[] w_down, {_MOE_WEIGHTS}) -> Tensor",
+    # One GPTQ 4-bit Linear (csrc/cpu/gptq_int4_cpu.cpp).
+    "gptq_linear_cpu": "(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int zero_offset, "
+    "Tensor? bias) -> Tensor",
+    # The MoE layer with GPTQ 4-bit experts: 12 tensors per expert (qweight, qzeros, scales, g_idx of gate, up,
+    # down), the shared expert's 12 or none.
+    "moe_ffn_int4_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, Tensor[] shared, "
+    "Tensor? shared_expert_gate, int zero_offset) -> Tensor",
+    "moe_block_int4_cpu": "(Tensor x, Tensor router_logits, int top_k, bool renormalize, Tensor[] experts, "
+    "Tensor[] shared, Tensor? shared_expert_gate, int zero_offset) -> Tensor",
 }
 
+TensorArgs = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
 
-def _define():
+
+def one_device(op: str, **tensors: TensorArgs) -> torch.device:
+    """The device every tensor argument is on; raises naming the first argument on another one."""
+    device, first = None, None
+    for name, value in tensors.items():
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
+            if item is None:
+                continue
+            label = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+            if device is None:
+                device, first = item.device, label
+            elif item.device != device:
+                raise RuntimeError(f"{op}: {label} is on {item.device} but {first} is on {device}; every tensor "
+                                   "argument must be on one device")
+    return device
+
+
+def _check_2d(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise RuntimeError(f"{op}: {name} must be 2-D, got shape {list(t.shape)}")
+
+
+def _moe_fake(op: str, x: torch.Tensor, tensors: Dict[str, TensorArgs]) -> torch.Tensor:
+    one_device(op, x=x, **tensors)
+    _check_2d(op, "x", x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _define() -> None:
+    ns = getattr(torch.ops, LIB)
     for name, schema in SCHEMAS.items():
-        if not hasattr(getattr(torch.ops, LIB), name):
+        if not hasattr(ns, name):
             torch.library.define(f"{LIB}::{name}", schema)
 
     @torch.library.register_fake(f"{LIB}::topk_softmax")
     def _(logits, k, renormalize):
-        return logits.new_empty(logits.shape[0], k, dtype=torch.float32), logits.new_empty(
-            logits.shape[0], k, dtype=torch.long)
+        one_device("topk_softmax", logits=logits)
+        _check_2d("topk_softmax", "logits", logits)
+        return (logits.new_empty(logits.shape[0], k, dtype=torch.float32),
+                logits.new_empty(logits.shape[0], k, dtype=torch.long))
 
     @torch.library.register_fake(f"{LIB}::moe_align")
     def _(ids, num_experts, block):
+        one_device("moe_align", ids=ids)
         # The padded length depends on the routing: a data-dependent size.
         ctx = torch.library.get_ctx()
         padded = ctx.new_dynamic_size()
@@ -44,15 +90,46 @@ def _define():
 
     @torch.library.register_fake(f"{LIB}::moe_combine")
     def _(expert_out, weights, shared_out, shared_gate):
+        one_device("moe_combine", expert_out=expert_out, weights=weights, shared_out=shared_out,
+                   shared_gate=shared_gate)
+        _check_2d("moe_combine", "expert_out", expert_out)
+        _check_2d("moe_combine", "weights", weights)
         return expert_out.new_empty(weights.shape[0], expert_out.shape[1])
 
     @torch.library.register_fake(f"{LIB}::moe_ffn_cpu")
-    def _(x, *args):
-        return torch.empty_like(x)
+    def _(x, topk_ids, topk_weights, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+          shared_expert_gate):
+        return _moe_fake("moe_ffn_cpu", x, dict(
+            topk_ids=topk_ids, topk_weights=topk_weights, w_gate=w_gate, w_up=w_up, w_down=w_down,
+            shared_gate=shared_gate, shared_up=shared_up, shared_down=shared_down,
+            shared_expert_gate=shared_expert_gate))
 
     @torch.library.register_fake(f"{LIB}::moe_block_cpu")
-    def _(x, *args):
-        return torch.empty_like(x)
+    def _(x, router_logits, top_k, renormalize, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+          shared_expert_gate):
+        return _moe_fake("moe_block_cpu", x, dict(
+            router_logits=router_logits, w_gate=w_gate, w_up=w_up, w_down=w_down, shared_gate=shared_gate,
+            shared_up=shared_up, shared_down=shared_down, shared_expert_gate=shared_expert_gate))
+
+    @torch.library.register_fake(f"{LIB}::gptq_linear_cpu")
+    def _(x, qweight, qzeros, scales, g_idx, zero_offset, bias):
+        one_device("gptq_linear_cpu", x=x, qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, bias=bias)
+        _check_2d("gptq_linear_cpu", "x", x)
+        _check_2d("gptq_linear_cpu", "qweight", qweight)
+        return x.new_empty(x.shape[0], qweight.shape[1])
+
+    @torch.library.register_fake(f"{LIB}::moe_ffn_int4_cpu")
+    def _(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset):
+        return _moe_fake("moe_ffn_int4_cpu", x, dict(topk_ids=topk_ids, topk_weights=topk_weights,
+                                                     experts=experts, shared=shared,
+                                                     shared_expert_gate=shared_expert_gate))
+
+    @torch.library.register_fake(f"{LIB}::moe_block_int4_cpu")
+    def _(x, router_logits, top_k, renormalize, experts, shared, shared_expert_gate, zero_offset):
+        return _moe_fake("moe_block_int4_cpu", x, dict(router_logits=router_logits, experts=experts,
+                                                       shared=shared, shared_expert_gate=shared_expert_gate))
 
 
 _define()
+
+__all__: List[str] = ["LIB", "SCHEMAS", "one_device"]

@@ -22,8 +22,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
+#include "../common/checks.h"
 #include "vec.h"
 
 namespace qmoe {
@@ -117,8 +119,10 @@ constexpr bool kFieldsInPlace = false;
 #endif
 
 // One GPTQ 4-bit weight, checked and prepared for the GEMM (run boundaries, or dequantization tables for the
-// general path). Holds pointers into the caller's tensors.
+// general path). Holds the tensors it reads (contiguous copies of any that were not), so its pointers stay valid
+// for as long as it lives.
 struct Int4Weight {
+  at::Tensor qweight_t, qzeros_t, scales_t, g_idx_t;
   const int32_t* qweight = nullptr;
   const int32_t* qzeros = nullptr;
   const void* scales = nullptr;
@@ -129,28 +133,26 @@ struct Int4Weight {
   std::vector<int64_t> runs;             // packed-row starts of one-group runs, + K/8; empty: general path
   std::vector<float> scale_f, zero_f;    // [groups, N], general path only
 
-  // Checks shapes and dtypes (naming `what`), and g_idx's range, then prepares the path.
+  // Checks every tensor (CPU, dtype, shape; `what` names the weight in errors) and g_idx's range, then prepares
+  // the path. zero_offset is the format's (1: "gptq" v1, 0: "gptq_v2").
   void prepare(const at::Tensor& qw, const at::Tensor& qz, const at::Tensor& sc, const at::Tensor& gi,
-               int64_t zero_off, const char* what) {
-    TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kInt && qw.is_contiguous() && qw.device().is_cpu(),
-                what, ": qweight must be a contiguous int32 [K/8, N] CPU tensor");
-    K = qw.size(0) * 8;
-    N = qw.size(1);
-    TORCH_CHECK(N % 8 == 0, what, ": out_features ", N, " is not a multiple of 8");
-    TORCH_CHECK(sc.dim() == 2 && sc.size(1) == N && sc.is_contiguous(), what, ": scales must be [G, ", N,
-                "], got ", sc.sizes());
-    groups = sc.size(0);
-    TORCH_CHECK(qz.dim() == 2 && qz.scalar_type() == at::kInt && qz.is_contiguous() && qz.size(0) == groups &&
-                    qz.size(1) * 8 == N, what, ": qzeros must be int32 [", groups, ", ", N / 8, "], got ", qz.sizes());
-    TORCH_CHECK(gi.dim() == 1 && gi.size(0) == K && gi.scalar_type() == at::kInt && gi.is_contiguous(), what,
-                ": g_idx must be int32 [", K, "]");
-    scale_type = sc.scalar_type();
-    TORCH_CHECK(scale_type == at::kFloat || scale_type == at::kHalf || scale_type == at::kBFloat16, what,
-                ": scales dtype ", scale_type, " (float32/float16/bfloat16)");
-    qweight = qw.data_ptr<int32_t>();
-    qzeros = qz.data_ptr<int32_t>();
-    scales = sc.data_ptr();
-    g_idx = gi.data_ptr<int32_t>();
+               int64_t zero_off, const std::string& what) {
+    const char* op = what.c_str();
+    const at::Device cpu(at::kCPU);
+    qweight_t = TensorArg(qw, op, "qweight", cpu).dtype(at::kInt).dim(2).contiguous();
+    K = checked_mul(qweight_t.size(0), 8, op, "qweight rows x 8");
+    N = qweight_t.size(1);
+    TORCH_CHECK(N % 8 == 0, what, ": out_features ", N, " (qweight.size(1)) is not a multiple of 8");
+    scales_t = TensorArg(sc, op, "scales", cpu).floating().sizes({-1, N}).contiguous();
+    groups = scales_t.size(0);
+    qzeros_t = TensorArg(qz, op, "qzeros", cpu).dtype(at::kInt).sizes({groups, N / 8}).contiguous();
+    g_idx_t = TensorArg(gi, op, "g_idx", cpu).dtype(at::kInt).sizes({K}).contiguous();
+    check_range(zero_off, 0, 1, op, "zero_offset");
+    scale_type = scales_t.scalar_type();
+    qweight = qweight_t.data_ptr<int32_t>();
+    qzeros = qzeros_t.data_ptr<int32_t>();
+    scales = scales_t.data_ptr();
+    g_idx = g_idx_t.data_ptr<int32_t>();
     zero_offset = static_cast<float>(zero_off);
     bool grouped = true;
     runs.clear();

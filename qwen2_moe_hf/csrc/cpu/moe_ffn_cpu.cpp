@@ -31,11 +31,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "../common/checks.h"
 #include "int4_gemm.h"
 #include "vec.h"
 
@@ -45,6 +47,8 @@ using namespace qmoe;
 
 using at::BFloat16;
 using at::Half;
+
+const at::Device kCpu(at::kCPU);
 
 // Rows per job from which widening the whole weight to fp32 and calling MKL's sgemm beats xt_block (measured at
 // the real shape, 2 threads: xt_block won up to 512 rows, bf16 and fp32 alike; sgemm at 1024). Below that, MKL's
@@ -225,7 +229,9 @@ QMOE_KERNEL void xt_pair_block(const float* xt, int64_t K, const BFloat16* w, in
       }
       QMOE_UNROLL
       for (int j = 0; j < NR; ++j) {
-        const __m256 pair = _mm256_broadcast_ss(reinterpret_cast<const float*>(w + j * K + k));
+        float bits;  // the pair as one float's bits (memcpy: w + j*K + k need not be 4-byte aligned)
+        std::memcpy(&bits, w + j * K + k, sizeof(bits));
+        const __m256 pair = _mm256_set1_ps(bits);
         const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(pair), 16));
         const __m256 odd = _mm256_and_ps(pair, high);
         QMOE_UNROLL
@@ -523,8 +529,7 @@ struct LayerWeights {
 // Reads a float32 / bfloat16 / float16 tensor (any layout) as n fp32 values: plain loops rather than ATen ops,
 // whose per-call dispatch costs more than a decode step's worth of these conversions when caches are cold.
 void read_floats(const at::Tensor& t, float* dst, const char* op, const char* what) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got one on ", t.device());
-  const at::Tensor c = t.is_contiguous() ? t : t.contiguous();
+  const at::Tensor c = TensorArg(t, op, what, kCpu).floating().contiguous();
   const int64_t n = c.numel();
   switch (c.scalar_type()) {
     case at::kFloat: std::copy(c.data_ptr<float>(), c.data_ptr<float>() + n, dst); return;
@@ -558,16 +563,14 @@ struct Routing {
 
 Routing routing_from_topk(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t T, int64_t E,
                           const char* op) {
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_ids.scalar_type() == at::kLong, op,
-              ": topk_ids must be int64 [tokens, k], got ", topk_ids.sizes(), " ", topk_ids.scalar_type());
-  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), op, ": topk_weights must match topk_ids' shape");
-  TORCH_CHECK(topk_ids.device().is_cpu(), op, ": topk_ids must be a CPU tensor, got one on ", topk_ids.device());
+  const at::Tensor ids = TensorArg(topk_ids, op, "topk_ids", kCpu).dtype(at::kLong).sizes({T, -1}).contiguous();
   Routing r;
-  r.k = topk_ids.size(1);
-  const at::Tensor ids = topk_ids.contiguous();
-  r.ids.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + T * r.k);
+  r.k = ids.size(1);
+  TensorArg(topk_weights, op, "topk_weights", kCpu).floating().sizes({T, r.k});
+  const int64_t slots = checked_mul(T, r.k, op, "tokens * k");
+  r.ids.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + slots);
   for (int64_t id : r.ids) TORCH_CHECK(id >= 0 && id < E, op, ": expert id ", id, " out of range [0, ", E, ")");
-  r.weights.resize(T * r.k);
+  r.weights.resize(slots);
   read_floats(topk_weights, r.weights.data(), op, "topk_weights");
   return r;
 }
@@ -578,9 +581,9 @@ Routing routing_from_topk(const at::Tensor& topk_ids, const at::Tensor& topk_wei
 // optionally renormalised, the weights rounded to the logits' dtype.
 Routing routing_from_logits(const at::Tensor& logits, int64_t top_k, bool renormalize, int64_t T, int64_t E,
                             const char* op) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == T && logits.size(1) == E, op,
-              ": router_logits must be [tokens=", T, ", experts=", E, "], got ", logits.sizes());
-  TORCH_CHECK(top_k >= 1 && top_k <= E, op, ": top_k=", top_k, " must be in [1, experts=", E, "]");
+  TensorArg(logits, op, "router_logits", kCpu).floating().sizes({T, E});
+  check_range(top_k, 1, E, op, "top_k");
+  checked_mul(T, top_k, op, "tokens * top_k");
   Routing r;
   r.k = top_k;
   r.ids.resize(T * top_k);
@@ -622,7 +625,7 @@ Routing routing_from_logits(const at::Tensor& logits, int64_t top_k, bool renorm
 // intermediate lives in one workspace allocation.
 at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const LayerWeights& lw, const char* op) {
   const int64_t T = x.size(0), H = x.size(1), k = routing.k, E = lw.E, I = lw.I, S = lw.S;
-  const int64_t P = T * k;
+  const int64_t P = checked_mul(T, k, op, "tokens * k");
   const int64_t* id = routing.ids.data();
 
   // Align: (token, slot) pairs sorted by expert, tokens ascending within an expert (a stable counting sort).
@@ -640,9 +643,11 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const Layer
   // Workspace: x (fp32), its rows gathered by expert, gate|up, silu*up and the experts' outputs; for the shared
   // expert its gate|up, silu*up, output and gate value. Each part starts on a 64-byte boundary.
   auto round16 = [](int64_t n) { return (n + 15) / 16 * 16; };
-  const int64_t sizes[] = {T * H, P * H, P * 2 * I, P * I, P * H, T * 2 * S, T * S, T * H, S > 0 ? T : 0};
+  auto mul = [&](int64_t a, int64_t b) { return checked_mul(a, b, op, "workspace size"); };
+  const int64_t sizes[] = {mul(T, H), mul(P, H), mul(P, mul(2, I)), mul(P, I), mul(P, H), mul(T, mul(2, S)),
+                           mul(T, S), mul(T, H), S > 0 ? T : 0};
   int64_t total = 0;
-  for (int64_t n : sizes) total += round16(n);
+  for (int64_t n : sizes) total = checked_add(total, checked_add(n, 15, op, "workspace size"), op, "workspace size");
   at::Tensor workspace = at::empty({total + 16}, at::TensorOptions().dtype(at::kFloat));
   float* part[9];
   const uintptr_t base = reinterpret_cast<uintptr_t>(workspace.data_ptr<float>());
@@ -675,8 +680,9 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const Layer
     gemm2.push_back(d);
   }
   if (S > 0) {
-    TORCH_CHECK(lw.shared_expert_gate.has_value() && lw.shared_expert_gate->numel() == H, op,
-                ": shared_expert_gate must have hidden=", H, " weights");
+    TORCH_CHECK(lw.shared_expert_gate.has_value() && lw.shared_expert_gate->defined(), op,
+                ": the shared expert needs shared_expert_gate");
+    TensorArg(*lw.shared_expert_gate, op, "shared_expert_gate", kCpu).floating().numel(H);
     Job g{xf, T, nullptr, sgu, S, H, 2 * S}, u{xf, T, nullptr, sgu + S, S, H, 2 * S};
     Job d{sact, T, nullptr, shared_out, H, S, H};
     lw.shared(g, 0);
@@ -734,12 +740,13 @@ at::Tensor with_dense_weights(const at::Tensor& x, at::TensorList w_gate, at::Te
                               const c10::optional<at::Tensor>& shared_up,
                               const c10::optional<at::Tensor>& shared_down,
                               const c10::optional<at::Tensor>& shared_expert_gate, const char* op, F&& body) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [tokens, hidden], got ", x.sizes());
+  TensorArg(x, op, "x", kCpu).floating().dim(2);
   const int64_t H = x.size(1);
   const int64_t E = static_cast<int64_t>(w_gate.size());
-  TORCH_CHECK(E > 0 && w_up.size() == w_gate.size() && w_down.size() == w_gate.size(),
-              op, ": need one gate, up and down weight per expert");
-  TORCH_CHECK(w_gate[0].dim() == 2, op, ": expert 0 gate must be 2-D, got ", w_gate[0].sizes());
+  TORCH_CHECK(E > 0 && w_up.size() == w_gate.size() && w_down.size() == w_gate.size(), op,
+              ": need one gate, up and down weight per expert (got ", w_gate.size(), ", ", w_up.size(), ", ",
+              w_down.size(), ")");
+  TensorArg(w_gate[0], op, "expert 0 gate weight", kCpu).floating().dim(2);
   const int64_t I = w_gate[0].size(0);
   const at::ScalarType wdt = w_gate[0].scalar_type();
   LayerWeights lw;
@@ -747,32 +754,29 @@ at::Tensor with_dense_weights(const at::Tensor& x, at::TensorList w_gate, at::Te
   lw.I = I;
   lw.dense_dtype = wdt;
   // Each expert's weights are checked when it has tokens, just before they are read: a decode step then touches
-  // 4 experts' tensors, not 60 (cold, each costs a few cache misses).
+  // 4 experts' tensors, not 60 (cold, each costs a few cache misses). A weight that is not contiguous is read
+  // from a contiguous copy kept here for the call.
+  static const char* names[3] = {"gate", "up", "down"};
+  std::vector<at::Tensor> keep;
   lw.expert = [&](Job& job, int64_t e, int which) {
-    const at::Tensor& t = (which == 0 ? w_gate : which == 1 ? w_up : w_down)[e];
     const int64_t rows = which == 2 ? H : I, cols = which == 2 ? I : H;
-    TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == wdt, op, ": expert ", e,
-                " ", which == 0 ? "gate" : which == 1 ? "up" : "down",
-                " weight must be a contiguous 2-D CPU tensor in the experts' dtype ", wdt, ", got ", t.scalar_type());
-    TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, op, ": expert ", e, " ",
-                which == 0 ? "gate" : which == 1 ? "up" : "down", " weight must be [", rows, ", ", cols, "], got ",
-                t.sizes());
-    job.w = t.data_ptr();
+    keep.push_back(TensorArg((which == 0 ? w_gate : which == 1 ? w_up : w_down)[e], op,
+                             "expert " + std::to_string(e) + " " + names[which] + " weight", kCpu)
+                       .dtype(wdt).sizes({rows, cols}).contiguous());
+    job.w = keep.back().data_ptr();
   };
+  at::Tensor shared[3];
   if (shared_gate.has_value() && shared_gate->defined()) {
-    TORCH_CHECK(shared_up.has_value() && shared_down.has_value() && shared_expert_gate.has_value(),
-                op, ": the shared expert needs gate, up, down and shared_expert_gate weights");
-    const at::Tensor& sg = *shared_gate;
-    const at::Tensor& su = *shared_up;
-    const at::Tensor& sd = *shared_down;
-    lw.S = sg.size(0);
-    TORCH_CHECK(sg.dim() == 2 && sg.size(1) == H && su.sizes() == sg.sizes() && sd.dim() == 2 && sd.size(0) == H &&
-                    sd.size(1) == lw.S, op, ": shared expert weights must be [S,H], [S,H], [H,S]");
-    TORCH_CHECK(sg.is_contiguous() && su.is_contiguous() && sd.is_contiguous() && sg.scalar_type() == wdt &&
-                    su.scalar_type() == wdt && sd.scalar_type() == wdt && sg.device().is_cpu() &&
-                    su.device().is_cpu() && sd.device().is_cpu(),
-                op, ": shared expert weights must be contiguous CPU tensors, in the experts' dtype");
-    lw.shared = [&](Job& job, int which) { job.w = (which == 0 ? sg : which == 1 ? su : sd).data_ptr(); };
+    TORCH_CHECK(shared_up.has_value() && shared_up->defined() && shared_down.has_value() && shared_down->defined(),
+                op, ": the shared expert needs gate, up and down weights");
+    shared[0] = TensorArg(*shared_gate, op, "shared expert gate weight", kCpu).dtype(wdt).sizes({-1, H})
+                    .contiguous();
+    lw.S = shared[0].size(0);
+    shared[1] = TensorArg(*shared_up, op, "shared expert up weight", kCpu).dtype(wdt).sizes({lw.S, H})
+                    .contiguous();
+    shared[2] = TensorArg(*shared_down, op, "shared expert down weight", kCpu).dtype(wdt).sizes({H, lw.S})
+                    .contiguous();
+    lw.shared = [&](Job& job, int which) { job.w = shared[which].data_ptr(); };
     lw.shared_expert_gate = shared_expert_gate;
   }
   return body(lw);
@@ -813,18 +817,19 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
                              F&& body) {
   TORCH_CHECK(!experts.empty() && experts.size() % 12 == 0, op, ": experts must hold 12 tensors "
               "(qweight, qzeros, scales, g_idx for gate, up, down) per expert, got ", experts.size());
-  TORCH_CHECK(shared.empty() || shared.size() == 12, op, ": shared must hold 12 tensors or none");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [tokens, hidden], got ", x.sizes());
+  TORCH_CHECK(shared.empty() || shared.size() == 12, op, ": shared must hold 12 tensors or none, got ",
+              shared.size());
+  TensorArg(x, op, "x", kCpu).floating().dim(2);
   const int64_t H = x.size(1);
   LayerWeights lw;
   lw.E = static_cast<int64_t>(experts.size()) / 12;
-  TORCH_CHECK(experts[0].dim() == 2, op, ": expert 0 gate_proj qweight must be [H/8, I]");
+  TensorArg(experts[0], op, "expert 0 gate_proj qweight", kCpu).dim(2);
   lw.I = experts[0].size(1);  // gate's qweight is [H/8, I]
   std::vector<Int4Weight> prepared(3 * lw.E + 3);
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
   auto prepare = [&](Int4Weight& w, at::TensorList t, size_t at, int which, int64_t K, int64_t N,
                      const std::string& who) {
-    w.prepare(t[at], t[at + 1], t[at + 2], t[at + 3], zero_offset, who.c_str());
+    w.prepare(t[at], t[at + 1], t[at + 2], t[at + 3], zero_offset, who);
     TORCH_CHECK(w.K == K && w.N == N, who, ": expected a ", K, " -> ", N, " Linear, qweight holds ", w.K, " -> ",
                 w.N, " (", names[which], ")");
   };
@@ -836,6 +841,7 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
     job.q = &w;
   };
   if (!shared.empty()) {
+    TensorArg(shared[0], op, "shared expert gate_proj qweight", kCpu).dim(2);
     lw.S = shared[0].size(1);
     lw.shared = [&](Job& job, int which) {
       Int4Weight& w = prepared[3 * lw.E + which];
@@ -879,7 +885,8 @@ struct LayerPack {
       : zero_offset(offset), int4(is_int4) {
     const int64_t per = is_int4 ? 12 : 3;
     const int64_t n = static_cast<int64_t>(tensors.size());
-    TORCH_CHECK(experts > 0 && (n == per * experts || n == per * (experts + 1)), "LayerPack: expected ", per,
+    check_range(experts, 1, n, "LayerPack", "experts");
+    TORCH_CHECK(n == per * experts || n == per * (experts + 1), "LayerPack: expected ", per,
                 " tensors per expert for ", experts, " experts (and as many for a shared expert), got ", n);
     auto first = tensors.begin();
     if (is_int4) {
@@ -933,14 +940,12 @@ void router_dots(const float* xf, int64_t T_, int64_t H, const T* w, int64_t E, 
   });
 }
 
-at::Tensor router_logits(const at::Tensor& x, const at::Tensor& router_weight, const char* op) {
-  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(1) == x.size(1) && router_weight.is_contiguous(), op,
-              ": router_weight must be a contiguous [experts, hidden=", x.size(1), "], got ", router_weight.sizes());
-  TORCH_CHECK(router_weight.device().is_cpu(), op, ": router_weight must be a CPU tensor, got one on ",
-              router_weight.device());
-  TORCH_CHECK(router_weight.scalar_type() == x.scalar_type(), op, ": router_weight dtype ",
-              router_weight.scalar_type(), " differs from x's ", x.scalar_type());
+at::Tensor router_logits(const at::Tensor& x, const at::Tensor& router_weight_arg, const char* op) {
+  TensorArg(x, op, "x", kCpu).floating().dim(2);
+  const at::Tensor router_weight = TensorArg(router_weight_arg, op, "router_weight", kCpu)
+                                       .dtype(x.scalar_type()).sizes({-1, x.size(1)}).contiguous();
   const int64_t T = x.size(0), H = x.size(1), E = router_weight.size(0);
+  checked_mul(T, E, op, "tokens * experts");
   std::vector<float> xf(T * H), dots(T * E);
   read_floats(x, xf.data(), op, "x");
   switch (router_weight.scalar_type()) {
@@ -962,6 +967,7 @@ at::Tensor router_logits(const at::Tensor& x, const at::Tensor& router_weight, c
 std::tuple<at::Tensor, at::Tensor> moe_layer_packed(const at::Tensor& x, const at::Tensor& router_weight,
                                                     int64_t top_k, bool renormalize, const LayerPack& pack,
                                                     const c10::optional<at::Tensor>& shared_expert_gate) {
+  TensorArg(x, "moe_layer", "x", kCpu).floating();
   TORCH_CHECK(x.dim() >= 2, "moe_layer: x must be [..., tokens, hidden], got ", x.sizes());
   const at::Tensor flat = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
   at::Tensor logits = router_logits(flat, router_weight, "moe_layer");

@@ -13,6 +13,8 @@
 //   moe_combine(expert_out [T*k,H], weights [T,k], shared_out [T,H]?, shared_gate [T,1]?) -> [T,H]
 //       out[t] = sum_j weights[t,j] * expert_out[t*k+j] (+ sigmoid(shared_gate[t]) * shared_out[t]), accumulated in
 //       fp32 in slot order, returned in expert_out's dtype.
+// Every tensor is checked at the boundary (common/checks.h): CPU, dtype, shape; any strides are accepted. Limits
+// shared with the CUDA twins: at most 3072 experts, block <= 65536, T*k + E*(block-1) < 2^31 (int32 slots).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,16 +24,26 @@
 #include <limits>
 #include <vector>
 
+#include "../common/checks.h"
+
 namespace {
 
+using qmoe::TensorArg;
+
+const at::Device kCpu(at::kCPU);
+
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits, int64_t k, bool renormalize) {
-  TORCH_CHECK(logits.dim() == 2, "topk_softmax: logits must be [tokens, experts], got ", logits.sizes());
-  const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= E, "topk_softmax: k=", k, " must be in [1, experts=", E, "]");
-  at::Tensor l = logits.to(at::kFloat).contiguous();
-  at::Tensor weights = at::empty({T, k}, l.options());
-  at::Tensor ids = at::empty({T, k}, l.options().dtype(at::kLong));
-  const float* lp = l.data_ptr<float>();
+  const char* op = "topk_softmax";
+  const at::Tensor l = TensorArg(logits, op, "logits", kCpu).floating().dim(2).contiguous();
+  const int64_t T = l.size(0), E = l.size(1);
+  qmoe::check_range(E, 1, qmoe::kMaxExperts, op, "experts (logits.size(1))");
+  qmoe::check_range(k, 1, E, op, "k");
+  qmoe::check_range(qmoe::checked_mul(T, k, op, "tokens * k"), 0, INT32_MAX, op, "tokens * k");
+  const at::Tensor lf = l.to(at::kFloat);
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor weights = at::empty({T, k}, f32);
+  at::Tensor ids = at::empty({T, k}, f32.dtype(at::kLong));
+  const float* lp = lf.data_ptr<float>();
   float* wp = weights.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
   at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
@@ -62,51 +74,59 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits, in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& ids, int64_t num_experts,
                                                              int64_t block) {
-  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong, "moe_align: ids must be int64 [tokens, k]");
-  TORCH_CHECK(num_experts >= 1 && block >= 1, "moe_align: num_experts and block must be >= 1");
-  at::Tensor c = ids.contiguous();
+  const char* op = "moe_align";
+  const at::Tensor c = TensorArg(ids, op, "ids", kCpu).dtype(at::kLong).dim(2).contiguous();
+  qmoe::check_range(num_experts, 1, qmoe::kMaxExperts, op, "num_experts");
+  qmoe::check_range(block, 1, qmoe::kMaxAlignBlock, op, "block");
   const int64_t slots = c.numel();
+  // The padded length bounds every slot number, offset and the sentinel, all stored as int32.
+  qmoe::check_range(slots + num_experts * (block - 1), 0, INT32_MAX, op, "tokens * k + num_experts * (block - 1)");
   const int64_t* ip = c.data_ptr<int64_t>();
   std::vector<int64_t> counts(num_experts, 0);
   for (int64_t s = 0; s < slots; ++s) {
-    TORCH_CHECK(ip[s] >= 0 && ip[s] < num_experts, "moe_align: expert id ", ip[s], " out of range [0, ",
-                num_experts, ")");
+    TORCH_CHECK(ip[s] >= 0 && ip[s] < num_experts, op, ": expert id ", ip[s], " out of range [0, ", num_experts,
+                ")");
     counts[ip[s]]++;
   }
-  auto i32 = c.options().dtype(at::kInt);
+  auto i32 = at::TensorOptions().dtype(at::kInt);
   at::Tensor offsets = at::empty({num_experts + 1}, i32);
-  int32_t* op = offsets.data_ptr<int32_t>();
-  op[0] = 0;
-  for (int64_t e = 0; e < num_experts; ++e) op[e + 1] = op[e] + (counts[e] + block - 1) / block * block;
+  int32_t* op32 = offsets.data_ptr<int32_t>();
+  op32[0] = 0;
+  for (int64_t e = 0; e < num_experts; ++e)
+    op32[e + 1] = static_cast<int32_t>(op32[e] + (counts[e] + block - 1) / block * block);
   const int64_t max_blocks = (slots + num_experts * (block - 1) + block - 1) / block;
   at::Tensor sorted = at::full({max_blocks * block}, static_cast<int32_t>(slots), i32);
   at::Tensor block_experts = at::full({max_blocks}, -1, i32);
   int32_t* sp = sorted.data_ptr<int32_t>();
   int32_t* bp = block_experts.data_ptr<int32_t>();
-  std::vector<int64_t> cursor(op, op + num_experts);
+  std::vector<int64_t> cursor(op32, op32 + num_experts);
   for (int64_t s = 0; s < slots; ++s) sp[cursor[ip[s]]++] = static_cast<int32_t>(s);
   for (int64_t e = 0; e < num_experts; ++e)
-    for (int64_t b = op[e] / block; b < op[e + 1] / block; ++b) bp[b] = static_cast<int32_t>(e);
+    for (int64_t b = op32[e] / block; b < op32[e + 1] / block; ++b) bp[b] = static_cast<int32_t>(e);
   return {sorted, block_experts, offsets};
 }
 
 at::Tensor moe_combine_cpu(const at::Tensor& expert_out, const at::Tensor& weights,
                            const c10::optional<at::Tensor>& shared_out, const c10::optional<at::Tensor>& shared_gate) {
-  TORCH_CHECK(weights.dim() == 2, "moe_combine: weights must be [tokens, k]");
+  const char* op = "moe_combine";
+  TensorArg(weights, op, "weights", kCpu).floating().dim(2);
   const int64_t T = weights.size(0), k = weights.size(1);
-  TORCH_CHECK(expert_out.dim() == 2 && expert_out.size(0) == T * k,
-              "moe_combine: expert_out must be [tokens*k=", T * k, ", hidden], got ", expert_out.sizes());
+  const int64_t slots = qmoe::checked_mul(T, k, op, "tokens * k");
+  TensorArg(expert_out, op, "expert_out", kCpu).floating().sizes({slots, -1});
   const int64_t H = expert_out.size(1);
-  at::Tensor y = expert_out.to(at::kFloat).contiguous();
-  at::Tensor w = weights.to(at::kFloat).contiguous();
-  at::Tensor so, sg;
   const bool has_shared = shared_out.has_value() && shared_out->defined();
+  const bool has_gate = shared_gate.has_value() && shared_gate->defined();
+  TORCH_CHECK(has_shared == has_gate, op, ": shared_out and shared_gate come together (got ",
+              has_shared ? "shared_out" : "shared_gate", " alone)");
+  at::Tensor so, sg;
   if (has_shared) {
-    TORCH_CHECK(shared_gate.has_value() && shared_gate->numel() == T, "moe_combine: shared_gate must be [tokens, 1]");
-    TORCH_CHECK(shared_out->sizes() == at::IntArrayRef({T, H}), "moe_combine: shared_out must be [tokens, hidden]");
+    TensorArg(*shared_out, op, "shared_out", kCpu).floating().sizes({T, H});
+    TensorArg(*shared_gate, op, "shared_gate", kCpu).floating().numel(T);
     so = shared_out->to(at::kFloat).contiguous();
     sg = shared_gate->to(at::kFloat).contiguous();
   }
+  at::Tensor y = expert_out.to(at::kFloat).contiguous();
+  at::Tensor w = weights.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({T, H}, y.options());
   const float *yp = y.data_ptr<float>(), *wp = w.data_ptr<float>();
   const float* sop = has_shared ? so.data_ptr<float>() : nullptr;

@@ -10,9 +10,20 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "../common/checks.h"
+
 namespace {
 
+using qmoe::TensorArg;
+
 constexpr int kWarp = 32;
+
+// The device of an op's first tensor, which must be a CUDA one; every other tensor is checked against it.
+at::Device cuda_device(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined() && t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ",
+              t.defined() ? t.device().str() : std::string("an undefined tensor"));
+  return t.device();
+}
 
 template <typename T>
 __device__ __forceinline__ float as_float(T v) { return static_cast<float>(v); }
@@ -61,12 +72,15 @@ __global__ void topk_softmax_kernel(const T* __restrict__ logits, float* __restr
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& logits, int64_t k, bool renormalize) {
-  TORCH_CHECK(logits.dim() == 2, "topk_softmax: logits must be [tokens, experts], got ", logits.sizes());
-  const int64_t T = logits.size(0);
-  const int E = static_cast<int>(logits.size(1));
-  TORCH_CHECK(k >= 1 && k <= E, "topk_softmax: k=", k, " must be in [1, experts=", E, "]");
-  const at::cuda::CUDAGuard guard(logits.device());
-  at::Tensor l = logits.contiguous();
+  const char* op = "topk_softmax";
+  const at::Device device = cuda_device(logits, op, "logits");
+  const at::Tensor l = TensorArg(logits, op, "logits", device).floating().dim(2).contiguous();
+  const int64_t T = l.size(0);
+  qmoe::check_range(l.size(1), 1, qmoe::kMaxExperts, op, "experts (logits.size(1))");  // shared memory: 4 x E floats
+  const int E = static_cast<int>(l.size(1));
+  qmoe::check_range(k, 1, E, op, "k");
+  qmoe::check_range(qmoe::checked_mul(T, k, op, "tokens * k"), 0, INT32_MAX, op, "tokens * k");
+  const at::cuda::CUDAGuard guard(device);
   at::Tensor weights = at::empty({T, k}, l.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({T, k}, l.options().dtype(at::kLong));
   if (T == 0) return {weights, ids};
@@ -124,11 +138,15 @@ __global__ void align_kernel(const int64_t* __restrict__ ids, int64_t slots, int
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& ids, int64_t num_experts,
                                                               int64_t block) {
-  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong, "moe_align: ids must be int64 [tokens, k]");
-  TORCH_CHECK(num_experts >= 1 && block >= 1, "moe_align: num_experts and block must be >= 1");
-  const at::cuda::CUDAGuard guard(ids.device());
-  at::Tensor c = ids.contiguous();
+  const char* op = "moe_align";
+  const at::Device device = cuda_device(ids, op, "ids");
+  const at::Tensor c = TensorArg(ids, op, "ids", device).dtype(at::kLong).dim(2).contiguous();
+  qmoe::check_range(num_experts, 1, qmoe::kMaxExperts, op, "num_experts");
+  qmoe::check_range(block, 1, qmoe::kMaxAlignBlock, op, "block");
   const int64_t slots = c.numel();
+  // Slot numbers, offsets and the sentinel are int32.
+  qmoe::check_range(slots + num_experts * (block - 1), 0, INT32_MAX, op, "tokens * k + num_experts * (block - 1)");
+  const at::cuda::CUDAGuard guard(device);
   const int64_t max_padded = slots + num_experts * (block - 1);
   const int64_t max_blocks = (max_padded + block - 1) / block;
   auto i32 = c.options().dtype(at::kInt);
@@ -162,23 +180,31 @@ __global__ void combine_kernel(const T* __restrict__ expert_out, const float* __
 at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& weights,
                             const c10::optional<at::Tensor>& shared_out,
                             const c10::optional<at::Tensor>& shared_gate) {
-  TORCH_CHECK(weights.dim() == 2, "moe_combine: weights must be [tokens, k]");
+  const char* op = "moe_combine";
+  const at::Device device = cuda_device(expert_out, op, "expert_out");
+  TensorArg(weights, op, "weights", device).floating().dim(2);
   const int64_t T = weights.size(0), k = weights.size(1);
-  TORCH_CHECK(expert_out.dim() == 2 && expert_out.size(0) == T * k,
-              "moe_combine: expert_out must be [tokens*k=", T * k, ", hidden], got ", expert_out.sizes());
+  TORCH_CHECK(k <= INT32_MAX, op, ": k=", k, " does not fit in int32");
+  const int64_t slots = qmoe::checked_mul(T, k, op, "tokens * k");
+  TensorArg(expert_out, op, "expert_out", device).floating().sizes({slots, -1});
   const int64_t H = expert_out.size(1);
-  const at::cuda::CUDAGuard guard(expert_out.device());
+  const at::cuda::CUDAGuard guard(device);
   at::Tensor y = expert_out.contiguous();
   at::Tensor w = weights.to(at::kFloat).contiguous();
   const bool has_shared = shared_out.has_value() && shared_out->defined();
+  const bool has_gate = shared_gate.has_value() && shared_gate->defined();
+  TORCH_CHECK(has_shared == has_gate, op, ": shared_out and shared_gate come together (got ",
+              has_shared ? "shared_out" : "shared_gate", " alone)");
   at::Tensor so, sg;
   if (has_shared) {
-    TORCH_CHECK(shared_gate.has_value() && shared_gate->numel() == T, "moe_combine: shared_gate must be [tokens, 1]");
+    TensorArg(*shared_out, op, "shared_out", device).floating().sizes({T, H});
+    TensorArg(*shared_gate, op, "shared_gate", device).floating().numel(T);
     so = shared_out->to(y.scalar_type()).contiguous();
     sg = shared_gate->to(at::kFloat).contiguous();
   }
   at::Tensor out = at::empty({T, H}, y.options());
-  if (T == 0) return out;
+  if (T == 0 || H == 0) return out;
+  TORCH_CHECK(T <= INT32_MAX, op, ": ", T, " tokens exceed the grid's 2^31 - 1 blocks");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_combine", [&] {
     combine_kernel<scalar_t><<<T, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
         y.data_ptr<scalar_t>(), w.data_ptr<float>(), has_shared ? so.data_ptr<scalar_t>() : nullptr,
