@@ -11,7 +11,9 @@ torch's own baton left behind (a build that was killed) is stale and is removed,
 forever. Two processes building at once: the second waits for the first, then loads what it built.
 
 QWEN2_MOE_HF_SANITIZE=1 builds the CPU ops with AddressSanitizer and UBSan (a build of its own, -O1): for tests,
-in a process started with the sanitizer runtime preloaded (LD_PRELOAD=$(c++ -print-file-name=libasan.so)).
+in a process started with the sanitizer runtime and libstdc++ preloaded (ASan must come first, and its
+__cxa_throw interceptor needs libstdc++ loaded when it starts; `modeling_tests/run_all.sh sanitize` does this):
+LD_PRELOAD="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)".
 """
 
 import contextlib
@@ -78,8 +80,8 @@ def load_cpu_ops() -> Status:
         preload = os.environ.get("LD_PRELOAD", "")
         if "libasan" not in preload:
             # Loading an ASan-built library into a process without the runtime preloaded kills the process.
-            return _unavailable("cpu", f"{ENV_SANITIZE}=1 needs the ASan runtime preloaded "
-                                       "(LD_PRELOAD=$(c++ -print-file-name=libasan.so))")[:2]
+            return _unavailable("cpu", f"{ENV_SANITIZE}=1 needs the ASan runtime preloaded (LD_PRELOAD=\"$(c++ "
+                                       "-print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)\")")[:2]
         cflags, ldflags, name = ["-O1", "-g", "-fopenmp", *flags, *SANITIZE_FLAGS], \
             ["-fopenmp", "-fsanitize=address,undefined"], name + "_asan_ubsan"
     ok, why, module = build_extension(

@@ -81,11 +81,9 @@ def _define() -> None:
     @torch.library.register_fake(f"{LIB}::moe_align")
     def _(ids, num_experts, block):
         one_device("moe_align", ids=ids)
-        # The padded length depends on the routing: a data-dependent size.
-        ctx = torch.library.get_ctx()
-        padded = ctx.new_dynamic_size()
-        blocks = ctx.new_dynamic_size()
-        return (ids.new_empty(padded, dtype=torch.int32), ids.new_empty(blocks, dtype=torch.int32),
+        # Fixed upper-bound sizes, whatever the routing (so that no host sync is needed on GPU).
+        blocks = (ids.numel() + num_experts * (block - 1) + block - 1) // block
+        return (ids.new_empty(blocks * block, dtype=torch.int32), ids.new_empty(blocks, dtype=torch.int32),
                 ids.new_empty(num_experts + 1, dtype=torch.int32))
 
     @torch.library.register_fake(f"{LIB}::moe_combine")

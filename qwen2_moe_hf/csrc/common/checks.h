@@ -69,19 +69,22 @@ class TensorArg {
     TORCH_CHECK(t_.dim() == d, op_, ": ", name_, " must be ", d, "-D, got shape ", t_.sizes());
     return *this;
   }
-  // Exact sizes; -1 matches any size in that dimension.
-  TensorArg& sizes(std::initializer_list<int64_t> expected) {
+  // Exact sizes; -1 matches any size in that dimension. `match` names the arguments the sizes come from, so that
+  // the message names them too (the fault may be theirs).
+  TensorArg& sizes(std::initializer_list<int64_t> expected, const char* match = nullptr) {
     bool ok = static_cast<size_t>(t_.dim()) == expected.size();
     int64_t i = 0;
     for (int64_t s : expected) {
       ok = ok && (s < 0 || t_.size(i) == s);
       ++i;
     }
-    TORCH_CHECK(ok, op_, ": ", name_, " must have shape ", shape_text(expected), ", got ", t_.sizes());
+    TORCH_CHECK(ok, op_, ": ", name_, " must have shape ", shape_text(expected), match ? " to match " : "",
+                match ? match : "", ", got ", t_.sizes());
     return *this;
   }
-  TensorArg& numel(int64_t n) {
-    TORCH_CHECK(t_.numel() == n, op_, ": ", name_, " must hold ", n, " values, got shape ", t_.sizes());
+  TensorArg& numel(int64_t n, const char* match = nullptr) {
+    TORCH_CHECK(t_.numel() == n, op_, ": ", name_, " must hold ", n, " values", match ? " to match " : "",
+                match ? match : "", ", got shape ", t_.sizes());
     return *this;
   }
   // Every size fits in int32 (for ops that index with 32-bit integers).

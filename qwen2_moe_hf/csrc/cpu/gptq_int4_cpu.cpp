@@ -24,13 +24,13 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Device cpu(at::kCPU);
   qmoe::Int4Weight w;  // checks the four GPTQ tensors and keeps (contiguous copies of) them for the call
   w.prepare(qweight, qzeros, scales, g_idx, zero_offset, op);
-  const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w.K}).tensor().to(at::kFloat)
+  const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w.K}, "qweight").tensor().to(at::kFloat)
                             .contiguous();
   const int64_t M = x.size(0), N = w.N;
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N);  // K = 0 gives zeros
   if (bias.has_value() && bias->defined()) {
-    qmoe::TensorArg(*bias, op, "bias", cpu).floating().sizes({N});
+    qmoe::TensorArg(*bias, op, "bias", cpu).floating().sizes({N}, "qweight");
     out.add_(bias->to(at::kFloat));
   }
   return out.to(x.scalar_type());

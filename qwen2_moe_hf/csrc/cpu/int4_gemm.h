@@ -142,11 +142,12 @@ struct Int4Weight {
     qweight_t = TensorArg(qw, op, "qweight", cpu).dtype(at::kInt).dim(2).contiguous();
     K = checked_mul(qweight_t.size(0), 8, op, "qweight rows x 8");
     N = qweight_t.size(1);
-    TORCH_CHECK(N % 8 == 0, what, ": out_features ", N, " (qweight.size(1)) is not a multiple of 8");
-    scales_t = TensorArg(sc, op, "scales", cpu).floating().sizes({-1, N}).contiguous();
+    TORCH_CHECK(N % 8 == 0, what, ": qweight has ", N, " columns (out_features), not a multiple of 8");
+    scales_t = TensorArg(sc, op, "scales", cpu).floating().sizes({-1, N}, "qweight").contiguous();
     groups = scales_t.size(0);
-    qzeros_t = TensorArg(qz, op, "qzeros", cpu).dtype(at::kInt).sizes({groups, N / 8}).contiguous();
-    g_idx_t = TensorArg(gi, op, "g_idx", cpu).dtype(at::kInt).sizes({K}).contiguous();
+    qzeros_t = TensorArg(qz, op, "qzeros", cpu).dtype(at::kInt).sizes({groups, N / 8}, "scales and qweight")
+                   .contiguous();
+    g_idx_t = TensorArg(gi, op, "g_idx", cpu).dtype(at::kInt).sizes({K}, "qweight").contiguous();
     check_range(zero_off, 0, 1, op, "zero_offset");
     scale_type = scales_t.scalar_type();
     qweight = qweight_t.data_ptr<int32_t>();

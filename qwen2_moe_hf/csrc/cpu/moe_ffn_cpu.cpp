@@ -563,10 +563,10 @@ struct Routing {
 
 Routing routing_from_topk(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t T, int64_t E,
                           const char* op) {
-  const at::Tensor ids = TensorArg(topk_ids, op, "topk_ids", kCpu).dtype(at::kLong).sizes({T, -1}).contiguous();
+  const at::Tensor ids = TensorArg(topk_ids, op, "topk_ids", kCpu).dtype(at::kLong).sizes({T, -1}, "x").contiguous();
   Routing r;
   r.k = ids.size(1);
-  TensorArg(topk_weights, op, "topk_weights", kCpu).floating().sizes({T, r.k});
+  TensorArg(topk_weights, op, "topk_weights", kCpu).floating().sizes({T, r.k}, "topk_ids");
   const int64_t slots = checked_mul(T, r.k, op, "tokens * k");
   r.ids.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + slots);
   for (int64_t id : r.ids) TORCH_CHECK(id >= 0 && id < E, op, ": expert id ", id, " out of range [0, ", E, ")");
@@ -581,7 +581,7 @@ Routing routing_from_topk(const at::Tensor& topk_ids, const at::Tensor& topk_wei
 // optionally renormalised, the weights rounded to the logits' dtype.
 Routing routing_from_logits(const at::Tensor& logits, int64_t top_k, bool renormalize, int64_t T, int64_t E,
                             const char* op) {
-  TensorArg(logits, op, "router_logits", kCpu).floating().sizes({T, E});
+  TensorArg(logits, op, "router_logits", kCpu).floating().sizes({T, E}, "x and the experts");
   check_range(top_k, 1, E, op, "top_k");
   checked_mul(T, top_k, op, "tokens * top_k");
   Routing r;
@@ -682,7 +682,7 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const Layer
   if (S > 0) {
     TORCH_CHECK(lw.shared_expert_gate.has_value() && lw.shared_expert_gate->defined(), op,
                 ": the shared expert needs shared_expert_gate");
-    TensorArg(*lw.shared_expert_gate, op, "shared_expert_gate", kCpu).floating().numel(H);
+    TensorArg(*lw.shared_expert_gate, op, "shared_expert_gate", kCpu).floating().numel(H, "x");
     Job g{xf, T, nullptr, sgu, S, H, 2 * S}, u{xf, T, nullptr, sgu + S, S, H, 2 * S};
     Job d{sact, T, nullptr, shared_out, H, S, H};
     lw.shared(g, 0);
@@ -747,6 +747,8 @@ at::Tensor with_dense_weights(const at::Tensor& x, at::TensorList w_gate, at::Te
               ": need one gate, up and down weight per expert (got ", w_gate.size(), ", ", w_up.size(), ", ",
               w_down.size(), ")");
   TensorArg(w_gate[0], op, "expert 0 gate weight", kCpu).floating().dim(2);
+  TORCH_CHECK(w_gate[0].size(1) == H, op, ": x has hidden size ", H, ", expert 0 gate weight has shape ",
+              w_gate[0].sizes(), " (x and the experts must agree)");
   const int64_t I = w_gate[0].size(0);
   const at::ScalarType wdt = w_gate[0].scalar_type();
   LayerWeights lw;
@@ -762,20 +764,20 @@ at::Tensor with_dense_weights(const at::Tensor& x, at::TensorList w_gate, at::Te
     const int64_t rows = which == 2 ? H : I, cols = which == 2 ? I : H;
     keep.push_back(TensorArg((which == 0 ? w_gate : which == 1 ? w_up : w_down)[e], op,
                              "expert " + std::to_string(e) + " " + names[which] + " weight", kCpu)
-                       .dtype(wdt).sizes({rows, cols}).contiguous());
+                       .dtype(wdt).sizes({rows, cols}, "x and expert 0 gate weight").contiguous());
     job.w = keep.back().data_ptr();
   };
   at::Tensor shared[3];
   if (shared_gate.has_value() && shared_gate->defined()) {
     TORCH_CHECK(shared_up.has_value() && shared_up->defined() && shared_down.has_value() && shared_down->defined(),
                 op, ": the shared expert needs gate, up and down weights");
-    shared[0] = TensorArg(*shared_gate, op, "shared expert gate weight", kCpu).dtype(wdt).sizes({-1, H})
-                    .contiguous();
+    shared[0] = TensorArg(*shared_gate, op, "shared expert gate weight", kCpu).dtype(wdt)
+                    .sizes({-1, H}, "x").contiguous();
     lw.S = shared[0].size(0);
-    shared[1] = TensorArg(*shared_up, op, "shared expert up weight", kCpu).dtype(wdt).sizes({lw.S, H})
-                    .contiguous();
-    shared[2] = TensorArg(*shared_down, op, "shared expert down weight", kCpu).dtype(wdt).sizes({H, lw.S})
-                    .contiguous();
+    shared[1] = TensorArg(*shared_up, op, "shared expert up weight", kCpu).dtype(wdt)
+                    .sizes({lw.S, H}, "x and the shared expert gate weight").contiguous();
+    shared[2] = TensorArg(*shared_down, op, "shared expert down weight", kCpu).dtype(wdt)
+                    .sizes({H, lw.S}, "x and the shared expert gate weight").contiguous();
     lw.shared = [&](Job& job, int which) { job.w = shared[which].data_ptr(); };
     lw.shared_expert_gate = shared_expert_gate;
   }
@@ -823,15 +825,17 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
   const int64_t H = x.size(1);
   LayerWeights lw;
   lw.E = static_cast<int64_t>(experts.size()) / 12;
-  TensorArg(experts[0], op, "expert 0 gate_proj qweight", kCpu).dim(2);
+  TensorArg(experts[0], op, "expert 0 gate_proj: qweight", kCpu).dim(2);
+  TORCH_CHECK(experts[0].size(0) * 8 == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
+              experts[0].sizes(), " (", experts[0].size(0) * 8, " inputs; x and the experts must agree)");
   lw.I = experts[0].size(1);  // gate's qweight is [H/8, I]
   std::vector<Int4Weight> prepared(3 * lw.E + 3);
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
   auto prepare = [&](Int4Weight& w, at::TensorList t, size_t at, int which, int64_t K, int64_t N,
                      const std::string& who) {
     w.prepare(t[at], t[at + 1], t[at + 2], t[at + 3], zero_offset, who);
-    TORCH_CHECK(w.K == K && w.N == N, who, ": expected a ", K, " -> ", N, " Linear, qweight holds ", w.K, " -> ",
-                w.N, " (", names[which], ")");
+    TORCH_CHECK(w.K == K && w.N == N, who, ": qweight holds a ", w.K, " -> ", w.N, " Linear, expected ", K, " -> ",
+                N, " to match x and expert 0 gate_proj: qweight");
   };
   lw.expert = [&](Job& job, int64_t e, int which) {
     Int4Weight& w = prepared[3 * e + which];
@@ -841,7 +845,7 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
     job.q = &w;
   };
   if (!shared.empty()) {
-    TensorArg(shared[0], op, "shared expert gate_proj qweight", kCpu).dim(2);
+    TensorArg(shared[0], op, "shared expert gate_proj: qweight", kCpu).dim(2);
     lw.S = shared[0].size(1);
     lw.shared = [&](Job& job, int which) {
       Int4Weight& w = prepared[3 * lw.E + which];
@@ -943,7 +947,7 @@ void router_dots(const float* xf, int64_t T_, int64_t H, const T* w, int64_t E, 
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& router_weight_arg, const char* op) {
   TensorArg(x, op, "x", kCpu).floating().dim(2);
   const at::Tensor router_weight = TensorArg(router_weight_arg, op, "router_weight", kCpu)
-                                       .dtype(x.scalar_type()).sizes({-1, x.size(1)}).contiguous();
+                                       .dtype(x.scalar_type()).sizes({-1, x.size(1)}, "x").contiguous();
   const int64_t T = x.size(0), H = x.size(1), E = router_weight.size(0);
   checked_mul(T, E, op, "tokens * experts");
   std::vector<float> xf(T * H), dots(T * E);

@@ -112,7 +112,7 @@ at::Tensor moe_combine_cpu(const at::Tensor& expert_out, const at::Tensor& weigh
   TensorArg(weights, op, "weights", kCpu).floating().dim(2);
   const int64_t T = weights.size(0), k = weights.size(1);
   const int64_t slots = qmoe::checked_mul(T, k, op, "tokens * k");
-  TensorArg(expert_out, op, "expert_out", kCpu).floating().sizes({slots, -1});
+  TensorArg(expert_out, op, "expert_out", kCpu).floating().sizes({slots, -1}, "weights (tokens * k rows)");
   const int64_t H = expert_out.size(1);
   const bool has_shared = shared_out.has_value() && shared_out->defined();
   const bool has_gate = shared_gate.has_value() && shared_gate->defined();
@@ -120,8 +120,8 @@ at::Tensor moe_combine_cpu(const at::Tensor& expert_out, const at::Tensor& weigh
               has_shared ? "shared_out" : "shared_gate", " alone)");
   at::Tensor so, sg;
   if (has_shared) {
-    TensorArg(*shared_out, op, "shared_out", kCpu).floating().sizes({T, H});
-    TensorArg(*shared_gate, op, "shared_gate", kCpu).floating().numel(T);
+    TensorArg(*shared_out, op, "shared_out", kCpu).floating().sizes({T, H}, "weights and expert_out");
+    TensorArg(*shared_gate, op, "shared_gate", kCpu).floating().numel(T, "weights (one per token)");
     so = shared_out->to(at::kFloat).contiguous();
     sg = shared_gate->to(at::kFloat).contiguous();
   }

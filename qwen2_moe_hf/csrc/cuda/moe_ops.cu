@@ -186,7 +186,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& weig
   const int64_t T = weights.size(0), k = weights.size(1);
   TORCH_CHECK(k <= INT32_MAX, op, ": k=", k, " does not fit in int32");
   const int64_t slots = qmoe::checked_mul(T, k, op, "tokens * k");
-  TensorArg(expert_out, op, "expert_out", device).floating().sizes({slots, -1});
+  TensorArg(expert_out, op, "expert_out", device).floating().sizes({slots, -1}, "weights (tokens * k rows)");
   const int64_t H = expert_out.size(1);
   const at::cuda::CUDAGuard guard(device);
   at::Tensor y = expert_out.contiguous();
@@ -197,8 +197,8 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& weig
               has_shared ? "shared_out" : "shared_gate", " alone)");
   at::Tensor so, sg;
   if (has_shared) {
-    TensorArg(*shared_out, op, "shared_out", device).floating().sizes({T, H});
-    TensorArg(*shared_gate, op, "shared_gate", device).floating().numel(T);
+    TensorArg(*shared_out, op, "shared_out", device).floating().sizes({T, H}, "weights and expert_out");
+    TensorArg(*shared_gate, op, "shared_gate", device).floating().numel(T, "weights (one per token)");
     so = shared_out->to(y.scalar_type()).contiguous();
     sg = shared_gate->to(at::kFloat).contiguous();
   }

@@ -1,0 +1,118 @@
+"""Plain-torch references for every compiled op, on the op's own arguments (tensors, lists of per-expert tensors):
+the oracles of the boundary table (test_op_boundaries.py) and the property tests (test_op_properties.py).
+
+Everything is computed in float32 from the arguments' values, whatever their dtype or layout, and returned in the
+op's output dtype. int4 weights are dequantized by qwen2_moe_hf.gptq.format.dequantize (torch code, not the C++
+kernels under test)."""
+
+import torch
+import torch.nn.functional as F
+
+from qwen2_moe_hf.gptq.format import dequantize
+from qwen2_moe_hf.moe.routing import route
+
+
+def topk_softmax(logits, k, renormalize):
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+def moe_align(ids, num_experts, block):
+    flat = ids.reshape(-1).tolist()
+    sorted_slots, block_experts, offsets = [], [], [0]
+    for e in range(num_experts):
+        group = [s for s, x in enumerate(flat) if x == e]
+        pad = -len(group) % block
+        sorted_slots += group + [len(flat)] * pad
+        block_experts += [e] * ((len(group) + pad) // block)
+        offsets.append(len(sorted_slots))
+    # Fixed upper-bound sizes (no host sync on GPU): unused blocks hold sentinels and expert -1.
+    max_blocks = -(-(len(flat) + num_experts * (block - 1)) // block)
+    sorted_slots += [len(flat)] * (max_blocks * block - len(sorted_slots))
+    block_experts += [-1] * (max_blocks - len(block_experts))
+    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    return as_i32(sorted_slots), as_i32(block_experts), as_i32(offsets)
+
+
+def moe_combine(expert_out, weights, shared_out=None, shared_gate=None):
+    tokens, k = weights.shape
+    out = (expert_out.float().reshape(tokens, k, expert_out.shape[-1]) * weights.float()[..., None]).sum(1)
+    if shared_out is not None:
+        out = out + torch.sigmoid(shared_gate.float().reshape(tokens, 1)) * shared_out.float()
+    return out.to(expert_out.dtype)
+
+
+def int4_weight(qweight, qzeros, scales, g_idx, zero_offset):
+    """The [out, in] float32 weight of one GPTQ 4-bit Linear."""
+    return dequantize(qweight, qzeros, scales, g_idx, 4, zero_offset, torch.float32)
+
+
+def gptq_linear(x, qweight, qzeros, scales, g_idx, zero_offset, bias=None):
+    y = F.linear(x.float(), int4_weight(qweight, qzeros, scales, g_idx, zero_offset),
+                 None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def _mlp(x, gate, up, down):
+    return F.linear(F.silu(F.linear(x, gate.float())) * F.linear(x, up.float()), down.float())
+
+
+def moe_ffn(x, topk_ids, topk_weights, w_gate, w_up, w_down, shared_gate=None, shared_up=None, shared_down=None,
+            shared_expert_gate=None):
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) + sigmoid(x[t] . g) * shared(x[t]), in float32."""
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            out[t] += float(topk_weights[t, j]) * _mlp(xf[t:t + 1], w_gate[e], w_up[e], w_down[e])[0]
+    if shared_gate is not None:
+        scale = torch.sigmoid(xf @ shared_expert_gate.float().reshape(-1, 1))
+        out = out + scale * _mlp(xf, shared_gate, shared_up, shared_down)
+    return out.to(x.dtype)
+
+
+def moe_block(x, router_logits, top_k, renormalize, *weights):
+    """moe_ffn after the router's softmax / top-k (qwen2_moe_hf.moe.routing.route: weights in the logits' dtype)."""
+    topk_weights, topk_ids = route(router_logits, top_k, renormalize)
+    return moe_ffn(x, topk_ids, topk_weights, *weights)
+
+
+def int4_expert_weights(experts, shared, zero_offset):
+    """(w_gate, w_up, w_down, shared gate, up, down) as float32 from the int4 ops' flat tensor lists."""
+    per = [int4_weight(*experts[i:i + 4], zero_offset) for i in range(0, len(experts), 4)]
+    gate, up, down = per[0::3], per[1::3], per[2::3]
+    if shared:
+        sw = [int4_weight(*shared[i:i + 4], zero_offset) for i in range(0, 12, 4)]
+    else:
+        sw = [None, None, None]
+    return gate, up, down, *sw
+
+
+def moe_ffn_int4(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset):
+    gate, up, down, sg, su, sd = int4_expert_weights(experts, shared, zero_offset)
+    return moe_ffn(x, topk_ids, topk_weights, gate, up, down, sg, su, sd, shared_expert_gate if shared else None)
+
+
+def moe_block_int4(x, router_logits, top_k, renormalize, experts, shared, shared_expert_gate, zero_offset):
+    topk_weights, topk_ids = route(router_logits, top_k, renormalize)
+    return moe_ffn_int4(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset)
+
+
+def row_error(actual, expected):
+    """The largest per-row relative error: max over rows of max |actual - expected| / max |expected| in that row
+    (a row of zeros is compared absolutely). Per row, so that one wrong token cannot hide behind large others."""
+    a = actual.float().reshape(-1, actual.shape[-1]) if actual.dim() else actual.float().reshape(1, 1)
+    e = expected.float().reshape(-1, expected.shape[-1]) if expected.dim() else expected.float().reshape(1, 1)
+    if a.numel() == 0:
+        return 0.0
+    err = (a - e).abs().amax(-1)
+    scale = e.abs().amax(-1).clamp_min(1e-6)
+    return (err / scale).max().item()
+
+
+# fp32: accumulation order; bf16 / fp16: both sides round the output once (up to one ulp apart: 2^-8, 2^-11).
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}

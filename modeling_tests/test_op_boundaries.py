@@ -1,0 +1,560 @@
+"""Every compiled entry point, fed each kind of bad argument, in a child process: a clear error that names the
+argument at fault, or the right result; never a signal.
+
+The ops are public (torch.ops.qwen2_moe_hf.*, and the pybind functions the cpu backend calls directly), so each
+must check, itself, every tensor it takes a pointer from. For each op the table starts from good arguments (tiny
+layers where every expert gets tokens, so every weight is read) and changes one thing per case:
+
+  noncontig   the same values in a non-contiguous view        -> the right result (the reference's)
+  dtype       another dtype (float64 for floats, int32 <-> int64 for indices) -> an error naming the argument
+  meta        the argument on the meta device                 -> an error naming the argument (or, when it is
+                                                                 the op's only tensor, the fake's meta result)
+  shape       one size off by one                             -> an error naming the argument (or, when it is
+                                                                 the op's only tensor, the right result)
+  range       index data out of range (expert ids, g_idx), or an integer argument at or past int32 / int64
+              limits                                          -> an error naming it
+  empty       no tokens at all (every token-sized argument)   -> the right (empty) result
+  nan         NaN in the activations                          -> anything but a crash
+
+The cases run in one child process per op (`python test_op_boundaries.py OP FIRST`); a child killed by a signal
+fails its case with the signal and the end of its stderr, and the next child resumes after it. Under
+`run_all.sh sanitize` the children load the AddressSanitizer + UBSan build, so a read out of bounds fails here even
+when it would have passed by luck.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import op_reference as ref  # noqa: E402
+
+E, H, I, S, T, K, GROUP = 4, 16, 8, 24, 6, 2, 8
+INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------- good arguments
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
+
+
+def _int4(gen, n_out, n_in):
+    """[qweight, qzeros, scales, g_idx] of a random Linear(n_in -> n_out), asymmetric, groups of 8."""
+    from qwen2_moe_hf.gptq.format import quantize_rtn
+
+    packed = quantize_rtn(_randn(gen, n_out, n_in), 4, GROUP, sym=False, zero_offset=1)
+    return [packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"]]
+
+
+def _routing():
+    """Token t goes to experts t % E and (t + 1) % E: every expert gets tokens, so every weight is read."""
+    ids = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])
+    weights = torch.rand(T, K, generator=_gen(1))
+    logits = torch.randn(T, E, generator=_gen(2))
+    for t in range(T):
+        logits[t, t % E] += 6
+        logits[t, (t + 1) % E] += 5
+    return ids, weights, logits
+
+
+def _x(gen):
+    x = torch.randn(T, H, generator=gen)
+    for t in range(T):  # with router_weight = 5 * [I_E | 0], the router picks t % E, then (t + 1) % E
+        x[t, :E] = 0
+        x[t, t % E] += 1.2
+        x[t, (t + 1) % E] += 1.0
+    return x
+
+
+def _dense_weights(gen):
+    return OrderedDict(
+        w_gate=[_randn(gen, I, H) for _ in range(E)], w_up=[_randn(gen, I, H) for _ in range(E)],
+        w_down=[_randn(gen, H, I) for _ in range(E)], shared_gate=_randn(gen, S, H), shared_up=_randn(gen, S, H),
+        shared_down=_randn(gen, H, S), shared_expert_gate=_randn(gen, 1, H))
+
+
+def _int4_weights(gen):
+    experts = []
+    for _ in range(E):
+        experts += _int4(gen, I, H) + _int4(gen, I, H) + _int4(gen, H, I)
+    shared = _int4(gen, S, H) + _int4(gen, S, H) + _int4(gen, H, S)
+    return OrderedDict(experts=experts, shared=shared, shared_expert_gate=_randn(gen, 1, H))
+
+
+def _router_weight():
+    w = torch.zeros(E, H)
+    w[:, :E] = 5 * torch.eye(E)
+    return w
+
+
+def good_args(op):
+    """The op's arguments, by name, in call order."""
+    gen = _gen(0)
+    ids, weights, logits = _routing()
+    if op == "topk_softmax":
+        return OrderedDict(logits=logits, k=K, renormalize=False)
+    if op == "moe_align":
+        return OrderedDict(ids=ids, num_experts=E, block=4)
+    if op == "moe_combine":
+        return OrderedDict(expert_out=torch.randn(T * K, H, generator=gen), weights=weights,
+                           shared_out=torch.randn(T, H, generator=gen), shared_gate=torch.randn(T, 1, generator=gen))
+    if op == "gptq_linear_cpu":
+        qweight, qzeros, scales, g_idx = _int4(gen, 16, 64)
+        return OrderedDict(x=torch.randn(3, 64, generator=gen), qweight=qweight, qzeros=qzeros, scales=scales,
+                           g_idx=g_idx, zero_offset=1, bias=torch.randn(16, generator=gen))
+    if op == "moe_ffn_cpu":
+        return OrderedDict(x=_x(gen), topk_ids=ids, topk_weights=weights, **_dense_weights(gen))
+    if op == "moe_block_cpu":
+        return OrderedDict(x=_x(gen), router_logits=logits, top_k=K, renormalize=True, **_dense_weights(gen))
+    if op == "moe_ffn_int4_cpu":
+        return OrderedDict(x=_x(gen), topk_ids=ids, topk_weights=weights, **_int4_weights(gen), zero_offset=1)
+    if op == "moe_block_int4_cpu":
+        return OrderedDict(x=_x(gen), router_logits=logits, top_k=K, renormalize=False, **_int4_weights(gen),
+                           zero_offset=1)
+    if op in ("moe_layer[dense]", "moe_block[dense]"):
+        d = _dense_weights(gen)
+        tensors = [w for e in range(E) for w in (d["w_gate"][e], d["w_up"][e], d["w_down"][e])]
+        tensors += [d["shared_gate"], d["shared_up"], d["shared_down"]]
+        head = (OrderedDict(x=_x(gen), router_weight=_router_weight()) if op.startswith("moe_layer")
+                else OrderedDict(x=_x(gen), router_logits=logits))
+        return OrderedDict(**head, top_k=K, renormalize=False, tensors=tensors, experts=E, int4=False,
+                           zero_offset=0, shared_expert_gate=d["shared_expert_gate"])
+    if op in ("moe_layer[int4]", "moe_block[int4]"):
+        w = _int4_weights(gen)
+        head = (OrderedDict(x=_x(gen), router_weight=_router_weight()) if op.startswith("moe_layer")
+                else OrderedDict(x=_x(gen), router_logits=logits))
+        return OrderedDict(**head, top_k=K, renormalize=True, tensors=w["experts"] + w["shared"], experts=E,
+                           int4=True, zero_offset=1, shared_expert_gate=w["shared_expert_gate"])
+    raise KeyError(op)
+
+
+# ----------------------------------------------------------------------------------------------- calls
+
+
+def _ops():
+    return torch.ops.qwen2_moe_hf
+
+
+def _module():
+    from qwen2_moe_hf.moe.extension import cpu_module
+
+    return cpu_module()
+
+
+def call(op, a):
+    """Run the op under test on arguments `a`."""
+    if op.startswith(("moe_layer[", "moe_block[")):
+        m = _module()
+        pack = m.LayerPack(a["tensors"], a["experts"], a["int4"], a["zero_offset"])
+        if op.startswith("moe_layer"):
+            return m.moe_layer(a["x"], a["router_weight"], a["top_k"], a["renormalize"], pack,
+                               a["shared_expert_gate"])
+        return m.moe_block(a["x"], a["router_logits"], a["top_k"], a["renormalize"], pack, a["shared_expert_gate"])
+    return getattr(_ops(), op)(*a.values())
+
+
+def _dense_from_pack(a):
+    t, n = a["tensors"], 3 * a["experts"]
+    return (t[0:n:3], t[1:n:3], t[2:n:3], *t[n:], a["shared_expert_gate"])
+
+
+def reference(op, a):
+    """What the op must return for arguments `a` (plain torch, float32 inside)."""
+    if op == "topk_softmax":
+        return ref.topk_softmax(*a.values())
+    if op == "moe_align":
+        return ref.moe_align(*a.values())
+    if op == "moe_combine":
+        return ref.moe_combine(*a.values())
+    if op == "gptq_linear_cpu":
+        return ref.gptq_linear(*a.values())
+    if op == "moe_ffn_cpu":
+        return ref.moe_ffn(*a.values())
+    if op == "moe_block_cpu":
+        return ref.moe_block(*a.values())
+    if op == "moe_ffn_int4_cpu":
+        return ref.moe_ffn_int4(*a.values())
+    if op == "moe_block_int4_cpu":
+        return ref.moe_block_int4(*a.values())
+    if op.startswith(("moe_layer[", "moe_block[")):
+        if a["int4"]:
+            n = 12 * a["experts"]
+            weights = ref.int4_expert_weights(a["tensors"][:n], a["tensors"][n:], a["zero_offset"])
+            weights = (*weights, a["shared_expert_gate"])
+        else:
+            weights = _dense_from_pack(a)
+        if op.startswith("moe_layer"):
+            logits = (a["x"].float() @ a["router_weight"].float().t()).to(a["x"].dtype)
+            return ref.moe_block(a["x"], logits, a["top_k"], a["renormalize"], *weights), logits
+        return ref.moe_block(a["x"], a["router_logits"], a["top_k"], a["renormalize"], *weights)
+    raise KeyError(op)
+
+
+def compare(op, got, want, dtype):
+    """None when equal within the dtype's tolerance, else what differs."""
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if tuple(g.shape) != tuple(w.shape):
+            return f"output {i}: shape {list(g.shape)}, expected {list(w.shape)}"
+        if not g.dtype.is_floating_point:
+            if not torch.equal(g.long(), w.long()):
+                return f"output {i}: {g.tolist()} != {w.tolist()}"
+            continue
+        err = ref.row_error(g, w)
+        if not err <= ref.TOLERANCE[dtype]:
+            return f"output {i}: per-row relative error {err:.2e} > {ref.TOLERANCE[dtype]:.0e}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+
+def _noncontig(t):
+    """The same values, not contiguous: every other element of a tensor twice as wide."""
+    view = torch.stack([t, t], -1)[..., 0]
+    assert not view.is_contiguous() or view.numel() <= 1
+    return view
+
+
+def _other_dtype(t):
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.double()
+    return t.int() if t.dtype == torch.int64 else t.long()
+
+
+def _off_by_one(t):
+    return t[..., :-1].contiguous() if t.shape[-1] > 1 else torch.cat([t, t], -1)
+
+
+MUTATIONS = OrderedDict(noncontig=_noncontig, dtype=_other_dtype, meta=lambda t: t.to("meta"), shape=_off_by_one)
+
+
+def _label(op, name, index=None):
+    """A regex for how errors name argument `name` (element `index` of a list): the fakes use the Python names
+    (w_up[1]), the C++ checks the role (expert 1 up weight)."""
+    py = re.escape(name if index is None else f"{name}[{index}]")
+    roles = {"w_gate": "gate", "w_up": "up", "w_down": "down"}
+    parts = ("qweight", "qzeros", "scales", "g_idx")
+    projs = ("gate_proj", "up_proj", "down_proj")
+    if index is None:
+        cpp = {"shared_gate": "shared expert gate weight", "shared_up": "shared expert up weight",
+               "shared_down": "shared expert down weight"}.get(name) if "int4" not in op else None
+        if op == "moe_combine":
+            cpp = None
+        return rf"(?<![\w.]){py}(?![\w\[])" + (f"|{re.escape(cpp)}" if cpp else "")
+    if name in roles:
+        return rf"{py}|expert {index} {roles[name]} weight"
+    if name == "experts" or (name == "tensors" and "int4" in op and index < 12 * E):
+        return rf"{py}|expert {index // 12} {projs[index % 12 // 4]}: {parts[index % 4]}"
+    if name == "shared" or (name == "tensors" and "int4" in op):
+        j = index if name == "shared" else index - 12 * E
+        return rf"{py}|shared expert {projs[j // 4]}: {parts[j % 4]}"
+    if name == "tensors":  # dense pack: gate, up, down per expert, then the shared expert's
+        if index < 3 * E:
+            return rf"{py}|expert {index // 3} {('gate', 'up', 'down')[index % 3]} weight"
+        return rf"{py}|shared expert {('gate', 'up', 'down')[index - 3 * E]} weight"
+    raise KeyError(name)
+
+
+# Which list elements each mutation is tried on: every kind of tensor a list holds, not all E copies.
+_LIST_ELEMENTS = {
+    "w_gate": [0, 1], "w_up": [1], "w_down": [2],
+    "experts": [0, 12 + 4, 12 + 5, 12 + 6, 12 + 7, 24 + 8, 24 + 11],  # expert 1 up (all four), expert 2 down
+    "shared": [0, 5, 10, 11],
+}
+
+
+def _tensor_targets(op, args):
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            yield name, None
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            if name == "tensors":
+                if "int4" in op:
+                    picks = [12 + 4, 12 + 7, 24 + 9, 12 * E + 1, 12 * E + 11]
+                else:
+                    picks = [0, 3 + 1, 6 + 2, 3 * E, 3 * E + 2]
+            else:
+                picks = _LIST_ELEMENTS[name]
+            for i in picks:
+                yield name, i
+
+
+def _replace(args, name, index, fn):
+    new = OrderedDict(args)
+    if index is None:
+        new[name] = fn(args[name])
+    else:
+        new[name] = list(args[name])
+        new[name][index] = fn(args[name][index])
+    return new
+
+
+_TOKEN_SIZED = ("x", "logits", "router_logits", "topk_ids", "topk_weights", "ids", "weights", "expert_out",
+                "shared_out")
+
+
+def _empty(op, args):
+    """Every token-sized argument with no tokens (moe_combine's shared_gate is per token; the MoE ops' is the
+    shared expert's gate weight)."""
+    new = OrderedDict(args)
+    for name in _TOKEN_SIZED + (("shared_gate",) if op == "moe_combine" else ()):
+        if name in new:
+            new[name] = new[name][:0]
+    return new
+
+
+def _nan(op, args):
+    """NaN in the activations, or None for an op without float inputs."""
+    key = next((k for k in ("x", "logits", "expert_out") if k in args), None)
+    if key is None:
+        return None
+    value = args[key].clone()
+    value[1, 2] = float("nan")
+    return _replace(args, key, None, lambda _: value)
+
+
+def _scalar_cases(op, args):
+    """(case, args, regex of the error) for integer arguments at and past their limits."""
+    out = []
+
+    def bad(name, values, regex):
+        for v in values:
+            out.append((f"{name}={v}", _replace(args, name, None, lambda _, v=v: v), regex))
+
+    if "k" in args:
+        bad("k", [0, E + 1, 2**31, -1], r"\bk=-?\d+ must be in")
+    if "top_k" in args:
+        bad("top_k", [0, E + 1, 2**40], r"top_k=-?\d+ must be in")
+    if "num_experts" in args:
+        bad("num_experts", [0, 2**31, 2**63 - 1], r"num_experts=-?\d+ must be in")
+    if "block" in args:
+        bad("block", [0, 2**31, 2**62], r"block=-?\d+ must be in")
+    if "zero_offset" in args and not op.startswith(("moe_layer[dense]", "moe_block[dense]")):
+        bad("zero_offset", [2, -1, 2**40], r"zero_offset=-?\d+ must be in")
+    if "experts" in args and isinstance(args["experts"], int):
+        bad("experts", [0, -1, 2**62], r"LayerPack: (experts=-?\d+ must be in|expected \d+ tensors)")
+    return out
+
+
+def _range_cases(op, args):
+    """Index data out of range: expert ids and g_idx."""
+    out = []
+    if "topk_ids" in args or "ids" in args:
+        name = "topk_ids" if "topk_ids" in args else "ids"
+        for v in (E, -1, 2**40):
+            ids = args[name].clone()
+            ids[3, 1] = v
+            out.append((f"{name}[3,1]={v}", _replace(args, name, None, lambda _, ids=ids: ids),
+                        r"expert id -?\d+ out of range"))
+    g_targets = []
+    if "g_idx" in args:
+        g_targets.append(("g_idx", None))
+    if "experts" in args and isinstance(args["experts"], list):
+        g_targets.append(("experts", 12 + 7))  # expert 1 up_proj's g_idx
+    if "shared" in args:
+        g_targets.append(("shared", 11))  # the shared expert's down_proj's g_idx
+    if op == "moe_layer[int4]":
+        g_targets.append(("tensors", 24 + 11))  # expert 2 down_proj's g_idx
+    for name, index in g_targets:
+        scales = args["scales"] if index is None else args[name][index - 1]  # g_idx follows its scales
+        for v in (scales.shape[0], -1, INT32_MAX):
+            def edit(t, v=v):
+                t = t.clone()
+                t[5] = v
+                return t
+            out.append((f"{name}{'' if index is None else f'[{index}]'}.g_idx[5]={v}",
+                        _replace(args, name, index, edit), r"g_idx\[5\] = -?\d+ is outside the \d+ groups"))
+    return out
+
+
+def _dtype_of(op, args):
+    key = next(k for k in ("x", "logits", "expert_out", "ids") if k in args)
+    return args[key].dtype if args[key].dtype.is_floating_point else torch.float32
+
+
+def cases(op):
+    """[(case id, args, expectation)], expectation: ("same",) | ("error", regex) | ("no_crash",)."""
+    args = good_args(op)
+    table = [("good", args, ("same",)), ("empty", _empty(op, args), ("same",))]
+    if _nan(op, args) is not None:
+        table.append(("nan", _nan(op, args), ("no_crash",)))
+    for name, index in _tensor_targets(op, args):
+        where = name if index is None else f"{name}[{index}]"
+        for kind, fn in MUTATIONS.items():
+            expect = ("same",) if kind == "noncontig" else ("error", _label(op, name, index))
+            if sum(isinstance(v, torch.Tensor) for v in args.values()) == 1 and index is None:
+                if kind == "meta":
+                    expect = ("error_or_meta", expect[1])  # all inputs meta: the fake answers, on meta
+                elif kind == "shape":
+                    expect = ("same",)  # the only tensor: any size is a valid input
+            table.append((f"{where}:{kind}", _replace(args, name, index, fn), expect))
+    for case, bad_args, regex in _scalar_cases(op, args) + _range_cases(op, args):
+        table.append((case, bad_args, ("error", regex)))
+    return table
+
+
+CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "moe_ffn_cpu", "moe_block_cpu",
+           "moe_ffn_int4_cpu", "moe_block_int4_cpu", "moe_layer[dense]", "moe_block[dense]", "moe_layer[int4]",
+           "moe_block[int4]"]
+
+
+def run_case(op, case_id, args, expect):
+    """-> (passed, detail)."""
+    try:
+        got = call(op, args)
+    except Exception as exc:  # noqa: BLE001 (the error itself is what is checked)
+        message = f"{type(exc).__name__}: {exc}".split("\nException raised from")[0][:600]
+        if expect[0] in ("error", "error_or_meta"):
+            ok = isinstance(exc, (RuntimeError, ValueError, TypeError)) and re.search(expect[1], message)
+            return bool(ok), message if not ok else ""
+        if expect[0] == "no_crash":
+            return True, ""
+        return False, f"raised instead of computing: {message}"
+    if expect[0] == "error_or_meta":
+        outputs = got if isinstance(got, (tuple, list)) else (got,)
+        on_meta = all(t.device.type == "meta" for t in outputs)
+        return on_meta, "" if on_meta else "returned real tensors for meta inputs"
+    if expect[0] == "error":
+        return False, f"returned a result; expected an error matching {expect[1]!r}"
+    if expect[0] == "no_crash":
+        return True, ""
+    want = reference(op, args)
+    diff = compare(op, got, want, _dtype_of(op, args))
+    return diff is None, diff or ""
+
+
+# ----------------------------------------------------------------------------------------------- the child
+
+
+def child(op, first):
+    from qwen2_moe_hf.moe.extension import load_cpu_ops
+
+    ok, why = load_cpu_ops()
+    if not ok:
+        print("UNAVAILABLE " + json.dumps(why), flush=True)
+        return
+    for i, (case_id, args, expect) in enumerate(cases(op)):
+        if i < first:
+            continue
+        print("START " + json.dumps([i, case_id]), flush=True)
+        with torch.no_grad():
+            passed, detail = run_case(op, case_id, args, expect)
+        print("RESULT " + json.dumps([i, case_id, passed, detail]), flush=True)
+    print("DONE", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- the parent
+
+
+def _run_op(op):
+    """{case id: (passed, detail)} for every case of `op`, each child resuming after a crash."""
+    results, first = {}, 0
+    while True:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), op, str(first)], capture_output=True,
+                              text=True, timeout=600, env=dict(os.environ))
+        started = None
+        for line in proc.stdout.splitlines():
+            if line.startswith("UNAVAILABLE "):
+                pytest.fail(f"the CPU ops did not load in the child: {json.loads(line[12:])}")
+            if line.startswith("START "):
+                started = json.loads(line[6:])
+            elif line.startswith("RESULT "):
+                i, case_id, passed, detail = json.loads(line[7:])
+                results[case_id] = (passed, detail)
+                started = None
+        if "DONE" in proc.stdout.splitlines():
+            return results
+        if started is None:
+            pytest.fail(f"the child for {op} ended without a result (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        i, case_id = started
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        results[case_id] = (False, f"the process died ({how}):\n{proc.stderr[-4000:]}")
+        first = i + 1
+
+
+_RESULTS = {}
+
+
+def _case_ids():
+    try:
+        return [(op, case_id) for op in CPU_OPS for case_id, _, _ in cases(op)]
+    except Exception as exc:  # noqa: BLE001 (collection must not die: one failing test says why)
+        return [("collection", f"failed: {exc!r}")]
+
+
+@pytest.fixture(scope="module")
+def cpu_ops_available():
+    from qwen2_moe_hf.moe.extension import load_cpu_ops
+
+    ok, why = load_cpu_ops()  # built here once, before the children load it
+    if not ok:
+        pytest.skip(f"CPU ops unavailable: {why}")
+
+
+@pytest.mark.parametrize("op,case_id", _case_ids())
+def test_op_boundary(op, case_id, cpu_ops_available):
+    assert op != "collection", case_id
+    if op not in _RESULTS:
+        _RESULTS[op] = _run_op(op)
+    passed, detail = _RESULTS[op].get(case_id, (False, "no result"))
+    assert passed, f"{op} [{case_id}]: {detail}"
+
+
+def test_every_compiled_entry_point_is_in_the_table():
+    """A new op (schema) or pybind function must get its rows here."""
+    from qwen2_moe_hf.moe.ops import SCHEMAS
+
+    covered = {op.split("[")[0] for op in CPU_OPS}
+    cpu_schemas = {name for name in SCHEMAS if name.endswith("_cpu") or name in ("topk_softmax", "moe_align",
+                                                                                  "moe_combine")}
+    assert cpu_schemas <= covered, sorted(cpu_schemas - covered)
+    from qwen2_moe_hf.moe.extension import load_cpu_ops, cpu_module
+
+    if load_cpu_ops()[0]:
+        functions = {n for n in dir(cpu_module()) if not n.startswith("_")}
+        assert functions == {"LayerPack", "moe_layer", "moe_block"}, functions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA twins (csrc/cuda/moe_ops.cu) "
+                    "share csrc/common/checks.h with the CPU ops checked above, and compile in the cuda-build stack")
+def test_cuda_op_boundaries():
+    from qwen2_moe_hf.moe.extension import load_cuda_ops
+
+    ok, why = load_cuda_ops()
+    assert ok, why
+    ops = torch.ops.qwen2_moe_hf
+    for op in ("topk_softmax", "moe_align", "moe_combine"):
+        args = OrderedDict((k, v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in good_args(op).items())
+        got = getattr(ops, op)(*args.values())
+        want = reference(op, OrderedDict((k, v.cpu() if isinstance(v, torch.Tensor) else v)
+                                         for k, v in args.items()))
+        got = tuple(g.cpu() for g in got) if isinstance(got, tuple) else got.cpu()
+        assert compare(op, got, want, torch.float32) is None
+        for name, index in _tensor_targets(op, args):
+            for kind in ("dtype", "shape"):
+                with pytest.raises(RuntimeError, match=_label(op, name, index)):
+                    getattr(ops, op)(*_replace(args, name, index, MUTATIONS[kind]).values())
+            with pytest.raises(RuntimeError, match=_label(op, name, index)):  # a CPU tensor among CUDA ones
+                getattr(ops, op)(*_replace(args, name, index, lambda t: t.cpu()).values())
+
+
+if __name__ == "__main__":
+    child(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,285 @@
+"""Property tests (hypothesis) of every CPU op on random views of its arguments: each tensor, inputs and weights
+alike, is laid out at random (dimensions stored in any order, i.e. transposed; every n-th element of a larger
+buffer; a storage offset) around a buffer filled with garbage, and the op must still equal the plain-torch
+reference (op_reference.py) within its dtype's tolerance. Sizes, dtypes, routing and GPTQ settings are drawn too.
+
+A kernel that ignored a stride, an offset or a transpose would read the garbage and fail; under
+`run_all.sh sanitize` (AddressSanitizer + UBSan build) one that read past its buffer fails even when the bytes
+there happened to be harmless."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import op_reference as ref
+from qwen2_moe_hf.gptq.format import quantize_rtn
+from qwen2_moe_hf.moe.extension import cpu_module, load_cpu_ops
+
+OK, WHY = load_cpu_ops()
+pytestmark = pytest.mark.skipif(not OK, reason=f"CPU ops unavailable: {WHY}")
+ops = torch.ops.qwen2_moe_hf
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                          HealthCheck.data_too_large])
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# ----------------------------------------------------------------------------------------------- random views
+
+
+@st.composite
+def layouts(draw, ndim):
+    """(storage order of the dims, step per dim, storage offset)."""
+    order = draw(st.permutations(list(range(ndim))))
+    steps = draw(st.lists(st.sampled_from([1, 1, 2, 3]), min_size=ndim, max_size=ndim))
+    return order, steps, draw(st.integers(0, 3))
+
+
+def _garbage(dtype):
+    return 1e4 if dtype.is_floating_point else 1 << 20
+
+
+def materialize(value, layout):
+    """A tensor equal to `value`, with `layout`'s strides and storage offset, in a buffer of garbage."""
+    order, steps, offset = layout
+    shape = value.shape
+    stored = [shape[d] * steps[d] for d in order]
+    base = torch.full((math.prod(stored) + offset,), _garbage(value.dtype), dtype=value.dtype)
+    big = base[offset:].view(stored)
+    strided = big[tuple(slice(None, None, steps[d]) for d in order)]
+    view = strided.permute([order.index(d) for d in range(len(order))])
+    assert view.shape == shape
+    view.copy_(value)
+    return view
+
+
+class Views(list):
+    """Tensors shown by their layout (shape, strides, storage offset) when hypothesis reports a draw."""
+
+    def __repr__(self):
+        return "Views(" + ", ".join("None" if t is None else f"{tuple(t.shape)}/{t.stride()}+{t.storage_offset()}"
+                                    for t in self) + ")"
+
+
+@st.composite
+def views_of(draw, tensors):
+    """Random views of a list of tensors (None passes through)."""
+    return Views(None if t is None else materialize(t, draw(layouts(t.dim()))) for t in tensors)
+
+
+def _with_views(data, args):
+    """args with every tensor replaced by a random view of it."""
+    where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    out = list(args)
+    for i, view in zip(where, data.draw(views_of([args[i] for i in where]))):
+        out[i] = view
+    return out
+
+
+def _check(got, want, dtype):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+        if g.dtype.is_floating_point:
+            err = ref.row_error(g, w)
+            assert err <= ref.TOLERANCE[dtype], f"per-row relative error {err:.2e}"
+        else:
+            assert torch.equal(g, w)
+
+
+def _randn(gen, *shape, dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen) / math.sqrt(max(shape[-1], 1))).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- routing ops
+
+
+@PROPERTY
+@given(tokens=st.integers(0, 9), experts=st.integers(1, 12), data=st.data(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(FLOATS), renormalize=st.booleans())
+def test_topk_softmax(tokens, experts, data, seed, dtype, renormalize):
+    k = data.draw(st.integers(1, experts))
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    (view,) = data.draw(views_of([logits]))
+    weights, ids = ops.topk_softmax(view, k, renormalize)
+    probs = torch.softmax(logits.float(), -1)
+    # The contract, independent of tie order: the k largest probabilities, descending, lower ids first among
+    # equals, weights the (renormalised) probabilities of those ids.
+    picked = probs.gather(1, ids) if tokens else probs[:, :k]
+    want = picked / picked.sum(-1, keepdim=True) if renormalize else picked
+    torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-7)
+    if tokens:
+        rest = probs.scatter(1, ids, -1.0)
+        assert (picked[:, -1:] >= rest.max(-1, keepdim=True).values).all()
+        assert (picked[:, :-1] >= picked[:, 1:]).all()
+        ties = (picked[:, :-1] == picked[:, 1:]) & (ids[:, :-1] > ids[:, 1:])
+        assert not ties.any(), "equal probabilities must go to the lower expert id first"
+
+
+@PROPERTY
+@given(tokens=st.integers(0, 9), k=st.integers(1, 3), experts=st.integers(1, 9), block=st.sampled_from([1, 2, 4, 16]),
+       data=st.data(), seed=st.integers(0, 2**16))
+def test_moe_align(tokens, k, experts, block, data, seed):
+    ids = torch.randint(0, experts, (tokens, k), generator=torch.Generator().manual_seed(seed))
+    (view,) = data.draw(views_of([ids]))
+    _check(ops.moe_align(view, experts, block), ref.moe_align(ids, experts, block), torch.float32)
+
+
+@PROPERTY
+@given(tokens=st.integers(0, 7), k=st.integers(1, 4), hidden=st.integers(1, 40), shared=st.booleans(),
+       data=st.data(), seed=st.integers(0, 2**16), dtype=st.sampled_from(FLOATS))
+def test_moe_combine(tokens, k, hidden, shared, data, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    args = [torch.randn(tokens * k, hidden, generator=gen).to(dtype), torch.rand(tokens, k, generator=gen),
+            torch.randn(tokens, hidden, generator=gen).to(dtype) if shared else None,
+            torch.randn(tokens, 1, generator=gen) if shared else None]
+    _check(ops.moe_combine(*data.draw(views_of(args))), ref.moe_combine(*args), dtype)
+
+
+# ----------------------------------------------------------------------------------------------- int4 linear
+
+
+def _int4(gen, n_out, n_in, group, sym, act_order, zero_offset):
+    size = n_in if group == -1 else group
+    g_idx = torch.randperm(n_in, generator=gen) // size if act_order else None
+    packed = quantize_rtn(_randn(gen, n_out, n_in), 4, group, sym, zero_offset, g_idx)
+    return [packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"]]
+
+
+@st.composite
+def int4_settings(draw):
+    return dict(group=draw(st.sampled_from([8, 16, -1])), sym=draw(st.booleans()), act_order=draw(st.booleans()),
+                zero_offset=draw(st.sampled_from([0, 1])))
+
+
+@PROPERTY
+@given(rows=st.integers(0, 40), n_in=st.sampled_from([8, 16, 48]), n_out=st.sampled_from([8, 16, 24, 40]),
+       q=int4_settings(), bias=st.booleans(), data=st.data(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(FLOATS), scales_dtype=st.sampled_from(FLOATS))
+def test_gptq_linear(rows, n_in, n_out, q, bias, data, seed, dtype, scales_dtype):
+    gen = torch.Generator().manual_seed(seed)
+    qweight, qzeros, scales, g_idx = _int4(gen, n_out, n_in, **q)
+    args = [torch.randn(rows, n_in, generator=gen).to(dtype), qweight, qzeros, scales.to(scales_dtype), g_idx,
+            q["zero_offset"], torch.randn(n_out, generator=gen).to(dtype) if bias else None]
+    _check(ops.gptq_linear_cpu(*_with_views(data, args)), ref.gptq_linear(*args), dtype)
+
+
+# ----------------------------------------------------------------------------------------------- MoE layers
+
+
+@st.composite
+def moe_cases(draw, int4=False):
+    experts = draw(st.integers(1, 5))
+    hidden = draw(st.sampled_from([8, 16, 24] if int4 else [3, 8, 16, 24]))
+    inter = draw(st.sampled_from([8, 16] if int4 else [5, 8, 16]))
+    return dict(experts=experts, top_k=draw(st.integers(1, min(experts, 3))), hidden=hidden, inter=inter,
+                shared=draw(st.sampled_from([0, 8, 24] if int4 else [0, 7, 24])), tokens=draw(st.integers(0, 9)),
+                x_dtype=draw(st.sampled_from(FLOATS)), w_dtype=draw(st.sampled_from(FLOATS)),
+                renormalize=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+                q=draw(int4_settings()) if int4 else None)
+
+
+def _routing(c, gen):
+    logits = torch.randn(c["tokens"], c["experts"], generator=gen) * 3
+    weights, ids = torch.topk(torch.softmax(logits, -1), c["top_k"], -1)
+    return logits.to(c["x_dtype"]), ids, weights.to(c["x_dtype"])
+
+
+def _dense_args(c, gen):
+    e, h, i, s, dt = c["experts"], c["hidden"], c["inter"], c["shared"], c["w_dtype"]
+    w = [[_randn(gen, i, h, dtype=dt) for _ in range(e)], [_randn(gen, i, h, dtype=dt) for _ in range(e)],
+         [_randn(gen, h, i, dtype=dt) for _ in range(e)]]
+    shared = [_randn(gen, s, h, dtype=dt), _randn(gen, s, h, dtype=dt), _randn(gen, h, s, dtype=dt),
+              _randn(gen, 1, h, dtype=c["x_dtype"])] if s else [None] * 4
+    return w, shared
+
+
+def _view_lists(data, lists):
+    return [data.draw(views_of(items)) for items in lists]
+
+
+@PROPERTY
+@given(c=moe_cases(), data=st.data(), by_logits=st.booleans())
+def test_moe_dense(c, data, by_logits):
+    gen = torch.Generator().manual_seed(c["seed"])
+    x = torch.randn(c["tokens"], c["hidden"], generator=gen).to(c["x_dtype"])
+    logits, ids, weights = _routing(c, gen)
+    w, shared = _dense_args(c, gen)
+    (vx, vlogits, vids, vweights), vg, vu, vd, vshared = _view_lists(data, [[x, logits, ids, weights], *w, shared])
+    vw = [list(vg), list(vu), list(vd)]
+    if by_logits:
+        got = ops.moe_block_cpu(vx, vlogits, c["top_k"], c["renormalize"], *vw, *vshared)
+        want = ref.moe_block(x, logits, c["top_k"], c["renormalize"], *w, *shared)
+    else:
+        got = ops.moe_ffn_cpu(vx, vids, vweights, *vw, *vshared)
+        want = ref.moe_ffn(x, ids, weights, *w, *shared)
+    _check(got, want, c["x_dtype"])
+
+
+def _int4_args(c, gen):
+    e, h, i, s, q = c["experts"], c["hidden"], c["inter"], c["shared"], c["q"]
+    experts = []
+    for _ in range(e):
+        experts += _int4(gen, i, h, **q) + _int4(gen, i, h, **q) + _int4(gen, h, i, **q)
+    shared = (_int4(gen, s, h, **q) + _int4(gen, s, h, **q) + _int4(gen, h, s, **q)) if s else []
+    in_dtype = lambda ts: [t.to(c["w_dtype"]) if t.dtype.is_floating_point else t for t in ts]  # noqa: E731
+    return in_dtype(experts), in_dtype(shared)  # scales in the drawn weight dtype
+
+
+@PROPERTY
+@given(c=moe_cases(int4=True), data=st.data(), by_logits=st.booleans())
+def test_moe_int4(c, data, by_logits):
+    gen = torch.Generator().manual_seed(c["seed"])
+    x = torch.randn(c["tokens"], c["hidden"], generator=gen).to(c["x_dtype"])
+    logits, ids, weights = _routing(c, gen)
+    experts, shared = _int4_args(c, gen)
+    gate = _randn(gen, 1, c["hidden"], dtype=c["x_dtype"]) if shared else None
+    (vx, vlogits, vids, vweights, vgate), vexperts, vshared = _view_lists(
+        data, [[x, logits, ids, weights, gate], experts, shared])
+    zero = c["q"]["zero_offset"]
+    if by_logits:
+        got = ops.moe_block_int4_cpu(vx, vlogits, c["top_k"], c["renormalize"], list(vexperts), list(vshared),
+                                     vgate, zero)
+        want = ref.moe_block_int4(x, logits, c["top_k"], c["renormalize"], experts, shared, gate, zero)
+    else:
+        got = ops.moe_ffn_int4_cpu(vx, vids, vweights, list(vexperts), list(vshared), vgate, zero)
+        want = ref.moe_ffn_int4(x, ids, weights, experts, shared, gate, zero)
+    _check(got, want, c["x_dtype"])
+
+
+@PROPERTY
+@given(c=moe_cases(), int4=st.booleans(), data=st.data(), batch=st.sampled_from([None, 1, 3]))
+def test_direct_entry_points(c, int4, data, batch):
+    """The pybind functions the cpu backend calls directly (moe_layer: router included; moe_block), with their
+    weights in a LayerPack, on random views."""
+    if int4:
+        c = dict(c, hidden=8 * max(1, c["hidden"] // 8), inter=8 * max(1, c["inter"] // 8),
+                 shared=8 * (c["shared"] // 8), q=dict(group=8, sym=False, act_order=c["seed"] % 2 == 1,
+                                                        zero_offset=1))
+    gen = torch.Generator().manual_seed(c["seed"])
+    tokens = c["tokens"] if batch is None else batch * c["tokens"]
+    x = torch.randn(tokens, c["hidden"], generator=gen).to(c["x_dtype"])
+    router = _randn(gen, c["experts"], c["hidden"], dtype=c["x_dtype"]) * 8
+    if int4:
+        experts, shared = _int4_args(c, gen)
+        tensors = experts + shared
+        weights = ref.int4_expert_weights(experts, shared, 1)
+    else:
+        w, shared_w = _dense_args(c, gen)
+        tensors = [t for e in range(c["experts"]) for t in (w[0][e], w[1][e], w[2][e])] + [
+            t for t in shared_w[:3] if t is not None]
+        weights = (*w, *shared_w[:3])
+    gate = _randn(gen, 1, c["hidden"], dtype=c["x_dtype"]) if c["shared"] else None
+    (vx, vrouter, vgate), vtensors = _view_lists(data, [[x, router, gate], tensors])
+    m = cpu_module()
+    pack = m.LayerPack(list(vtensors), c["experts"], int4, 1 if int4 else 0)
+    shape = (batch, c["tokens"], c["hidden"]) if batch else x.shape
+    out, logits = m.moe_layer(vx.reshape(shape) if batch else vx, vrouter, c["top_k"], c["renormalize"], pack, vgate)
+    want_logits = (x.float() @ router.float().t()).to(x.dtype)
+    _check(logits, want_logits, c["x_dtype"])
+    want = ref.moe_block(x, want_logits, c["top_k"], c["renormalize"], *weights, gate)
+    _check(out.reshape(x.shape), want, c["x_dtype"])
+    _check(m.moe_block(vx, logits, c["top_k"], c["renormalize"], pack, vgate), want, c["x_dtype"])
