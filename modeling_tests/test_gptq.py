@@ -421,6 +421,10 @@ def test_bad_quantization_config_is_named(gptq_checkpoint, tmp_path, changes, ne
     ("qzeros_shape", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.qzeros.*shape"),
     ("qweight_dtype", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.qweight.*dtype"),
     ("scales_nan", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.scales.*NaN"),
+    ("bias_int", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.bias.*dtype torch\.int32"),
+    ("bias_nan", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.bias.*NaN"),
+    ("bias_shape", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.bias.*shape"),
+    ("no_g_idx_short_qweight", r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.qweight.*shape"),
 ])
 def test_bad_gptq_tensor_is_named(gptq_checkpoint, tmp_path, fault, needle):
     prefix = "model.layers.1.mlp.experts.2.up_proj"
@@ -439,9 +443,17 @@ def test_bad_gptq_tensor_is_named(gptq_checkpoint, tmp_path, fault, needle):
             tensors[f"{prefix}.qweight"] = tensors[f"{prefix}.qweight"].to(torch.int64)
         elif fault == "scales_nan":
             tensors[f"{prefix}.scales"][0, 0] = float("nan")
+        elif fault.startswith("bias"):
+            out = tensors[f"{prefix}.scales"].shape[1]
+            tensors[f"{prefix}.bias"] = {"bias_int": torch.zeros(out, dtype=torch.int32),
+                                         "bias_nan": torch.full((out,), float("nan"), dtype=torch.float16),
+                                         "bias_shape": torch.zeros(out + 1, dtype=torch.float16)}[fault]
+        elif fault == "no_g_idx_short_qweight":  # checked before a default g_idx is made from the config
+            del tensors[f"{prefix}.g_idx"]
+            tensors[f"{prefix}.qweight"] = tensors[f"{prefix}.qweight"][:-1].contiguous()
 
     path = _rewrite(gptq_checkpoint, str(tmp_path / "bad"), edit)
-    if fault == "drop_up":  # the index still names the dropped tensors
+    if fault in ("drop_up", "no_g_idx_short_qweight"):  # the index still names the dropped tensors
         os.remove(os.path.join(path, "model.safetensors.index.json"))
         shards = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         files = {n: load_file(os.path.join(path, n)) for n in shards}

@@ -26,14 +26,22 @@ def main(argv=None):
     quant.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], dest="checkpoint_format")
     quant.add_argument("--max-shard-size", default="2GB")
     quant.add_argument("--no-progress", action="store_true")
+    quant.add_argument("--overwrite", action="store_true",
+                       help="replace DST if it exists and is not empty (it is replaced only once the new one is done)")
     args = parser.parse_args(argv)
 
     if args.command == "quantize":
         from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
 
-        quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                            method=args.method, checkpoint_format=args.checkpoint_format,
-                            max_shard_size=args.max_shard_size, progress=not args.no_progress)
+        try:
+            quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                                method=args.method, checkpoint_format=args.checkpoint_format,
+                                max_shard_size=args.max_shard_size, progress=not args.no_progress,
+                                overwrite=args.overwrite)
+        except (ValueError, OSError) as exc:  # bad arguments or files: CheckpointError, GPTQFormatError, ...
+            parser.exit(2, f"qwen2-moe-hf quantize: error: {exc}\n")
+        except KeyboardInterrupt:
+            parser.exit(130, f"qwen2-moe-hf quantize: interrupted; {args.dst} was not written\n")
         print(f"wrote {args.dst}")
         return 0
 

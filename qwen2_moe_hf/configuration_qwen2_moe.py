@@ -8,6 +8,7 @@ reads it back. Defaults are transformers' (Qwen1.5-MoE-A2.7B).
 from transformers import PretrainedConfig
 
 from . import compat
+from .checkpoint_io import read_json_object
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SUPPORTED_ROPE_TYPES = ("default",)
@@ -120,6 +121,13 @@ class Qwen2MoeConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        # config.json is untrusted: not UTF-8, not JSON, not an object or a key given twice raises CheckpointError
+        # naming the file (transformers would raise TypeError / AttributeError, or keep the last duplicate).
+        read_json_object(str(json_file))
+        return super()._dict_from_json_file(json_file)
 
     def is_moe_layer(self, layer_idx):
         """Whether decoder layer `layer_idx` has the sparse MoE block (else a dense MLP)."""

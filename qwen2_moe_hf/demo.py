@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from .checkpoint_io import new_folder
 from .registration import QWEN_CHATML_TEMPLATE
 
 DEMO_VERSION = "1"
@@ -135,23 +136,18 @@ def build_demo_checkpoint(path=None, train_steps=200, seed=0):
     done = os.path.join(path, ".complete")
     if os.path.isfile(done):
         return path
-    tmp = f"{path}.tmp{os.getpid()}"
-    write_tokenizer(tmp)
-    tokenizer = AutoTokenizer.from_pretrained(tmp)
-    torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**DEMO_CONFIG))
-    loss = _train(model, tokenizer, train_steps, seed) if train_steps else None
-    model.save_pretrained(tmp, safe_serialization=True)
-    GenerationConfig(
-        bos_token_id=256, pad_token_id=256, eos_token_id=[258, 256], do_sample=False, max_new_tokens=256
-    ).save_pretrained(tmp)
-    with open(os.path.join(tmp, ".complete"), "w") as f:
-        json.dump({"train_steps": train_steps, "final_loss": loss}, f)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        os.rename(tmp, path)  # atomic: a concurrent builder's finished folder wins
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Built in a temporary folder that takes the cache folder's place at the end (an incomplete one is replaced):
+    # an interrupted build leaves nothing that would be taken for a model.
+    with new_folder(path, overwrite=True) as tmp:
+        write_tokenizer(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        torch.manual_seed(seed)
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**DEMO_CONFIG))
+        loss = _train(model, tokenizer, train_steps, seed) if train_steps else None
+        model.save_pretrained(tmp, safe_serialization=True)
+        GenerationConfig(
+            bos_token_id=256, pad_token_id=256, eos_token_id=[258, 256], do_sample=False, max_new_tokens=256
+        ).save_pretrained(tmp)
+        with open(os.path.join(tmp, ".complete"), "w") as f:
+            json.dump({"train_steps": train_steps, "final_loss": loss}, f)
     return path

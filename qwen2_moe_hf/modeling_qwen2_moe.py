@@ -8,6 +8,7 @@ the model, the load-balancing loss, and the heads. Parameter names are the hub's
 """
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -279,9 +280,12 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
         shards are checked first (named errors), only safetensors are read unless use_safetensors=False, and a
         tensor the model needs but the checkpoint lacks raises instead of being initialised at random
         (allow_missing_weights=True restores transformers' warning)."""
-        from .checkpoint_io import checked_load
+        from .checkpoint_io import checked_load, read_config_json
         from .gptq.loading import maybe_load_gptq
 
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            read_config_json(folder)  # untrusted: not a JSON object, or a key given twice, raises naming the file
         model = maybe_load_gptq(cls, pretrained_model_name_or_path, model_args, kwargs)
         if model is not None:
             return model

@@ -11,7 +11,6 @@ Tensors of one quantized Linear(in_features=K, out_features=N), `bits` b, group 
   reader, a v1 nibble is masked to b bits before the +1, so a stored 2**b - 1 means a zero of 2**b.
 """
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -102,14 +101,6 @@ class GPTQSpec:
                 "scales": (groups, out_features), "g_idx": (in_features,)}
 
 
-def read_quantize_config_json(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise GPTQFormatError(f"{path}: not valid JSON ({exc})") from None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Packing: b-bit values, 32/b of them per int32, lowest bits first.
 
@@ -196,8 +187,10 @@ def quantize_rtn(weight, bits=4, group_size=128, sym=True, zero_offset=1, g_idx=
 
 
 def check_tensors(prefix, tensors, in_features, out_features, spec, source=""):
-    """Check one quantized Linear's tensors against each other and the config. `tensors`: name -> tensor (bias
-    optional). Raises GPTQFormatError naming `prefix.name` (and `source`, the file) and what is wrong."""
+    """Check one quantized Linear's tensors against each other and the config. `tensors`: name -> tensor (g_idx and
+    bias optional). Shapes and dtypes are checked first; values (g_idx's range, finite scales and bias) only for
+    tensors that hold data, so the loader can check the header's shapes (as meta tensors) before reading anything.
+    Raises GPTQFormatError naming `prefix.name` (and `source`, the file) and what is wrong."""
     where = f" in {source}" if source else ""
     expected = spec.tensor_shapes(in_features, out_features)
     per_int = 32 // spec.bits
@@ -226,6 +219,12 @@ def check_tensors(prefix, tensors, in_features, out_features, spec, source=""):
     bias = tensors.get("bias")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise GPTQFormatError(f"{prefix}.bias{where}: shape {tuple(bias.shape)}, expected ({out_features},)")
+    if bias is not None and not bias.dtype.is_floating_point:
+        raise GPTQFormatError(f"{prefix}.bias{where}: dtype {bias.dtype}, expected a floating-point tensor")
+    if tensors["scales"].device.type == "meta":
+        return
+    if bias is not None and not torch.isfinite(bias).all():
+        raise GPTQFormatError(f"{prefix}.bias{where}: contains NaN or inf")
     g_idx = tensors.get("g_idx")
     if g_idx is not None and g_idx.numel():
         lo, hi = int(g_idx.min()), int(g_idx.max())

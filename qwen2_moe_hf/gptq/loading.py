@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..checkpoint_io import CheckpointError, key_mapping, weight_files
-from .format import GPTQFormatError, GPTQSpec, check_tensors, read_quantize_config_json
+from ..checkpoint_io import CheckpointError, key_mapping, read_json_object, weight_files
+from .format import GPTQFormatError, GPTQSpec, check_tensors
 from .linear import GPTQLinear
 
 logger = logging.getLogger("qwen2_moe_hf")
@@ -69,10 +69,7 @@ def _gptq_settings(path, subfolder, config, hub):
         config_file = _config_file(path, subfolder, "config.json", hub)
         if config_file is None:
             return None
-        import json
-
-        with open(config_file, encoding="utf-8") as f:
-            raw = json.load(f).get("quantization_config")
+        raw = read_json_object(config_file).get("quantization_config")
     else:
         raw = getattr(config, "quantization_config", None)
     if raw is not None:
@@ -82,7 +79,7 @@ def _gptq_settings(path, subfolder, config, hub):
         return (raw, "config.json quantization_config") if method == "gptq" else None
     legacy = _config_file(path, subfolder, QUANTIZE_CONFIG_FILE, hub)
     if legacy is not None:
-        return read_quantize_config_json(legacy), QUANTIZE_CONFIG_FILE
+        return read_json_object(legacy), QUANTIZE_CONFIG_FILE
     return None
 
 
@@ -282,11 +279,17 @@ def _load_tensors(model, files, key_of, quantized, spec, devices, dtype, allow_m
     # Quantized layers: all their tensors together, checked against each other before they are placed.
     for module_name, ckpt in quantized.items():
         module = model.get_submodule(module_name)
-        tensors = {part: files[f"{ckpt}.{part}"].read(f"{ckpt}.{part}") for part in GPTQ_PARTS
-                   if f"{ckpt}.{part}" in files}
+        parts = [part for part in GPTQ_PARTS if f"{ckpt}.{part}" in files]
+        source = os.path.basename(files[f"{ckpt}.qweight"].path)
+        # Shapes and dtypes from the headers first: nothing is read (or sized from the config) for a bad layer.
+        headers = {}
+        for part in parts:
+            file_dtype, shape = files[f"{ckpt}.{part}"].dtype_shape(f"{ckpt}.{part}")
+            headers[part] = torch.empty(shape, dtype=file_dtype, device="meta")
+        check_tensors(ckpt, headers, module.in_features, module.out_features, spec, source)
+        tensors = {part: files[f"{ckpt}.{part}"].read(f"{ckpt}.{part}") for part in parts}
         if "g_idx" not in tensors:  # older checkpoints without act-order omit it
             tensors["g_idx"] = spec.group_of(module.in_features)
-        source = os.path.basename(files[f"{ckpt}.qweight"].path)
         check_tensors(ckpt, tensors, module.in_features, module.out_features, spec, source)
         device = _device_of(module_name, devices)
         for part, tensor in tensors.items():

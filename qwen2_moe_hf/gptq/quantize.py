@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from ..checkpoint_io import INDEX_FILE, weight_files
+from ..checkpoint_io import INDEX_FILE, new_folder, read_config_json, weight_files
 from .format import FORMATS, GPTQSpec, quantize_rtn
 from .linear import GPTQLinear
 
@@ -65,23 +65,31 @@ def _block_groups(names):
 
 
 def quantize_checkpoint(src, dst, bits=4, group_size=128, sym=True, method="rtn", checkpoint_format="gptq",
-                        dtype=torch.float16, max_shard_size="2GB", progress=True):
-    """Quantize the safetensors checkpoint folder `src` into the GPTQ checkpoint folder `dst`. Returns dst."""
+                        dtype=torch.float16, max_shard_size="2GB", progress=True, overwrite=False):
+    """Quantize the safetensors checkpoint folder `src` into the GPTQ checkpoint folder `dst`. Returns dst.
+
+    The source is only read. dst must not be, lie inside or contain src, and must be new or empty unless
+    `overwrite`; everything is written into a temporary folder beside dst that takes its place at the end, so an
+    error or Ctrl-C at any point leaves dst absent (or as it was)."""
     if method != "rtn":
         raise ValueError(f"method: only 'rtn' (round to nearest) is implemented, got {method!r}")
     if checkpoint_format not in FORMATS:
         raise ValueError(f"checkpoint_format: {checkpoint_format!r} (supported: {', '.join(sorted(FORMATS))})")
     spec = GPTQSpec.from_dict({"bits": bits, "group_size": group_size, "sym": sym,
                                "checkpoint_format": checkpoint_format})
-    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    limit = _parse_size(max_shard_size)
+    config = read_config_json(src)
     if config.get("quantization_config"):
         raise ValueError(f"{src}: config.json already has a quantization_config; quantize a full-precision "
                          "checkpoint")
     files = weight_files(src)
-    limit = _parse_size(max_shard_size)
-    os.makedirs(dst, exist_ok=True)
+    with new_folder(dst, overwrite=overwrite, protect=[src]) as out:
+        _quantize_into(src, out, files, config, spec, dtype, limit, progress)
+    return dst
 
+
+def _quantize_into(src, out, files, config, spec, dtype, limit, progress):
+    bits = spec.bits
     targets = [k for k in files if QUANTIZED.match(k)]
     try:
         from tqdm.auto import tqdm
@@ -96,7 +104,7 @@ def quantize_checkpoint(src, dst, bits=4, group_size=128, sym=True, method="rtn"
         nonlocal current, current_size
         if current:
             shards.append(current)
-            _write_shard(dst, len(shards), current)
+            _write_shard(out, len(shards), current)
         current, current_size = {}, 0
 
     def add(name, tensor):
@@ -107,42 +115,43 @@ def quantize_checkpoint(src, dst, bits=4, group_size=128, sym=True, method="rtn"
         current[name] = tensor.contiguous()
         current_size += size
 
-    for key in sorted(files, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]):
-        if key.endswith(".bias") and QUANTIZED.match(key[: -len(".bias")] + ".weight"):
-            continue  # written with its layer's packed tensors
-        tensor = files[key].read(key)
-        match = QUANTIZED.match(key)
-        if match is None:
-            add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-            continue
-        prefix = key[: -len(".weight")]
-        block_names.add(match.group(2))
-        out_features, in_features = tensor.shape
-        per_int = 32 // bits
-        if in_features % per_int or out_features % per_int:
-            raise ValueError(f"{key}: shape {list(tensor.shape)}; GPTQ needs both sizes to be multiples of "
-                             f"{per_int} at {bits} bits")
-        packed = quantize_rtn(tensor, bits, group_size, sym, spec.zero_offset)
-        for part, value in packed.items():
-            add(f"{prefix}.{part}", value)
-        bias_key = prefix + ".bias"
-        if bias_key in files:
-            add(bias_key, files[bias_key].read(bias_key).to(torch.float16))
+    try:
+        for key in sorted(files, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]):
+            if key.endswith(".bias") and QUANTIZED.match(key[: -len(".bias")] + ".weight"):
+                continue  # written with its layer's packed tensors
+            tensor = files[key].read(key)
+            match = QUANTIZED.match(key)
+            if match is None:
+                add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                continue
+            prefix = key[: -len(".weight")]
+            block_names.add(match.group(2))
+            out_features, in_features = tensor.shape
+            per_int = 32 // bits
+            if in_features % per_int or out_features % per_int:
+                raise ValueError(f"{key}: shape {list(tensor.shape)}; GPTQ needs both sizes to be multiples of "
+                                 f"{per_int} at {bits} bits")
+            packed = quantize_rtn(tensor, bits, spec.group_size, spec.sym, spec.zero_offset)
+            for part, value in packed.items():
+                add(f"{prefix}.{part}", value)
+            bias_key = prefix + ".bias"
+            if bias_key in files:
+                add(bias_key, files[bias_key].read(bias_key).to(torch.float16))
+            if bar is not None:
+                bar.update(1)
+        flush()
+    finally:
         if bar is not None:
-            bar.update(1)
-    flush()
-    if bar is not None:
-        bar.close()
-    _write_index(dst, shards)
+            bar.close()
+    _write_index(out, shards)
 
     config["quantization_config"] = spec.to_dict(_block_groups(block_names))
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     for name in os.listdir(src):
         if name.endswith(_COPIED) and name not in ("config.json", INDEX_FILE):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
+            shutil.copy(os.path.join(src, name), os.path.join(out, name))
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    return dst
 
 
 def _shard_name(index):
