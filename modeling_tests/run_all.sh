@@ -5,7 +5,12 @@
 #             its day (optimum 1.17.1 + auto-gptq 0.7.1 + peft 0.9.0): the int4 tests compare against auto-gptq
 #   cuda-build: torch 2.14.1 (a CUDA build, ~5.5 GB) + transformers 5.23.0: compiles the CUDA extension for
 #             sm_80 + sm_90 with the nvcc on PATH and loads it (no GPU needed), then the GPU-free op tests
-# Usage: bash modeling_tests/run_all.sh [newest|blog-era|cuda-build|all] [extra pytest args]
+#   sanitize: the newest stack's venv, with the CPU ops built with AddressSanitizer + UBSan (QWEN2_MOE_HF_SANITIZE)
+#             and the sanitizer runtime preloaded: the op, property and cpu-backend tests, where a read out of
+#             bounds aborts the test instead of passing by luck
+# The CPU ops must build on the stacks that run them (QWEN2_MOE_HF_REQUIRE_CPU_OPS=1: conftest.py fails the run
+# instead of letting their tests skip).
+# Usage: bash modeling_tests/run_all.sh [newest|blog-era|cuda-build|sanitize|all] [extra pytest args]
 # Env: VENV_ROOT (default: the repository), PYTHON (default: python3), KEEP_VENVS=1 to reuse existing venvs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,16 +27,30 @@ declare -A STACK_PACKAGES=(
   [blog-era]="torch==2.13.0 transformers==4.38.2 accelerate optimum==1.17.1 auto-gptq==0.7.1 peft==0.9.0"
   [cuda-build]="torch==2.14.1 transformers==5.23.0 accelerate"
 )
+STACK_PACKAGES[sanitize]=${STACK_PACKAGES[newest]}
 # What each stack runs (default: the whole suite).
 declare -A STACK_TESTS=(
   [cuda-build]="modeling_tests/test_cuda_extension.py modeling_tests/test_moe_ops.py"
+  [sanitize]="modeling_tests/test_op_boundaries.py modeling_tests/test_op_properties.py modeling_tests/test_moe_ops.py
+              modeling_tests/test_properties.py modeling_tests/test_cpu_layer.py modeling_tests/test_moe_backends.py
+              modeling_tests/test_gptq.py"
+)
+# The venv each stack runs in (default: its own).
+declare -A STACK_VENV=([sanitize]=newest)
+# Extra environment per stack.
+declare -A STACK_ENV=(
+  [newest]="QWEN2_MOE_HF_REQUIRE_CPU_OPS=1"
+  [blog-era]="QWEN2_MOE_HF_REQUIRE_CPU_OPS=1"
+  [sanitize]="QWEN2_MOE_HF_REQUIRE_CPU_OPS=1 QWEN2_MOE_HF_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1
+              UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1"
 )
 
 run_stack() {
   local name=$1; shift
-  local venv="$VENV_ROOT/.venv-$name"
+  local venv="$VENV_ROOT/.venv-${STACK_VENV[$name]:-$name}"
   echo "=== stack $name: ${STACK_PACKAGES[$name]}"
-  if [ "${KEEP_VENVS:-0}" != 1 ] || [ ! -x "$venv/bin/python" ]; then
+  # A stack that borrows another's venv reuses it when that stack just built it.
+  if { [ "${KEEP_VENVS:-0}" != 1 ] && [ -z "${STACK_VENV[$name]:-}" ]; } || [ ! -x "$venv/bin/python" ]; then
     rm -rf "$venv"
     "$PYTHON" -m venv "$venv"
     # torch 2.13.0 comes from local disk here; the rest from the package registry.
@@ -41,18 +60,24 @@ run_stack() {
       || { cat "$venv/pip.log"; return 1; }
   fi
   "$venv/bin/python" -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} \
+  local preload=""
+  if [ "$name" = sanitize ]; then
+    # ASan's runtime must come first; libstdc++ too, or ASan cannot intercept C++ throws (python does not link it).
+    preload="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)"
+  fi
+  env ${STACK_ENV[$name]:-} ${preload:+LD_PRELOAD="$preload"} TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
     "$venv/bin/python" -m pytest ${STACK_TESTS[$name]:-modeling_tests} -p no:cacheprovider -q -rs "$@"
 }
 
 status=0
 case "$which_stacks" in
-  newest|blog-era|cuda-build) run_stack "$which_stacks" "$@" || status=$? ;;
+  newest|blog-era|cuda-build|sanitize) run_stack "$which_stacks" "$@" || status=$? ;;
   all)
     run_stack newest "$@" || status=$?
+    run_stack sanitize "$@" || status=$?
     run_stack blog-era "$@" || status=$?
     run_stack cuda-build "$@" || status=$?
     ;;
-  *) echo "unknown stack '$which_stacks' (newest | blog-era | cuda-build | all)" >&2; exit 2 ;;
+  *) echo "unknown stack '$which_stacks' (newest | blog-era | cuda-build | sanitize | all)" >&2; exit 2 ;;
 esac
 exit $status
