@@ -3,9 +3,9 @@ import os
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from qwen2_moe_hf import Qwen2MoeConfig, compat
+from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM, compat
 
 import helpers
 
@@ -90,6 +90,17 @@ def test_round_trip_through_save_pretrained(tmp_path):
         ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}),
         ("layer_types", ["full_attention"]),
         ("head_dim", 15),
+        # types, not only ranges: a string where a bool belongs is not read as true
+        ("norm_topk_prob", "false"),
+        ("use_sliding_window", "yes"),
+        ("qkv_bias", 1),
+        ("num_experts", 2.0),
+        ("initializer_range", float("inf")),
+        ("router_aux_loss_coef", float("nan")),
+        ("bos_token_id", "1"),
+        ("mlp_only_layers", "0"),
+        ("pad_token_id", 128),  # == vocab_size
+        ("sliding_window", -1),
     ],
 )
 def test_invalid_values_raise_naming_the_field(field, value):
@@ -98,3 +109,45 @@ def test_invalid_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field.split("_")[0]) as info:
         Qwen2MoeConfig(**kwargs)
     assert field in str(info.value) or field == "rope_parameters" and "rope_type" in str(info.value)
+
+
+BAD_VALUES = [("num_experts_per_tok", 0), ("norm_topk_prob", "false"), ("num_hidden_layers", "3"),
+              ("rms_norm_eps", float("nan")), ("mlp_only_layers", [7]), ("hidden_act", None)]
+
+
+@pytest.mark.parametrize("route", ["init", "config_json", "from_pretrained_kwarg", "config_from_pretrained_kwarg",
+                                   "attribute_before_build", "from_dict"])
+@pytest.mark.parametrize("field, value", BAD_VALUES)
+def test_every_route_validates(tmp_path, route, field, value):
+    """Qwen2MoeConfig(...), config.json, from_pretrained keyword arguments (model and config), from_dict, and an
+    attribute changed before a model is built: each raises ValueError naming the field."""
+    model = helpers.build_model("gqa")
+    folder = str(tmp_path / "ckpt")
+    helpers.save_checkpoint(model, folder)
+    kwargs = helpers.tiny_config_kwargs()
+    with pytest.raises(ValueError, match=rf"Qwen2MoeConfig\.{field}: expected"):
+        if route == "init":
+            Qwen2MoeConfig(**dict(kwargs, **{field: value}))
+        elif route == "config_json":
+            path = tmp_path / "ckpt" / "config.json"
+            data = json.loads(path.read_text())
+            data[field] = value
+            path.write_text(json.dumps(data))
+            AutoModelForCausalLM.from_pretrained(folder)
+        elif route == "from_pretrained_kwarg":
+            AutoModelForCausalLM.from_pretrained(folder, **{field: value})
+        elif route == "config_from_pretrained_kwarg":
+            AutoConfig.from_pretrained(folder, **{field: value})
+        elif route == "from_dict":
+            Qwen2MoeConfig.from_dict(kwargs, **{field: value})
+        else:
+            config = Qwen2MoeConfig(**kwargs)
+            setattr(config, field, value)
+            Qwen2MoeForCausalLM(config)
+
+
+def test_an_unknown_moe_backend_is_refused_when_the_model_is_built():
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs())
+    config.moe_backend = "bogus"
+    with pytest.raises(ValueError, match="moe_backend: unknown backend 'bogus'"):
+        Qwen2MoeForCausalLM(config)

@@ -5,6 +5,8 @@ and `layer_types`. Both load here, and what we save carries both `rope_theta` an
 reads it back. Defaults are transformers' (Qwen1.5-MoE-A2.7B).
 """
 
+import math
+
 from transformers import PretrainedConfig
 
 from . import compat
@@ -17,6 +19,65 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def _bad(field, expected, got):
     return ValueError(f"Qwen2MoeConfig.{field}: expected {expected}, got {got!r}")
+
+
+def _is_int(v):
+    return type(v) is int  # not bool, not float
+
+
+def _is_number(v):
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _int_at_least(lo):
+    return f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo
+
+
+def _token_ids(v):
+    return v is None or _is_int(v) or isinstance(v, (list, tuple)) and all(_is_int(i) for i in v)
+
+
+_BOOL = ("true or false", lambda v: type(v) is bool)
+# Every field's type and range on its own (cross-field rules are in validate()): what a config.json, a keyword
+# argument or an attribute set by hand must satisfy, on every route.
+FIELD_RULES = {
+    **{name: _int_at_least(1) for name in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "decoder_sparse_step")},
+    **{name: _int_at_least(0) for name in (
+        "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts_per_tok",
+        "max_window_layers")},
+    **{name: _BOOL for name in ("use_cache", "tie_word_embeddings", "use_sliding_window", "norm_topk_prob",
+                                "output_router_logits", "qkv_bias")},
+    "rms_norm_eps": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
+    "initializer_range": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    "router_aux_loss_coef": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    "attention_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "hidden_act": (f"one of {SUPPORTED_ACTIVATIONS}", lambda v: isinstance(v, str) and v in SUPPORTED_ACTIVATIONS),
+    # 5.x's built-in config writes 0 when sliding attention is off; when it is on, validate() wants >= 1.
+    "sliding_window": ("null or an integer >= 0", lambda v: v is None or _is_int(v) and v >= 0),
+    "head_dim": ("an even integer >= 2 (or null: hidden_size // num_attention_heads)",
+                 lambda v: _is_int(v) and v >= 2 and v % 2 == 0),
+    "moe_backend": ("null or a backend name", lambda v: v is None or isinstance(v, str)),
+    "mlp_only_layers": ("a list of layer indices", lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v))),
+    "layer_types": (f"a list of {LAYER_TYPES}",
+                    lambda v: isinstance(v, (list, tuple)) and all(t in LAYER_TYPES for t in v)),
+    "pad_token_id": ("null or an integer", lambda v: v is None or _is_int(v)),
+    "bos_token_id": ("null, an integer or a list of integers", _token_ids),
+    "eos_token_id": ("null, an integer or a list of integers", _token_ids),
+    "rope_theta": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
+}
+
+
+_UNSET = object()
+_DERIVED = ("head_dim", "layer_types", "rope_theta", "mlp_only_layers")  # None: computed from the others
+
+
+def check_field(name, value):
+    """Raise ValueError naming `name` when `value` is not of its type or range (FIELD_RULES)."""
+    expected, ok = FIELD_RULES[name]
+    if not ok(value):
+        raise _bad(name, expected, value)
 
 
 class Qwen2MoeConfig(PretrainedConfig):
@@ -62,6 +123,10 @@ class Qwen2MoeConfig(PretrainedConfig):
         eos_token_id=None,
         **kwargs,
     ):
+        # Types and ranges first, before anything is derived from them (a string layer count, say).
+        for name, value in locals().items():
+            if name in FIELD_RULES and not (value is None and name in _DERIVED):
+                check_field(name, value)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -86,14 +151,13 @@ class Qwen2MoeConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.output_router_logits = output_router_logits
         self.router_aux_loss_coef = router_aux_loss_coef
-        self.mlp_only_layers = [] if mlp_only_layers is None else list(mlp_only_layers)
+        self.mlp_only_layers = [] if mlp_only_layers is None else mlp_only_layers
         self.qkv_bias = qkv_bias
         if head_dim is None:
             # Derived, and written out: transformers' own attention reads `head_dim` when the attribute exists.
-            if isinstance(hidden_size, int) and isinstance(num_attention_heads, int) and num_attention_heads > 0:
-                if hidden_size % num_attention_heads:
-                    raise _bad("hidden_size", f"a multiple of num_attention_heads ({num_attention_heads})", hidden_size)
-                head_dim = hidden_size // num_attention_heads
+            if hidden_size % num_attention_heads:
+                raise _bad("hidden_size", f"a multiple of num_attention_heads ({num_attention_heads})", hidden_size)
+            head_dim = hidden_size // num_attention_heads
         self.head_dim = head_dim
         # Which expert-dispatch backend runs this model (None: env QWEN2_MOE_HF_MOE_BACKEND, else "auto").
         self.moe_backend = moe_backend
@@ -108,9 +172,10 @@ class Qwen2MoeConfig(PretrainedConfig):
                 else "full_attention"
                 for i in range(self.num_hidden_layers)
             ]
-        self.layer_types = list(layer_types)
+        self.layer_types = layer_types
         # Before the base class: 5.x's own validators would otherwise report some of these less plainly.
         self.validate()
+        self.mlp_only_layers, self.layer_types = list(self.mlp_only_layers), list(self.layer_types)
 
         super().__init__(tie_word_embeddings=tie_word_embeddings, **compat.config_base_kwargs(kwargs))
         # 5.x's base __post_init__ standardizes rope_parameters in place; keep ours authoritative.
@@ -121,6 +186,14 @@ class Qwen2MoeConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.validate()  # again, with the fields the base class set
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers sets from_pretrained's keyword arguments as attributes after __init__: validate them too.
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate()
+        return result
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
@@ -138,25 +211,14 @@ class Qwen2MoeConfig(PretrainedConfig):
         )
 
     def validate(self):
-        """Raise ValueError naming the first field whose value cannot describe a working model."""
-        positive = (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-            "decoder_sparse_step",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _bad(name, "an integer >= 1", value)
-        for name in ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts_per_tok"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _bad(name, "an integer >= 0", value)
+        """Raise ValueError naming the first field whose value cannot describe a working model: each field's type
+        and range (FIELD_RULES), then the rules between fields. Run by __init__, by from_dict after from_pretrained's
+        keyword arguments are applied, and by every model and MoE block built from this config (so attributes
+        changed by hand are checked too)."""
+        for name in FIELD_RULES:
+            value = getattr(self, name, _UNSET)
+            if value is not _UNSET:  # the base class sets tie_word_embeddings and the token ids after __init__'s check
+                check_field(name, value)
         if self.num_experts > 0:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise _bad(
@@ -170,29 +232,19 @@ class Qwen2MoeConfig(PretrainedConfig):
                 f"a divisor of num_attention_heads ({self.num_attention_heads})",
                 self.num_key_value_heads,
             )
-        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
-            raise _bad("head_dim", "an integer >= 1 (or null: hidden_size // num_attention_heads)", self.head_dim)
-        if self.head_dim % 2:
-            raise _bad("head_dim", "an even size (RoPE rotates pairs)", self.head_dim)
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise _bad("hidden_act", f"one of {SUPPORTED_ACTIVATIONS}", self.hidden_act)
-        bad_layers = [i for i in self.mlp_only_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad_layers:
             raise _bad("mlp_only_layers", f"layer indices in [0, {self.num_hidden_layers - 1}]", bad_layers)
-        if not isinstance(self.rms_norm_eps, (int, float)) or not self.rms_norm_eps > 0:
-            raise _bad("rms_norm_eps", "a number > 0", self.rms_norm_eps)
-        if not isinstance(self.attention_dropout, (int, float)) or not 0 <= self.attention_dropout < 1:
-            raise _bad("attention_dropout", "a number in [0, 1)", self.attention_dropout)
-        if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
-            raise _bad(
-                "layer_types", f"{self.num_hidden_layers} entries from {LAYER_TYPES}", self.layer_types
-            )
-        if "sliding_attention" in self.layer_types and not (
-            isinstance(self.sliding_window, int) and self.sliding_window >= 1
-        ):
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise _bad("layer_types", f"{self.num_hidden_layers} entries from {LAYER_TYPES}", self.layer_types)
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise _bad("sliding_window", "an integer >= 1 when sliding attention is used", self.sliding_window)
-        if self.moe_backend is not None and not isinstance(self.moe_backend, str):
-            raise _bad("moe_backend", "a backend name or null", self.moe_backend)
+        pad = getattr(self, "pad_token_id", None)
+        if pad is not None and not -self.vocab_size <= pad < self.vocab_size:
+            raise _bad("pad_token_id", f"null or an index into the vocabulary [0, {self.vocab_size})", pad)
+        rope = getattr(self, "rope_parameters", None)
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") not in SUPPORTED_ROPE_TYPES:
+            raise _bad("rope_parameters", f"a dict with rope_type one of {SUPPORTED_ROPE_TYPES}", rope)
 
 
 def _normalize_rope(rope_theta, rope_parameters, rope_scaling):

@@ -206,6 +206,7 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        validate_config(config)
         self.config = config
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
@@ -261,6 +262,14 @@ class Qwen2MoeDecoderLayer(nn.Module):
         return clamp_fp16(residual + hidden_states), attn_weights, router_logits
 
 
+def validate_config(config):
+    """Every field of the config, as the model is built from it: attributes changed by hand since the config was
+    made (or set by from_pretrained's keyword arguments) are checked here too. A moe_backend must be a known name."""
+    config.validate()
+    if getattr(config, "moe_backend", None) is not None:
+        requested_backend(config.moe_backend)
+
+
 class Qwen2MoePreTrainedModel(PreTrainedModel):
     config_class = Qwen2MoeConfig
     base_model_prefix = "model"
@@ -271,6 +280,11 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True  # transformers 4.x
     _supports_flash_attn = True  # transformers 5.x
     _supports_cache_class = True
+
+    def __init__(self, config, *inputs, **kwargs):
+        if isinstance(config, Qwen2MoeConfig):
+            validate_config(config)
+        super().__init__(config, *inputs, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
