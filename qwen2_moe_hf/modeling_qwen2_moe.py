@@ -322,6 +322,44 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
             compat.init_ones_(module.weight)
 
 
+def check_inputs(input_ids, inputs_embeds, position_ids, hidden_size):
+    """Shapes and dtypes of the model's inputs, each error naming the argument (instead of an unpacking or index
+    error deep inside, or a silently broadcast position)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Give exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids: expected integer token ids of shape [batch, sequence], got "
+                             f"{input_ids.dtype} of shape {list(input_ids.shape)} (a single sequence is [1, length])")
+        shape, name = tuple(input_ids.shape), "input_ids"
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(f"inputs_embeds: expected shape [batch, sequence, hidden_size={hidden_size}], got "
+                             f"{list(inputs_embeds.shape)}")
+        shape, name = tuple(inputs_embeds.shape[:2]), "inputs_embeds"
+    if shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (shape {list(shape)}); give at least one sequence")
+    if shape[1] == 0:
+        raise ValueError(f"{name}: empty sequence (shape {list(shape)}); give at least one token")
+    if position_ids is not None and (
+            position_ids.dim() != 2 or position_ids.shape[0] not in (1, shape[0]) or position_ids.shape[1] != shape[1]
+            or position_ids.dtype.is_floating_point):
+        raise ValueError(f"position_ids: expected integer positions of shape [batch={shape[0]} (or 1), "
+                         f"sequence={shape[1]}], got {position_ids.dtype} of shape {list(position_ids.shape)}")
+
+
+def check_labels(labels, shape, num_classes, what="the vocabulary", ignore_index=-100):
+    """Class ids outside [0, num_classes) (other than ignore_index) raise naming the first one, instead of an index
+    error on CPU or a device-side assert on GPU (one host sync; training only)."""
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels: expected shape {list(shape)}, got {list(labels.shape)}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        position = bad.nonzero()[0].tolist()
+        raise ValueError(f"labels: {int(labels[tuple(position)])} at position {position} is outside {what} "
+                         f"[0, {num_classes}) (and is not the ignored {ignore_index})")
+
+
 def check_input_ids(input_ids, vocab_size):
     """Token ids outside [0, vocab_size) raise here, naming the id, instead of an index error on CPU or a
     device-side assert on GPU (which leaves the CUDA context unusable). Costs one host sync per forward on GPU."""
@@ -376,8 +414,7 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         use_cache = use_cache if use_cache is not None else config.use_cache
         return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Give exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds, position_ids, config.hidden_size)
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
@@ -385,8 +422,6 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
             check_input_ids(input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)
         batch, q_len = inputs_embeds.shape[:2]
-        if q_len == 0:
-            raise ValueError(f"input: empty sequence (shape {tuple(inputs_embeds.shape[:2])}); give at least one token")
 
         past_key_values = compat.as_cache(past_key_values)
         if use_cache and past_key_values is None:
@@ -542,7 +577,10 @@ class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        loss = _causal_lm_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            check_labels(labels, (hidden_states.shape[0], hidden_states.shape[1]), config.vocab_size)
+            loss = _causal_lm_loss(logits, labels)
         aux_loss = None
         if output_router_logits:
             aux_loss = load_balancing_loss_func(
@@ -600,6 +638,8 @@ class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel):
         )
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
+        if self.config.pad_token_id is None and batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")  # as transformers
         if input_ids is not None and self.config.pad_token_id is not None:
             # Rightmost non-pad token, which is correct for both left and right padding.
             non_pad = (input_ids != self.config.pad_token_id).int()
@@ -612,6 +652,8 @@ class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel):
         loss = None
         if labels is not None:
             labels = labels.to(pooled.device)
+            if self.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+                check_labels(labels, (batch,), self.num_labels, what="the labels (num_labels)")
             if self.num_labels == 1:
                 loss = F.mse_loss(pooled.squeeze(-1).float(), labels.float())
             elif labels.dtype in (torch.long, torch.int):
