@@ -73,17 +73,11 @@ def load_cpu_ops() -> Status:
     holds the cpu backend's direct entry points. When they cannot be had, warns once, naming the cause."""
     from . import ops  # noqa: F401  (the schemas the compiled implementations attach to)
 
-    tag, flags = _cpu_flags()
-    cflags, ldflags = ["-O3", "-fopenmp", *flags], ["-fopenmp"]
-    name = f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}"
-    if sanitized():
-        preload = os.environ.get("LD_PRELOAD", "")
-        if "libasan" not in preload:
-            # Loading an ASan-built library into a process without the runtime preloaded kills the process.
-            return _unavailable("cpu", f"{ENV_SANITIZE}=1 needs the ASan runtime preloaded (LD_PRELOAD=\"$(c++ "
-                                       "-print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)\")")[:2]
-        cflags, ldflags, name = ["-O1", "-g", "-fopenmp", *flags, *SANITIZE_FLAGS], \
-            ["-fopenmp", "-fsanitize=address,undefined"], name + "_asan_ubsan"
+    name, cflags, ldflags = cpu_build()
+    if sanitized() and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        # Loading an ASan-built library into a process without the runtime preloaded kills the process.
+        return _unavailable("cpu", f"{ENV_SANITIZE}=1 needs the ASan runtime preloaded (LD_PRELOAD=\"$(c++ "
+                                   "-print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)\")")[:2]
     ok, why, module = build_extension(
         "cpu", name, sources=[os.path.join(CSRC, "cpu", n) for n in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp",
                                                                       "gptq_int4_cpu.cpp")],
@@ -91,6 +85,16 @@ def load_cpu_ops() -> Status:
     if ok:
         _cpu_module.append(module)
     return ok, why
+
+
+def cpu_build() -> Tuple[str, List[str], List[str]]:
+    """(extension name, compile flags, link flags) of the CPU ops for this machine and mode."""
+    tag, flags = _cpu_flags()
+    name = f"qwen2_moe_hf_cpu_{tag}_torch{_torch_tag()}"
+    if sanitized():
+        return (name + "_asan_ubsan", ["-O1", "-g", "-fopenmp", *flags, *SANITIZE_FLAGS],
+                ["-fopenmp", "-fsanitize=address,undefined"])
+    return name, ["-O3", "-fopenmp", *flags], ["-fopenmp"]
 
 
 def cpu_module():
