@@ -128,11 +128,22 @@ def run_outputs(model, vocab_size, max_new_tokens=32):
     }
 
 
-def relative_error(actual, expected, mask=None):
-    """max |actual - expected| / max |expected| over the rows `mask` selects (real tokens, not padding)."""
+def row_error(actual, expected, mask=None):
+    """The largest per-row relative error: over rows (every dimension but the last; those `mask` selects, e.g. real
+    tokens, not padding), max |actual - expected| / max |expected| within the row. Per row, so that one wrong token
+    cannot hide behind rows of larger values, as it can under a global max or a norm. Rows of zeros compare
+    absolutely (scale floor 1e-6)."""
     if mask is not None:
         actual, expected = actual[..., mask, :], expected[..., mask, :]
-    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+    a = actual.float().reshape(-1, actual.shape[-1]) if actual.dim() else actual.float().reshape(1, 1)
+    e = expected.float().reshape(-1, expected.shape[-1]) if expected.dim() else expected.float().reshape(1, 1)
+    if a.shape != e.shape:
+        raise AssertionError(f"shapes differ: {list(actual.shape)} vs {list(expected.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    err = (a - e).abs().amax(-1)
+    return (err / e.abs().amax(-1).clamp_min(1e-6)).max().item()
+
 
 
 class Scaled(torch.nn.Module):

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from qwen2_moe_hf.gptq.format import dequantize
 from qwen2_moe_hf.moe.routing import route
 
+from helpers import row_error  # noqa: F401  (the comparison every op test uses)
+
 
 def topk_softmax(logits, k, renormalize):
     probs = torch.softmax(logits.float(), dim=-1)
@@ -100,18 +102,6 @@ def moe_ffn_int4(x, topk_ids, topk_weights, experts, shared, shared_expert_gate,
 def moe_block_int4(x, router_logits, top_k, renormalize, experts, shared, shared_expert_gate, zero_offset):
     topk_weights, topk_ids = route(router_logits, top_k, renormalize)
     return moe_ffn_int4(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset)
-
-
-def row_error(actual, expected):
-    """The largest per-row relative error: max over rows of max |actual - expected| / max |expected| in that row
-    (a row of zeros is compared absolutely). Per row, so that one wrong token cannot hide behind large others."""
-    a = actual.float().reshape(-1, actual.shape[-1]) if actual.dim() else actual.float().reshape(1, 1)
-    e = expected.float().reshape(-1, expected.shape[-1]) if expected.dim() else expected.float().reshape(1, 1)
-    if a.numel() == 0:
-        return 0.0
-    err = (a - e).abs().amax(-1)
-    scale = e.abs().amax(-1).clamp_min(1e-6)
-    return (err / scale).max().item()
 
 
 # fp32: accumulation order; bf16 / fp16: both sides round the output once (up to one ulp apart: 2^-8, 2^-11).

@@ -3,6 +3,15 @@
 On 5.x the built-in runs live beside ours, and the recorded fixtures are checked against it too; on the blog-era
 stack (no qwen2_moe in transformers) ours is compared with those fixtures. Either way our side loads the checkpoint
 through AutoModelForCausalLM, so registration and loading are part of what is checked.
+
+Every error is per row (helpers.row_error): one wrong token cannot hide behind larger ones.
+
+The fixtures were recorded on one CPU and are compared with results computed on another: the tolerances below hold
+across the CPUs this project is tested on, not only the recording machine's. Measured (transformers' own model,
+recording vs live, per row): fp32 logits agree within 3e-6 (AVX2-only AMD, AVX-512 BF16 Intel and AMD), bf16 only
+within ~2e-2, and bf16 greedy continuations differ, because oneDNN's bf16 kernels round differently on each ISA. So
+fp32 is held to FP32_TOL with exact greedy tokens (their top-2 margins, checked below, are 100x the spread), and
+bf16 to BF16_TOL, never to its tokens.
 """
 
 import pytest
@@ -16,9 +25,11 @@ from qwen2_moe_hf.modeling_qwen2_moe import Qwen2MoeForCausalLM
 
 import helpers
 
-FP32_TOL = 1e-4  # relative, on logits (the issue's bound)
-ROUTER_TOL = 1e-5  # relative, on router logits and aux loss: the same math in the same dtype
-BF16_TOL = 5e-2  # relative, ours vs built-in, both bf16: a few bf16 ulps after routers with logits of ~10
+FP32_TOL = 1e-4  # per-row relative, on logits: ours vs the built-in, and a recording vs a live run on any CPU
+ROUTER_TOL = 1e-5  # relative, on router logits and aux loss, ours vs the built-in on the same CPU
+BF16_TOL = 5e-2  # per-row relative, bf16 vs bf16 (ours vs the built-in, or a recording vs a live run)
+BF16_ACCURACY = 1.5  # ours in bf16 is at most this much further from fp32 than the built-in in bf16 (no slack)
+MIN_GREEDY_MARGIN = 1e-4  # top-1 minus top-2 logit over the row's largest, at every recorded greedy step
 
 
 def _reference(name, path, fingerprint, dtype):
@@ -38,10 +49,16 @@ def _reference(name, path, fingerprint, dtype):
     builtin = Builtin.from_pretrained(path, **compat.dtype_kwarg(dtype)).eval()
     assert not isinstance(builtin, Qwen2MoeForCausalLM)
     live = helpers.run_outputs(builtin, helpers.PARITY_CONFIGS[name]["vocab_size"])
-    # The fixtures the 4.38 stack relies on must still be what the built-in computes.
-    mask = helpers.parity_inputs(live["logits"].shape[-1])[1].reshape(-1).bool()
-    assert helpers.relative_error(recorded["logits"].flatten(0, 1), live["logits"].flatten(0, 1), mask) < 1e-6
-    assert torch.equal(recorded["generated"], live["generated"])
+    # The fixtures the 4.38 stack relies on must still be what the built-in computes, within what varies by CPU.
+    mask = helpers.parity_inputs(2)[1].reshape(-1).bool()
+    flat = lambda t: t.flatten(0, 1)  # noqa: E731
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    err = helpers.row_error(flat(recorded["logits"]), flat(live["logits"]), mask)
+    router_err = helpers.row_error(recorded["router_logits"], live["router_logits"], mask)
+    assert err <= tol and router_err <= tol, (f"{name} {dtype}: the fixture is {err:.1e} (logits) / {router_err:.1e} "
+                                              "(router) from the live built-in; re-record it?")
+    if dtype == torch.float32:
+        assert torch.equal(recorded["generated"], live["generated"])
     return live
 
 
@@ -75,10 +92,10 @@ def test_fp32_parity(checkpoint, backend):
     got = helpers.run_outputs(_ours(path, torch.float32, backend), helpers.PARITY_CONFIGS[name]["vocab_size"])
     _, attention_mask, _ = helpers.parity_inputs(2)
     real = attention_mask.reshape(-1).bool()
-    rel = helpers.relative_error(got["logits"].flatten(0, 1), expected["logits"].flatten(0, 1), real)
+    rel = helpers.row_error(got["logits"].flatten(0, 1), expected["logits"].flatten(0, 1), real)
     assert rel <= FP32_TOL, f"{name}: logits relative error {rel:.2e}"
     # Router logits of real tokens (those of padding positions depend on how a stack masks empty rows).
-    router_rel = helpers.relative_error(got["router_logits"], expected["router_logits"], real)
+    router_rel = helpers.row_error(got["router_logits"], expected["router_logits"], real)
     assert router_rel <= ROUTER_TOL, f"{name}: router logits relative error {router_rel:.2e}"
     assert torch.allclose(got["aux_loss"], expected["aux_loss"], rtol=ROUTER_TOL, atol=0)
     assert torch.equal(got["generated"], expected["generated"]), f"{name}: greedy continuations differ"
@@ -91,12 +108,12 @@ def test_bf16_parity(checkpoint, backend):
     got = helpers.run_outputs(_ours(path, torch.bfloat16, backend), helpers.PARITY_CONFIGS[name]["vocab_size"], 1)
     real = helpers.parity_inputs(2)[1].reshape(-1).bool()
     got_logits, expected_logits = got["logits"].flatten(0, 1), expected["logits"].flatten(0, 1)
-    rel = helpers.relative_error(got_logits, expected_logits, real)
-    assert rel <= BF16_TOL, f"{name}: bf16 logits relative error {rel:.2e}"
+    rel = helpers.row_error(got_logits, expected_logits, real)
+    assert rel <= BF16_TOL, f"{name}: bf16 logits per-row relative error {rel:.2e}"
     # And ours is as accurate as the built-in's own bf16 run, measured against the fp32 result.
-    ours_err = helpers.relative_error(got_logits, exact, real)
-    builtin_err = helpers.relative_error(expected_logits, exact, real)
-    assert ours_err <= 1.6 * builtin_err + 1e-2, f"{name}: bf16 error {ours_err:.2e} vs built-in's {builtin_err:.2e}"
+    ours_err = helpers.row_error(got_logits, exact, real)
+    builtin_err = helpers.row_error(expected_logits, exact, real)
+    assert ours_err <= BF16_ACCURACY * builtin_err, f"{name}: bf16 error {ours_err:.2e} vs built-in's {builtin_err:.2e}"
     # (Greedy continuations are compared in fp32 only: in bf16 one near-tie, rounded differently by a backend that
     # accumulates in fp32, legitimately sends them apart.)
 
@@ -123,7 +140,7 @@ def test_a_wrong_router_fails_the_tolerance(checkpoint, monkeypatch, mutation):
     monkeypatch.setattr(routing, "route", mutation(routing.route))
     got = helpers.run_outputs(_ours(path, torch.float32), helpers.PARITY_CONFIGS[name]["vocab_size"], 1)
     real = helpers.parity_inputs(2)[1].reshape(-1).bool()
-    rel = helpers.relative_error(got["logits"].flatten(0, 1), expected["logits"].flatten(0, 1), real)
+    rel = helpers.row_error(got["logits"].flatten(0, 1), expected["logits"].flatten(0, 1), real)
     assert rel > 10 * FP32_TOL, f"{name}: a wrong router moved logits by only {rel:.2e}"
 
 
@@ -137,3 +154,22 @@ def test_routing_is_far_from_uniform(checkpoint):
     probs = torch.softmax(torch.cat(out.router_logits), -1)
     assert probs.max(-1).values.mean() > 3.0 / model.config.num_experts
     assert qwen2_moe_hf.Qwen2MoeConfig is type(model.config)
+
+
+def test_recorded_greedy_paths_are_far_from_ties(checkpoint):
+    """Greedy tokens are compared exactly (in fp32), across CPUs: that is sound only if no step of the recorded
+    continuations is a near-tie. Every step's top-2 margin must exceed MIN_GREEDY_MARGIN, over 30x the largest
+    fp32 difference seen between CPUs (3e-6 per row). Computed with our model, which agrees with the built-in to
+    FP32_TOL, on both stacks."""
+    name, path, fp = checkpoint
+    model = _ours(path, torch.float32)
+    input_ids, attention_mask, _ = helpers.parity_inputs(model.config.vocab_size)
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32, do_sample=False,
+                             pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    margins = []
+    for scores in out.scores:
+        top = scores.float().topk(2, -1).values
+        margins.append(((top[:, 0] - top[:, 1]) / scores.float().abs().amax(-1)).min().item())
+    assert min(margins) >= MIN_GREEDY_MARGIN, f"{name}: a greedy step is a near-tie ({min(margins):.1e})"
+    assert torch.equal(out.sequences[:, input_ids.shape[1]:], _reference(name, path, fp, torch.float32)["generated"])

@@ -1,0 +1,119 @@
+"""Routing from bf16 / fp16 router logits is fp32 routing of those logits: softmax and top-k in float32, weights
+rounded once to the logits' dtype at the end. Asserted exactly for every routing implementation (the Python
+route(), the topk_softmax op, the fused routing inside the CPU ops and every backend's block), because the
+logit-level parity tests cannot tell: routing in bf16 moves bf16 logits by less than their own tolerance."""
+
+import pytest
+import torch
+
+import qwen2_moe_hf
+from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+from qwen2_moe_hf.moe import moe_forward, route
+from qwen2_moe_hf.moe.extension import cpu_module, load_cpu_ops
+
+import helpers
+import op_reference as ref
+
+CPU_OPS, WHY = load_cpu_ops()
+needs_ops = pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {WHY}")
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _fp32_routing(logits, k, renormalize):
+    probs = torch.softmax(logits.float(), -1)
+    weights, ids = torch.topk(probs, k, -1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+def _logits(dtype, tokens=64, experts=60, seed=0):
+    # Spread like a real router's (several units), so bf16 rounding of the probabilities would change weights.
+    return (torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_route_is_fp32_routing(dtype, renormalize):
+    logits = _logits(dtype)
+    weights, ids = route(logits, 4, renormalize)
+    want_weights, want_ids = _fp32_routing(logits, 4, renormalize)
+    assert torch.equal(ids, want_ids)
+    assert weights.dtype == dtype and torch.equal(weights, want_weights.to(dtype))
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_topk_softmax_op_is_fp32_routing(dtype, renormalize):
+    logits = _logits(dtype)
+    weights, ids = torch.ops.qwen2_moe_hf.topk_softmax(logits, 4, renormalize)
+    # Its contract breaks ties by the lower expert id (bf16 logits tie often): the fp32 order with that rule.
+    probs = torch.softmax(logits.float(), -1)
+    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :4]
+    want = probs.gather(1, order)
+    want = want / want.sum(-1, keepdim=True) if renormalize else want
+    assert torch.equal(ids, order) and weights.dtype == torch.float32
+    torch.testing.assert_close(weights, want, rtol=1e-6, atol=1e-8)
+
+
+def _dense_args(hidden=32, inter=16, experts=8, seed=1, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    w = lambda *s: (torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(dtype)  # noqa: E731
+    return ([w(inter, hidden) for _ in range(experts)], [w(inter, hidden) for _ in range(experts)],
+            [w(hidden, inter) for _ in range(experts)], w(24, hidden), w(24, hidden), w(hidden, 24), w(1, hidden))
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fused_routing_in_the_cpu_ops_is_fp32_routing(dtype, renormalize):
+    """moe_block_cpu / moe_block_int4_cpu / the direct moe_block route inside the op: their output must equal,
+    bit for bit, the same op family's output given fp32 routing of the same logits."""
+    ops = torch.ops.qwen2_moe_hf
+    args = _dense_args(dtype=dtype)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
+    logits = _logits(dtype, experts=8, seed=3)
+    weights, ids = _fp32_routing(logits, 3, renormalize)
+    want = ops.moe_ffn_cpu(x, ids, weights.to(dtype), *args)
+    assert torch.equal(ops.moe_block_cpu(x, logits, 3, renormalize, *args), want)
+    pack = cpu_module().LayerPack([t for e in range(8) for t in (args[0][e], args[1][e], args[2][e])] +
+                                  list(args[3:6]), 8, False, 0)
+    assert torch.equal(cpu_module().moe_block(x, logits, 3, renormalize, pack, args[6]), want)
+    from test_op_boundaries import _int4  # the table's int4 layer maker (qwen2_moe_hf.gptq.format.quantize_rtn)
+
+    gen = torch.Generator().manual_seed(4)
+    experts = [t for _ in range(8) for t in _int4(gen, 16, 32) + _int4(gen, 16, 32) + _int4(gen, 32, 16)]
+    shared = _int4(gen, 24, 32) + _int4(gen, 24, 32) + _int4(gen, 32, 24)
+    want = ops.moe_ffn_int4_cpu(x, ids, weights.to(dtype), experts, shared, args[6], 1)
+    assert torch.equal(ops.moe_block_int4_cpu(x, logits, 3, renormalize, experts, shared, args[6], 1), want)
+
+
+BACKENDS = [name for name, state in qwen2_moe_hf.env_report().items() if state == "available"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF)
+def test_every_backends_block_routes_in_fp32(backend, dtype):
+    """A bf16 / fp16 block on each backend (the cpu one routes inside its fused op) equals the same backend's
+    experts run on fp32 routing of the block's own router logits."""
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(num_experts=8, num_experts_per_tok=3, moe_backend=backend))
+    block = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), seed=6).to(dtype).eval()
+    x = torch.randn(2, 30, config.hidden_size, generator=torch.Generator().manual_seed(7)).to(dtype)
+    with torch.no_grad():
+        out, logits = block(x, return_router_logits=True)
+        weights, ids = _fp32_routing(logits, 3, config.norm_topk_prob)
+        want = moe_forward(x.reshape(-1, x.shape[-1]), ids, weights.to(dtype), block.experts, block.shared_expert,
+                           block.shared_expert_gate, backend=backend)
+    assert torch.equal(out.reshape(want.shape), want)
+
+
+def test_bf16_routing_would_be_seen():
+    """The premise: on these logits, routing in bf16 (softmax, top-k and renormalisation in the logits' dtype)
+    changes the weights, so the tests above can fail; yet by less than bf16 parity's tolerance."""
+    logits = _logits(torch.bfloat16)
+    weights_bf16 = torch.topk(torch.softmax(logits, -1), 4, -1).values
+    weights_bf16 = weights_bf16 / weights_bf16.sum(-1, keepdim=True)
+    fp32 = _fp32_routing(logits, 4, True)[0].to(torch.bfloat16)
+    assert not torch.equal(weights_bf16, fp32)
+    assert ref.row_error(weights_bf16, fp32) < 1e-2
