@@ -88,16 +88,93 @@ def test_pack_unpack_round_trip(bits, rows, cols, seed):
     assert torch.equal(gptq_format.unpack_rows(gptq_format.pack_rows(full, bits), bits), full)
 
 
+def within_half_a_step(deq, weight, scales, g_idx):
+    """Every element of deq [N, K] within half a quantization step of weight (fp32 division's rounding aside)."""
+    step = scales.float()[g_idx.long()].t()  # [N, K]
+    excess = (deq - weight).abs() - (0.5 * step + weight.abs() * 1e-6 + 1e-9)
+    return excess.max().item() <= 0, excess.max().item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group_size", [32, -1])
 @pytest.mark.parametrize("zero_offset", [1, 0])
-def test_rtn_error_is_within_half_a_step(sym, group_size, zero_offset):
-    weight = torch.randn(48, 128)
-    packed = gptq_format.quantize_rtn(weight, 4, group_size, sym, zero_offset)
-    deq = gptq_format.dequantize(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4,
+@pytest.mark.parametrize("values", ["normal", "positive", "negative", "with_zero_group"])
+def test_rtn_error_is_within_half_a_step(bits, sym, group_size, zero_offset, values):
+    """Every weight, not 99% of them: a group whose zero sits at the format's bound (all-positive weights in the v1
+    format, whose zeros are >= 1), the fp16 rounding of the scale and all-zero groups included."""
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits + zero_offset))
+    if values == "positive":
+        weight = weight.abs()
+    elif values == "negative":
+        weight = -weight.abs()
+    elif values == "with_zero_group":
+        weight[:, :32] = 0
+    packed = gptq_format.quantize_rtn(weight, bits, group_size, sym, zero_offset)
+    deq = gptq_format.dequantize(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits,
                                  zero_offset, torch.float32)
-    step = packed["scales"].float()[packed["g_idx"].long()].t()  # [N, K]
-    assert ((deq - weight).abs() <= step * 0.5 + 1e-6).float().mean() > 0.99  # clamping may cost a few
+    ok, excess = within_half_a_step(deq, weight, packed["scales"], packed["g_idx"])
+    assert ok and torch.isfinite(packed["scales"].float()).all(), f"a weight is {excess:.2e} past half a step"
+
+
+def _pack_nibbles(values, along_rows):
+    """A plain-Python packer, independent of format.pack_rows / pack_cols: 8 four-bit values per int32, the first
+    in the lowest bits, along rows (qweight) or columns (qzeros)."""
+    rows, cols = values.shape
+    out = []
+    if along_rows:
+        for r in range(0, rows, 8):
+            out.append([sum(int(values[r + j, c]) << (4 * j) for j in range(8)) for c in range(cols)])
+    else:
+        for r in range(rows):
+            out.append([sum(int(values[r, c + j]) << (4 * j) for j in range(8)) for c in range(0, cols, 8)])
+    return torch.tensor([[v - 2**32 if v >= 2**31 else v for v in row] for row in out], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_the_zero_offset_of_each_format_is_pinned(fmt, tmp_path):
+    """v1 ("gptq") stores zero - 1, v2 stores the zero itself (AutoGPTQ / GPTQModel). Tensors packed by hand here,
+    from known integers, must dequantize to scale * (q - zero) through format.dequantize, the CPU op and a
+    checkpoint loaded with that checkpoint_format: a writer and reader that shared one wrong offset table would
+    fail here."""
+    k, n, group = 32, 16, 16
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    zero = torch.randint(1, 16, (k // group, n), generator=gen)  # 1..15: representable in both formats
+    scales = (torch.rand(k // group, n, generator=gen) * 0.1 + 0.01).half()
+    g_idx = torch.arange(k, dtype=torch.int32) // group
+    expected = (scales.float()[g_idx.long()] * (q - zero[g_idx.long()]).float()).t()  # [N, K]
+    stored_zero = zero - 1 if fmt == "gptq" else zero
+    tensors = {"qweight": _pack_nibbles(q, True), "qzeros": _pack_nibbles(stored_zero, False), "scales": scales,
+               "g_idx": g_idx}
+    spec = GPTQSpec(bits=4, group_size=group, checkpoint_format=fmt)
+    assert spec.zero_offset == (1 if fmt == "gptq" else 0)
+    assert torch.equal(gptq_format.dequantize(*tensors.values(), 4, spec.zero_offset, torch.float32), expected)
+    layer = GPTQLinear(k, n, False, spec)
+    for part, value in tensors.items():
+        layer._buffers[part] = value
+    x = torch.randn(3, k, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ expected.t(), rtol=1e-5, atol=1e-6)  # the CPU op where built
+    # And through a checkpoint that says which format it is in.
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    import helpers
+
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                                         num_hidden_layers=1, num_experts=2, moe_intermediate_size=16,
+                                                         shared_expert_intermediate_size=16, intermediate_size=16))
+    model = Qwen2MoeForCausalLM(config)
+    state = {k_: v.contiguous() for k_, v in model.state_dict().items()}
+    prefix = "model.layers.0.mlp.experts.1.up_proj"
+    del state[f"{prefix}.weight"]
+    state.update({f"{prefix}.{part}": value for part, value in tensors.items()})
+    config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": group, "sym": True,
+                                  "desc_act": False, "checkpoint_format": fmt}
+    config.save_pretrained(str(tmp_path))
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load(str(tmp_path)).model.layers[0].mlp.experts[1].up_proj
+    assert isinstance(loaded, GPTQLinear) and torch.equal(loaded.dequantize(torch.float32), expected)
 
 
 # --------------------------------------------------------------------------------------------- int4 kernel
@@ -232,6 +309,26 @@ def test_checkpoint_loads_and_matches_dequantized_model(fp_checkpoint, tmp_path,
     with torch.no_grad():
         got, want = model(ids).logits, twin(ids).logits
     assert rel(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("fmt,sym,group_size", [("gptq", True, 32), ("gptq", False, 32), ("gptq_v2", False, 16),
+                                                 ("gptq_v2", True, -1)])
+def test_loaded_weights_are_within_half_a_step_of_the_source(fp_checkpoint, tmp_path, fmt, sym, group_size):
+    """Every weight of every quantized Linear, loaded back through from_pretrained, against the full-precision
+    checkpoint it was made from: a writer and reader that agreed with each other but not with the format would be
+    a step or more off."""
+    dst = quantize_checkpoint(fp_checkpoint, str(tmp_path / "q"), group_size=group_size, sym=sym,
+                              checkpoint_format=fmt, progress=False)
+    source = {}
+    for name in os.listdir(fp_checkpoint):
+        if name.endswith(".safetensors"):
+            source.update(load_file(os.path.join(fp_checkpoint, name)))
+    layers = [(name, m) for name, m in load(dst).named_modules() if isinstance(m, GPTQLinear)]
+    assert len(layers) == 39  # q, k, v, o, and every MLP projection of the 3 layers
+    for name, layer in layers:
+        ok, excess = within_half_a_step(layer.dequantize(torch.float32), source[f"{name}.weight"].float(),
+                                        layer.scales, layer.g_idx)
+        assert ok, f"{name}: a weight is {excess:.2e} past half a step"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "auto"])

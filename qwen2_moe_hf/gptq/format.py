@@ -155,8 +155,10 @@ def dequantize(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1, dtype=None
 def quantize_rtn(weight, bits=4, group_size=128, sym=True, zero_offset=1, g_idx=None):
     """Round-to-nearest quantization of a Linear weight [N, K] -> dict of GPTQ tensors (qweight, qzeros, scales,
     g_idx), scales in fp16. `g_idx` (int [K]) assigns inputs to groups in any order (act-order checkpoints);
-    default k // group_size. Asymmetric zeros are kept in [zero_offset, 2**b - 1 + zero_offset] so the v1 format
-    (which stores zero - 1 in b bits) can hold them."""
+    default k // group_size. Asymmetric zeros are kept in [zero_offset, 2**b - 1] (the v1 format stores zero - 1 in
+    b bits). Every weight ends within half a step of its dequantized value: each group's scale is the smallest that
+    keeps its range on the grid once the zero is fixed (a zero held at the format's bound needs a larger one),
+    rounded up, not to nearest, to the fp16 it is stored in."""
     n, k = weight.shape
     maxq = 2**bits - 1
     if g_idx is None:
@@ -172,18 +174,22 @@ def quantize_rtn(weight, bits=4, group_size=128, sym=True, zero_offset=1, g_idx=
             warnings.simplefilter("ignore", UserWarning)
             return torch.zeros(groups, n).index_reduce_(0, gl, w, op, include_self=False)
 
+    tiny = 2.0**-24  # fp16's smallest positive value: an all-zero group keeps a finite scale
     if sym:
-        absmax = torch.maximum(reduce("amax"), -reduce("amin"))
-        scale = (2 * absmax / maxq).clamp(min=1e-10)
-        zero = torch.full_like(scale, (maxq + 1) // 2)
+        hi = torch.maximum(reduce("amax"), -reduce("amin"))
+        lo = -hi
+        zero = torch.full_like(hi, (maxq + 1) // 2)
     else:
         lo, hi = reduce("amin").clamp(max=0), reduce("amax").clamp(min=0)
-        scale = ((hi - lo) / maxq).clamp(min=1e-10)
-        zero = torch.round(-lo / scale).clamp(zero_offset, maxq)
-    scale = scale.half()  # stored in fp16: quantize against the rounded scale, as a reader will use it
-    q = torch.clamp(torch.round(w / scale.float()[gl]) + zero[gl], 0, maxq).to(torch.int32)
+        zero = torch.round(-lo / ((hi - lo) / maxq).clamp(min=tiny)).clamp(zero_offset, maxq)
+    # w / scale + zero must stay in [-0.5, maxq + 0.5] for every weight of the group.
+    scale = torch.maximum(hi / (maxq + 0.5 - zero), -lo / (zero + 0.5)).clamp(min=tiny)
+    stored = scale.half()
+    stored = torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, float("inf"))),
+                         stored)
+    q = torch.clamp(torch.round(w / stored.float()[gl]) + zero[gl], 0, maxq).to(torch.int32)
     return {"qweight": pack_rows(q, bits), "qzeros": pack_cols((zero.to(torch.int32) - zero_offset) & maxq, bits),
-            "scales": scale, "g_idx": g_idx}
+            "scales": stored, "g_idx": g_idx}
 
 
 def check_tensors(prefix, tensors, in_features, out_features, spec, source=""):
