@@ -1,6 +1,7 @@
 """Shared by the tests: tiny qwen2_moe configs, reproducible random weights that route far from uniform, hub-layout
 checkpoints, and the reference outputs recorded from transformers 5.23's built-in qwen2_moe."""
 
+import contextlib
 import os
 import zlib
 
@@ -144,6 +145,23 @@ def row_error(actual, expected, mask=None):
     err = (a - e).abs().amax(-1)
     return (err / e.abs().amax(-1).clamp_min(1e-6)).max().item()
 
+
+
+@contextlib.contextmanager
+def int4_torch_oracle():
+    """Inside: every GPTQLinear computes by the torch reference (dequantize, then F.linear), not the C++ int4
+    kernels, so that a reference built from GPTQ modules does not run the code under test."""
+    from qwen2_moe_hf.gptq.linear import ENV_KERNEL
+
+    previous = os.environ.get(ENV_KERNEL)
+    os.environ[ENV_KERNEL] = "torch"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_KERNEL]
+        else:
+            os.environ[ENV_KERNEL] = previous
 
 
 class Scaled(torch.nn.Module):
