@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import qwen2_moe_hf
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeForSequenceClassification, Qwen2MoeSparseMoeBlock
 from qwen2_moe_hf import compat, load_balancing_loss_func
 
@@ -101,6 +102,33 @@ def test_cached_decoding_matches_full_forward(name):
             steps.append(out.logits)
     real = attention_mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("backend", [name for name, state in qwen2_moe_hf.env_report().items() if state == "available"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_multi_token_steps_on_a_non_empty_cache(attn, backend, padded):
+    """Chunks of several tokens fed onto a cache that already holds some (speculative decoding, chunked prefill,
+    a chat turn appended to a cached history): the causal mask must be aligned to the end of the cache, not its
+    start. Prefill 5, then 4 tokens, then 3, against one full forward."""
+    model = helpers.build_model("gqa")
+    model.config._attn_implementation = attn
+    model.config.moe_backend = backend
+    input_ids, attention_mask, position_ids = helpers.parity_inputs(model.config.vocab_size)
+    if not padded:
+        attention_mask, position_ids = torch.ones_like(input_ids), None
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        steps, cache = [], None
+        for start, end in ((0, 5), (5, 9), (9, 12)):
+            out = model(input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                        position_ids=None if position_ids is None else position_ids[:, start:end],
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    assert cache.get_seq_length() == 12
+    real = attention_mask.bool()
+    assert helpers.row_error(torch.cat(steps, 1)[real], full[real]) < 1e-5
 
 
 def test_legacy_tuple_cache_is_accepted():
