@@ -563,6 +563,24 @@ def test_bad_gptq_tensor_is_named(gptq_checkpoint, tmp_path, fault, needle):
         load(path)
 
 
+def test_unknown_extra_tensors_warn(gptq_checkpoint, tmp_path, caplog):
+    import logging
+
+    def add(tensors):
+        if "model.layers.1.mlp.experts.2.up_proj.qweight" in tensors:
+            tensors["model.layers.1.mlp.mystery.weight"] = torch.zeros(3)
+
+    path = _rewrite(gptq_checkpoint, str(tmp_path / "extra"), add)
+    with caplog.at_level(logging.WARNING, logger="qwen2_moe_hf"):
+        load(path)
+    assert "model.layers.1.mlp.mystery.weight" in caplog.text and "not used" in caplog.text
+
+
+def test_disk_offload_is_refused_for_gptq(gptq_checkpoint):
+    with pytest.raises(ValueError, match="GPTQ layers cannot be offloaded to disk"):
+        load(gptq_checkpoint, device_map={"": "disk"})
+
+
 def test_truncated_shard_is_named(gptq_checkpoint, tmp_path):
     path = _rewrite(gptq_checkpoint, str(tmp_path / "trunc"))
     shard = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))[-1]
