@@ -174,24 +174,16 @@ def _dense_from_pack(a):
     return (t[0:n:3], t[1:n:3], t[2:n:3], *t[n:], a["shared_expert_gate"])
 
 
+# The references of the registered ops take the op's own arguments, in order.
+REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe_combine": ref.moe_combine,
+              "gptq_linear_cpu": ref.gptq_linear, "moe_ffn_cpu": ref.moe_ffn, "moe_block_cpu": ref.moe_block,
+              "moe_ffn_int4_cpu": ref.moe_ffn_int4, "moe_block_int4_cpu": ref.moe_block_int4}
+
+
 def reference(op, a):
     """What the op must return for arguments `a` (plain torch, float32 inside)."""
-    if op == "topk_softmax":
-        return ref.topk_softmax(*a.values())
-    if op == "moe_align":
-        return ref.moe_align(*a.values())
-    if op == "moe_combine":
-        return ref.moe_combine(*a.values())
-    if op == "gptq_linear_cpu":
-        return ref.gptq_linear(*a.values())
-    if op == "moe_ffn_cpu":
-        return ref.moe_ffn(*a.values())
-    if op == "moe_block_cpu":
-        return ref.moe_block(*a.values())
-    if op == "moe_ffn_int4_cpu":
-        return ref.moe_ffn_int4(*a.values())
-    if op == "moe_block_int4_cpu":
-        return ref.moe_block_int4(*a.values())
+    if op in REFERENCES:
+        return REFERENCES[op](*a.values())
     if op.startswith(("moe_layer[", "moe_block[")):
         if a["int4"]:
             n = 12 * a["experts"]
