@@ -563,6 +563,27 @@ def test_bad_gptq_tensor_is_named(gptq_checkpoint, tmp_path, fault, needle):
         load(path)
 
 
+def test_non_contiguous_tensors_assigned_through_load_state_dict_compute_right(gptq_checkpoint):
+    """load_state_dict(..., assign=True) puts the caller's tensors in the model as they are: non-contiguous GPTQ
+    tensors then reach the int4 op (which used to read freed memory for them, or crash on a strided g_idx)."""
+    model = load(gptq_checkpoint)
+    ids = torch.randint(1, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if name.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                tensor = torch.stack([tensor, tensor], -1)[..., 0]  # same values, every other element
+                assert not tensor.is_contiguous()
+            state[name] = tensor
+        model.load_state_dict(state, assign=True)
+        assert not model.model.layers[1].mlp.experts[0].up_proj.g_idx.is_contiguous()
+        after = model(ids).logits
+        with int4_torch_oracle():
+            oracle = model(ids).logits
+    assert rel(after, before) < 1e-6 and rel(after, oracle) < 1e-5
+
+
 def test_unknown_extra_tensors_warn(gptq_checkpoint, tmp_path, caplog):
     import logging
 
