@@ -826,8 +826,9 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
   LayerWeights lw;
   lw.E = static_cast<int64_t>(experts.size()) / 12;
   TensorArg(experts[0], op, "expert 0 gate_proj: qweight", kCpu).dim(2);
-  TORCH_CHECK(experts[0].size(0) * 8 == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
-              experts[0].sizes(), " (", experts[0].size(0) * 8, " inputs; x and the experts must agree)");
+  const int64_t inputs = checked_mul(experts[0].size(0), 8, op, "expert 0 gate_proj: qweight rows x 8");
+  TORCH_CHECK(inputs == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
+              experts[0].sizes(), " (", inputs, " inputs; x and the experts must agree)");
   lw.I = experts[0].size(1);  // gate's qweight is [H/8, I]
   std::vector<Int4Weight> prepared(3 * lw.E + 3);
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
