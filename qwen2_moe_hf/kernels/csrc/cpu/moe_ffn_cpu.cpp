@@ -9,7 +9,9 @@
 //            used in place. Each tile prefetches the next one's weights while it computes;
 //   larger: the whole weight is widened once and MKL's sgemm takes it.
 //
-// Contract (schema in qwen2_moe_hf/moe/ops.py):
+// Entry points: the ops moe_ffn_cpu / moe_ffn_int4_cpu (from the router's top-k; schemas in
+// qwen2_moe_hf/kernels/ops.py) and the pybind moe_layer (the whole layer, router included, for the cpu backend's
+// fused lane). Contracts:
 //   moe_ffn_cpu(x [T,H], topk_ids [T,k] int64, topk_weights [T,k], w_gate E x [I,H], w_up E x [I,H],
 //               w_down E x [H,I], shared_gate [S,H]?, shared_up [S,H]?, shared_down [H,S]?,
 //               shared_expert_gate [1,H]?) -> [T,H]
@@ -20,7 +22,11 @@
 //                    GPTQ 4-bit experts, computed by int4_gemm.h on the packed tensors.
 //   out[t] = sum_j topk_weights[t,j] * expert_{ids[t,j]}(x[t]) + sigmoid(x[t] . g) * shared(x[t]),
 //   expert(x) = W_down (silu(W_gate x) * (W_up x)). Accumulation is fp32; the result has x's dtype.
+//   moe_layer(x [..., H], router_weight [E, H], top_k, renormalize, LayerPack, shared_expert_gate?)
+//       -> (out [..., H], router logits [tokens, E]): logits = x . router_weight (fp32 sums, rounded to x's dtype),
+//       routed as routing.h (route()'s definition), then the layer as above.
 //   Deterministic: every sum runs in a fixed order, whatever the thread count.
+// The module also holds IdentityWatch (identity_watch.h): the prepared weights' per-call freshness check.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,7 +44,9 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "identity_watch.h"
 #include "int4_gemm.h"
+#include "routing.h"
 #include "vec.h"
 
 namespace {
@@ -575,47 +583,24 @@ Routing routing_from_topk(const at::Tensor& topk_ids, const at::Tensor& topk_wei
   return r;
 }
 
-// The router after its logits, as qwen2_moe_hf.moe.routing.route computes it: softmax over the experts in fp32,
-// the top_k largest (torch.topk's CPU algorithm, so that equal probabilities resolve exactly as there: the same
-// comparator, NaN largest, and the same std:: selection and sort on (probability, id) pairs in id order),
-// optionally renormalised, the weights rounded to the logits' dtype.
+// The router after its logits, as qwen2_moe_hf.moe.routing.route defines it (routing.h), the weights rounded to the
+// logits' dtype as route() returns them.
 Routing routing_from_logits(const at::Tensor& logits, int64_t top_k, bool renormalize, int64_t T, int64_t E,
                             const char* op) {
   TensorArg(logits, op, "router_logits", kCpu).floating().sizes({T, E}, "x and the experts");
   check_range(top_k, 1, E, op, "top_k");
-  checked_mul(T, top_k, op, "tokens * top_k");
   Routing r;
   r.k = top_k;
-  r.ids.resize(T * top_k);
-  r.weights.resize(T * top_k);
-  std::vector<float> l(T * E);
+  r.ids.resize(checked_mul(T, top_k, op, "tokens * top_k"));
+  r.weights.resize(r.ids.size());
+  std::vector<float> l(T * E), p(E);
+  std::vector<char> taken(E);
   read_floats(logits, l.data(), op, "router_logits");
-  using Elem = std::pair<float, int64_t>;
-  std::vector<Elem> queue(E);
-  auto larger = [](const Elem& a, const Elem& b) {
-    return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
-  };
   for (int64_t t = 0; t < T; ++t) {
-    const float* row = l.data() + t * E;
-    float mx = row[0];
-    for (int64_t i = 1; i < E; ++i) mx = std::max(mx, row[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < E; ++i) sum += (queue[i].first = std::exp(row[i] - mx));
-    const float inv = 1.f / sum;
-    for (int64_t i = 0; i < E; ++i) queue[i] = {queue[i].first * inv, i};
-    if (top_k * 64 <= E) {
-      std::partial_sort(queue.begin(), queue.begin() + top_k, queue.end(), larger);
-    } else {
-      std::nth_element(queue.begin(), queue.begin() + top_k - 1, queue.end(), larger);
-      std::sort(queue.begin(), queue.begin() + top_k - 1, larger);
-    }
-    float picked = 0.f;
-    for (int64_t j = 0; j < top_k; ++j) picked += queue[j].first;
-    for (int64_t j = 0; j < top_k; ++j) {
-      r.ids[t * top_k + j] = queue[j].second;
-      const float w = renormalize ? queue[j].first / picked : queue[j].first;
-      r.weights[t * top_k + j] = round_to(w, logits.scalar_type());
-    }
+    route_row(l.data() + t * E, E, top_k, renormalize, r.ids.data() + t * top_k, r.weights.data() + t * top_k, p,
+              taken);
+    for (int64_t j = 0; j < top_k; ++j) r.weights[t * top_k + j] = round_to(r.weights[t * top_k + j],
+                                                                            logits.scalar_type());
   }
   return r;
 }
@@ -797,20 +782,6 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
                             });
 }
 
-// The same layer with its router's softmax and top-k done here too (from the router logits): one call per layer.
-at::Tensor moe_block_cpu(const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
-                         at::TensorList w_gate, at::TensorList w_up, at::TensorList w_down,
-                         const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
-                         const c10::optional<at::Tensor>& shared_down,
-                         const c10::optional<at::Tensor>& shared_expert_gate) {
-  const char* op = "moe_block_cpu";
-  return with_dense_weights(
-      x, w_gate, w_up, w_down, shared_gate, shared_up, shared_down, shared_expert_gate, op,
-      [&](const LayerWeights& lw) {
-        return moe_ffn_core(x, routing_from_logits(router_logits, top_k, renormalize, x.size(0), lw.E, op), lw, op);
-      });
-}
-
 // The same layer with GPTQ 4-bit experts: `experts` holds 12 tensors per expert, (qweight, qzeros, scales,
 // g_idx) for gate, up, down; `shared` the same 12 for the shared expert, or nothing.
 template <typename F>
@@ -868,16 +839,7 @@ at::Tensor moe_ffn_int4_cpu(const at::Tensor& x, const at::Tensor& topk_ids, con
   });
 }
 
-at::Tensor moe_block_int4_cpu(const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
-                              at::TensorList experts, at::TensorList shared,
-                              const c10::optional<at::Tensor>& shared_expert_gate, int64_t zero_offset) {
-  const char* op = "moe_block_int4_cpu";
-  return with_int4_weights(x, experts, shared, shared_expert_gate, zero_offset, op, [&](const LayerWeights& lw) {
-    return moe_ffn_core(x, routing_from_logits(router_logits, top_k, renormalize, x.size(0), lw.E, op), lw, op);
-  });
-}
-
-// A layer's expert weights as the model holds them, gathered once by the cpu backend's view (moe/cpu.py), so
+// A layer's expert weights as the model holds them, gathered once by the cpu backend (moe/backends/cpu.py), so
 // that a call passes one object instead of ~180 tensors. The op still checks each tensor it reads on every call: one
 // may have been changed in place (param.data = ...). tensors: dense, gate / up / down per expert then the shared
 // expert's three (or none); int4, the 12 GPTQ tensors per expert then the shared expert's 12 (or none).
@@ -908,16 +870,20 @@ struct LayerPack {
   }
 };
 
-// moe_block_cpu / moe_block_int4_cpu with the weights from a LayerPack.
-at::Tensor moe_block_packed(const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
-                            const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
+// The layer from its router's logits (routing.h) with the weights of a LayerPack.
+at::Tensor layer_from_logits(const at::Tensor& x, const at::Tensor& logits, int64_t top_k, bool renormalize,
+                             const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
+  const char* op = "moe_layer";
+  auto routed = [&](const LayerWeights& lw) {
+    return moe_ffn_core(x, routing_from_logits(logits, top_k, renormalize, x.size(0), lw.E, op), lw, op);
+  };
   if (pack.int4)
-    return moe_block_int4_cpu(x, router_logits, top_k, renormalize, pack.int4_experts, pack.int4_shared,
-                              shared_expert_gate, pack.zero_offset);
+    return with_int4_weights(x, pack.int4_experts, pack.int4_shared, shared_expert_gate, pack.zero_offset, op,
+                             routed);
   const bool has_shared = !pack.shared.empty();
   auto shared = [&](int i) { return has_shared ? c10::optional<at::Tensor>(pack.shared[i]) : c10::nullopt; };
-  return moe_block_cpu(x, router_logits, top_k, renormalize, pack.gate, pack.up, pack.down, shared(0), shared(1),
-                       shared(2), has_shared ? shared_expert_gate : c10::nullopt);
+  return with_dense_weights(x, pack.gate, pack.up, pack.down, shared(0), shared(1), shared(2),
+                            has_shared ? shared_expert_gate : c10::nullopt, op, routed);
 }
 
 // The router's logits x @ router_weight^T ([T, E], x's dtype), for moe_layer_cpu: fp32 dot products over H,
@@ -976,38 +942,32 @@ std::tuple<at::Tensor, at::Tensor> moe_layer_packed(const at::Tensor& x, const a
   TORCH_CHECK(x.dim() >= 2, "moe_layer: x must be [..., tokens, hidden], got ", x.sizes());
   const at::Tensor flat = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
   at::Tensor logits = router_logits(flat, router_weight, "moe_layer");
-  at::Tensor out = moe_block_packed(flat, logits, top_k, renormalize, pack, shared_expert_gate);
+  at::Tensor out = layer_from_logits(flat, logits, top_k, renormalize, pack, shared_expert_gate);
   return {x.dim() == 2 ? out : out.view(x.sizes()), logits};
 }
 
 }  // namespace
 
-// The cpu backend's eager entry points (moe/cpu.py), called as plain Python functions rather than through the
-// dispatcher: with caches cold, as they are in decode, a dispatcher call from Python costs ~0.25 ms before the op
-// starts, this ~0.1 ms. They are used only for plain CPU tensors outside torch.compile and dispatch / function
-// modes; everything else goes through the registered ops (moe_block_cpu, ...), which compute the same thing.
-// The profiler still sees them (RECORD_FUNCTION), and they release the GIL while they run, as ops do.
+// The cpu backend's fused lane (moe/backends/cpu.py): the whole layer, router included, called as a plain Python
+// function rather than through the dispatcher: with caches cold, as they are in decode, a dispatcher call from
+// Python costs ~0.25 ms before the op starts, this ~0.1 ms. It runs only for plain CPU tensors outside
+// torch.compile and dispatch / function modes; everything else routes in Python and goes through the registered ops
+// (moe_ffn_cpu, moe_ffn_int4_cpu), which compute the same thing. The profiler still sees it (RECORD_FUNCTION), and
+// it releases the GIL while it runs, as ops do.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<LayerPack>(m, "LayerPack")
       .def(py::init<std::vector<at::Tensor>, int64_t, bool, int64_t>(), py::arg("tensors"), py::arg("experts"),
            py::arg("int4"), py::arg("zero_offset"));
+  qwen2_moe_hf::register_identity_watch(m);
   m.def("moe_layer", [](const at::Tensor& x, const at::Tensor& router_weight, int64_t top_k, bool renormalize,
                         const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
     RECORD_FUNCTION("qwen2_moe_hf::moe_layer", std::vector<c10::IValue>({x}));
     py::gil_scoped_release no_gil;
     return moe_layer_packed(x, router_weight, top_k, renormalize, pack, shared_expert_gate);
   });
-  m.def("moe_block", [](const at::Tensor& x, const at::Tensor& router_logits, int64_t top_k, bool renormalize,
-                        const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
-    RECORD_FUNCTION("qwen2_moe_hf::moe_block", std::vector<c10::IValue>({x}));
-    py::gil_scoped_release no_gil;
-    return moe_block_packed(x, router_logits, top_k, renormalize, pack, shared_expert_gate);
-  });
 }
 
 TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
   m.impl("moe_ffn_cpu", &moe_ffn_cpu);
   m.impl("moe_ffn_int4_cpu", &moe_ffn_int4_cpu);
-  m.impl("moe_block_cpu", &moe_block_cpu);
-  m.impl("moe_block_int4_cpu", &moe_block_int4_cpu);
 }

@@ -1,8 +1,9 @@
 // CPU twins of the CUDA expert-dispatch ops (csrc/cuda/moe_ops.cu): same schemas, same results, so every contract
-// is tested here without a GPU. The schemas are defined once, in Python (qwen2_moe_hf/moe/ops.py), for both.
+// is tested here without a GPU. The schemas are defined once, in Python (qwen2_moe_hf/kernels/ops.py), for both.
 //
 //   topk_softmax(logits [T,E], k, renormalize) -> (weights [T,k] fp32, ids [T,k] int64)
-//       softmax over E in fp32, the k largest in descending order; equal probabilities go to the lower expert id.
+//       the router's top-k as qwen2_moe_hf.moe.routing.route defines it (routing.h): softmax over E in fp32, the k
+//       highest ranked (equal probabilities: the lower expert id first; NaN first), weights in fp32.
 //   moe_align(ids [T,k] int64, num_experts, block) -> (sorted_slots [B*block] int32, block_experts [B] int32,
 //                                                      expert_offsets [E+1] int32)
 //       the T*k slots (t*k + j) grouped by expert, ascending slot order within an expert, each expert's group padded
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "routing.h"
 
 namespace {
 
@@ -49,25 +51,7 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits, in
   at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
     std::vector<float> p(E);
     std::vector<char> taken(E);
-    for (int64_t t = b; t < e; ++t) {
-      const float* row = lp + t * E;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < E; ++i) mx = std::max(mx, row[i]);
-      float sum = 0.f;
-      for (int64_t i = 0; i < E; ++i) sum += (p[i] = std::exp(row[i] - mx));
-      std::fill(taken.begin(), taken.end(), 0);
-      float picked = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        int64_t best = -1;
-        for (int64_t i = 0; i < E; ++i)  // strict '>' keeps the lowest id among equals; NaN never wins
-          if (!taken[i] && (best < 0 || p[i] > p[best])) best = i;
-        taken[best] = 1;
-        ip[t * k + j] = best;
-        picked += (wp[t * k + j] = p[best] / sum);
-      }
-      if (renormalize && picked > 0.f)
-        for (int64_t j = 0; j < k; ++j) wp[t * k + j] /= picked;
-    }
+    for (int64_t t = b; t < e; ++t) qmoe::route_row(lp + t * E, E, k, renormalize, ip + t * k, wp + t * k, p, taken);
   });
   return {weights, ids};
 }

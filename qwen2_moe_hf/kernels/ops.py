@@ -1,7 +1,7 @@
 """Every custom op of the package (namespace `qwen2_moe_hf`): its schema and its fake, defined once for every device.
 
-The C++ files in csrc/ only register implementations (CPU in csrc/cpu, CUDA in csrc/cuda), and each checks its own
-arguments (csrc/common/checks.h). The fakes give torch.compile and CUDA-graph capture the output shapes without
+The C++ files in kernels/csrc/ only register implementations (CPU in csrc/cpu, CUDA in csrc/cuda), and each checks
+its own arguments (csrc/common/checks.h). The fakes give torch.compile and CUDA-graph capture the output shapes without
 running the ops. They are also what the dispatcher runs when any argument is a meta tensor, so each fake first
 checks that every tensor argument is on one device: a meta tensor mixed with real CPU tensors would otherwise get
 an uninitialised CPU tensor back instead of an error.
@@ -20,9 +20,6 @@ SCHEMAS: Dict[str, str] = {
     "moe_combine": "(Tensor expert_out, Tensor weights, Tensor? shared_out, Tensor? shared_gate) -> Tensor",
     "moe_ffn_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] w_gate, Tensor[] w_up, "
     f"Tensor[] w_down, {_MOE_WEIGHTS}) -> Tensor",
-    # moe_ffn_cpu with the router's softmax / top-k done inside, from the router logits: one call per layer.
-    "moe_block_cpu": "(Tensor x, Tensor router_logits, int top_k, bool renormalize, Tensor[] w_gate, Tensor[] w_up, "
-    f"Tensor[] w_down, {_MOE_WEIGHTS}) -> Tensor",
     # One GPTQ 4-bit Linear (csrc/cpu/gptq_int4_cpu.cpp).
     "gptq_linear_cpu": "(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int zero_offset, "
     "Tensor? bias) -> Tensor",
@@ -30,8 +27,6 @@ SCHEMAS: Dict[str, str] = {
     # down), the shared expert's 12 or none.
     "moe_ffn_int4_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, Tensor[] shared, "
     "Tensor? shared_expert_gate, int zero_offset) -> Tensor",
-    "moe_block_int4_cpu": "(Tensor x, Tensor router_logits, int top_k, bool renormalize, Tensor[] experts, "
-    "Tensor[] shared, Tensor? shared_expert_gate, int zero_offset) -> Tensor",
 }
 
 TensorArgs = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
@@ -102,13 +97,6 @@ def _define() -> None:
             shared_gate=shared_gate, shared_up=shared_up, shared_down=shared_down,
             shared_expert_gate=shared_expert_gate))
 
-    @torch.library.register_fake(f"{LIB}::moe_block_cpu")
-    def _(x, router_logits, top_k, renormalize, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
-          shared_expert_gate):
-        return _moe_fake("moe_block_cpu", x, dict(
-            router_logits=router_logits, w_gate=w_gate, w_up=w_up, w_down=w_down, shared_gate=shared_gate,
-            shared_up=shared_up, shared_down=shared_down, shared_expert_gate=shared_expert_gate))
-
     @torch.library.register_fake(f"{LIB}::gptq_linear_cpu")
     def _(x, qweight, qzeros, scales, g_idx, zero_offset, bias):
         one_device("gptq_linear_cpu", x=x, qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, bias=bias)
@@ -121,11 +109,6 @@ def _define() -> None:
         return _moe_fake("moe_ffn_int4_cpu", x, dict(topk_ids=topk_ids, topk_weights=topk_weights,
                                                      experts=experts, shared=shared,
                                                      shared_expert_gate=shared_expert_gate))
-
-    @torch.library.register_fake(f"{LIB}::moe_block_int4_cpu")
-    def _(x, router_logits, top_k, renormalize, experts, shared, shared_expert_gate, zero_offset):
-        return _moe_fake("moe_block_int4_cpu", x, dict(router_logits=router_logits, experts=experts,
-                                                       shared=shared, shared_expert_gate=shared_expert_gate))
 
 
 _define()

@@ -1,4 +1,4 @@
-// CUDA implementations of the expert-dispatch ops. Schemas: qwen2_moe_hf/moe/ops.py; contracts and the CPU twins
+// CUDA implementations of the expert-dispatch ops. Schemas: qwen2_moe_hf/kernels/ops.py; contracts and the CPU twins
 // every result is tested against: csrc/cpu/moe_ops_cpu.cpp. No host synchronisation anywhere, so the ops can be
 // captured in CUDA graphs: moe_align returns fixed upper-bound sizes (see the CPU twin).
 
@@ -28,8 +28,19 @@ at::Device cuda_device(const at::Tensor& t, const char* op, const char* name) {
 template <typename T>
 __device__ __forceinline__ float as_float(T v) { return static_cast<float>(v); }
 
+// The rank order of qwen2_moe_hf.moe.routing.route (csrc/cpu/routing.h): larger probability first; equal ones, the
+// lower expert id first; NaN before every number.
+__device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
+  const bool na = isnan(a), nb = isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
+
+__device__ __forceinline__ float nan_max(float a, float b) { return (isnan(a) || isnan(b)) ? NAN : fmaxf(a, b); }
+
 // One warp per token. Experts are spread over the lanes (E=60: two per lane), so any E works, powers of two or not.
-// Selection repeats a warp arg-max k times; among equal probabilities the lower expert id wins, as on CPU.
+// Selection repeats a warp arg-max k times in ranks_before's order, as on CPU.
 template <typename T>
 __global__ void topk_softmax_kernel(const T* __restrict__ logits, float* __restrict__ weights,
                                     int64_t* __restrict__ ids, int64_t tokens, int E, int k, bool renormalize) {
@@ -40,25 +51,24 @@ __global__ void topk_softmax_kernel(const T* __restrict__ logits, float* __restr
   if (t >= tokens) return;
   float* p = smem + warp * E;
   const T* row = logits + t * E;
-  float mx = -FLT_MAX;
-  for (int i = lane; i < E; i += kWarp) mx = fmaxf(mx, as_float(row[i]));
-  for (int o = kWarp / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+  float mx = -INFINITY;  // NaN spreads, as in torch's softmax: a row with a NaN logit is all NaN
+  for (int i = lane; i < E; i += kWarp) mx = nan_max(mx, as_float(row[i]));
+  for (int o = kWarp / 2; o > 0; o /= 2) mx = nan_max(mx, __shfl_xor_sync(0xffffffff, mx, o));
   float sum = 0.f;
   for (int i = lane; i < E; i += kWarp) sum += (p[i] = __expf(as_float(row[i]) - mx));
   for (int o = kWarp / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
   __syncwarp();
   float picked = 0.f;
   for (int j = 0; j < k; ++j) {
-    float best = -1.f;
+    float best = -1.f;  // taken experts hold -1, below every probability
     int best_i = E;
     for (int i = lane; i < E; i += kWarp)
-      if (p[i] > best) { best = p[i]; best_i = i; }  // ascending i per lane: lowest id among equals
+      if (best_i == E || ranks_before(p[i], i, best, best_i)) { best = p[i]; best_i = i; }
     for (int o = kWarp / 2; o > 0; o /= 2) {
       const float ob = __shfl_xor_sync(0xffffffff, best, o);
       const int oi = __shfl_xor_sync(0xffffffff, best_i, o);
-      if (ob > best || (ob == best && oi < best_i)) { best = ob; best_i = oi; }
+      if (oi < E && (best_i == E || ranks_before(ob, oi, best, best_i))) { best = ob; best_i = oi; }
     }
-    if (best_i >= E) best_i = j;  // all NaN: any id; the weight stays NaN
     if (lane == 0) {
       weights[t * k + j] = best / sum;
       ids[t * k + j] = best_i;
@@ -67,7 +77,7 @@ __global__ void topk_softmax_kernel(const T* __restrict__ logits, float* __restr
     if (lane == best_i % kWarp && best_i < E) p[best_i] = -1.f;  // taken
     __syncwarp();
   }
-  if (renormalize && lane == 0 && picked > 0.f)
+  if (renormalize && lane == 0)
     for (int j = 0; j < k; ++j) weights[t * k + j] /= picked;
 }
 

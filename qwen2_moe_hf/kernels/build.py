@@ -1,7 +1,7 @@
-"""Building and loading the C++ ops in qwen2_moe_hf/csrc with torch.utils.cpp_extension.
+"""Building and loading the C++ ops in qwen2_moe_hf/kernels/csrc with torch.utils.cpp_extension.
 
 Built on first use (JIT) and cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), or ahead
-of time with `python -m qwen2_moe_hf.moe.extension [cpu] [cuda]`. Never needed by `pip install`.
+of time with `qwen2-moe-hf build-ext [cpu] [cuda]`. Never needed by `pip install`.
 
 A build never hangs and never breaks a forward: every reason the ops cannot be had (no compiler, no ninja, an
 unusable build folder, a compile error, another process building for longer than QWEN2_MOE_HF_BUILD_TIMEOUT
@@ -24,9 +24,12 @@ import os
 import shutil
 import sys
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
+from torch.utils import cpp_extension
+
+from . import ops  # noqa: F401  (the schemas the compiled implementations attach to)
 
 try:
     import fcntl
@@ -35,7 +38,7 @@ except ImportError:  # not POSIX: builds are not locked
 
 logger = logging.getLogger("qwen2_moe_hf")
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 ENV_NO_BUILD = "QWEN2_MOE_HF_NO_EXT_BUILD"  # 1: never compile; use only what is already built
 ENV_SANITIZE = "QWEN2_MOE_HF_SANITIZE"  # 1: the CPU ops with AddressSanitizer + UBSan (tests only)
 ENV_BUILD_TIMEOUT = "QWEN2_MOE_HF_BUILD_TIMEOUT"  # seconds to wait for another process's build (default 900)
@@ -71,16 +74,14 @@ def load_cpu_ops() -> Status:
     """Load (building if needed) the CPU ops; returns (True, "") or (False, why not). Registers
     torch.ops.qwen2_moe_hf.moe_ffn_cpu and the other CPU ops (csrc/cpu/*.cpp); the module itself (cpu_module())
     holds the cpu backend's direct entry points. When they cannot be had, warns once, naming the cause."""
-    from . import ops  # noqa: F401  (the schemas the compiled implementations attach to)
-
     name, cflags, ldflags = cpu_build()
     if sanitized() and "libasan" not in os.environ.get("LD_PRELOAD", ""):
         # Loading an ASan-built library into a process without the runtime preloaded kills the process.
         return _unavailable("cpu", f"{ENV_SANITIZE}=1 needs the ASan runtime preloaded (LD_PRELOAD=\"$(c++ "
                                    "-print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)\")")[:2]
     ok, why, module = build_extension(
-        "cpu", name, sources=[os.path.join(CSRC, "cpu", n) for n in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp",
-                                                                      "gptq_int4_cpu.cpp")],
+        "cpu", name,
+        sources=[os.path.join(CSRC, "cpu", n) for n in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp", "gptq_int4_cpu.cpp")],
         extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=True)
     if ok:
         _cpu_module.append(module)
@@ -97,9 +98,14 @@ def cpu_build() -> Tuple[str, List[str], List[str]]:
     return name, ["-O3", "-fopenmp", *flags], ["-fopenmp"]
 
 
-def cpu_module():
+def cpu_module() -> Any:
     """The CPU extension module (after load_cpu_ops() succeeded)."""
     return _cpu_module[0]
+
+
+def loaded_cpu_module() -> Optional[Any]:
+    """The CPU extension module if this process has loaded it, else None (never starts a build)."""
+    return _cpu_module[0] if _cpu_module else None
 
 
 def _torch_tag() -> str:
@@ -110,7 +116,7 @@ _FALLBACK = {"cpu": "the MoE layers and GPTQ linears run on the torch path inste
              "cuda": "the cuda MoE backend is unavailable; the triton or torch backend runs instead"}
 
 
-def _unavailable(kind: str, why: str):
+def _unavailable(kind: str, why: str) -> Tuple[bool, str, None]:
     logger.warning("qwen2_moe_hf: the %s ops are unavailable (%s); %s", kind.upper(), why,
                    _FALLBACK.get(kind, "the torch path runs instead"))
     return False, why, None
@@ -155,11 +161,10 @@ def _build_lock(build_dir: str, timeout: float) -> Iterator[None]:
         os.close(fd)
 
 
-def build_extension(kind: str, name: str, is_python_module: bool = False, **load_kwargs):
+def build_extension(kind: str, name: str, is_python_module: bool = False,
+                    **load_kwargs: Any) -> Tuple[bool, str, Any]:
     """cpp_extension.load with our rules: honour QWEN2_MOE_HF_NO_EXT_BUILD, never hang on a stale lock, turn every
     failure into one warning and a reason. -> (ok, why not, the module when is_python_module)."""
-    from torch.utils import cpp_extension
-
     missing = _missing_tool()
     try:
         build_dir = cpp_extension._get_build_directory(name, verbose=False)
@@ -193,7 +198,7 @@ def build_extension(kind: str, name: str, is_python_module: bool = False, **load
     return True, "", module
 
 
-def find_cuda_home():
+def find_cuda_home() -> Optional[str]:
     """The CUDA toolkit to compile with: $CUDA_HOME / $CUDA_PATH, else a toolkit folder that holds bin/nvcc."""
     candidates = [os.environ[k] for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
@@ -208,7 +213,7 @@ def find_cuda_home():
     return None
 
 
-def _nvidia_include_dirs():
+def _nvidia_include_dirs() -> List[str]:
     """Headers of pip's nvidia-* packages (CUDA 13 wheels put them under nvidia/cu13/include)."""
     try:
         import nvidia
@@ -216,18 +221,16 @@ def _nvidia_include_dirs():
         return []
     dirs = []
     for root in getattr(nvidia, "__path__", []):
-        dirs += sorted(glob.glob(os.path.join(root, "cu*", "include"))) + sorted(glob.glob(os.path.join(root, "*",
-                                                                                                       "include")))
+        dirs += (sorted(glob.glob(os.path.join(root, "cu*", "include")))
+                 + sorted(glob.glob(os.path.join(root, "*", "include"))))
     return [d for d in dirs if os.path.isdir(d)]
 
 
 @functools.lru_cache(maxsize=None)
-def load_cuda_ops():
+def load_cuda_ops() -> Status:
     """Load (building if needed) the CUDA expert-dispatch ops; returns (True, "") or (False, why not).
     Compiles for the visible GPU, or for TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") when set. A GPU is not needed to
     build or load them, only to run them."""
-    from . import ops  # noqa: F401
-
     if torch._C._dispatch_has_kernel_for_dispatch_key("qwen2_moe_hf::moe_align", "CUDA"):
         return True, ""
     if torch.version.cuda is None:
@@ -235,8 +238,6 @@ def load_cuda_ops():
     home = find_cuda_home()
     if home is None:
         return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
-    from torch.utils import cpp_extension
-
     cpp_extension.CUDA_HOME = home  # read once at import by torch; ours may have been found later
     os.environ.setdefault("CUDA_HOME", home)
     lib_dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "lib")) if os.path.isdir(d)]
@@ -248,8 +249,8 @@ def load_cuda_ops():
                            extra_cuda_cflags=["-O3", "-lineinfo"], extra_ldflags=[f"-L{d}" for d in lib_dirs])[:2]
 
 
-def main(argv=None):
-    """Build (or load) the compiled ops ahead of time: python -m qwen2_moe_hf.moe.extension [cpu] [cuda]."""
+def main(argv: Optional[List[str]] = None) -> int:
+    """Build (or load) the compiled ops ahead of time: qwen2-moe-hf build-ext [cpu] [cuda]."""
     wanted = (argv if argv is not None else sys.argv[1:]) or ["cpu", "cuda"]
     status = 0
     for kind in wanted:

@@ -1,0 +1,48 @@
+// The router's top-k on CPU, as qwen2_moe_hf.moe.routing.route defines it (the one definition every backend and
+// kernel follows): softmax over the experts in fp32; experts ranked by probability, largest first; equal
+// probabilities rank the lower expert id first; NaN ranks above every number (as torch.sort orders it; a row with a
+// NaN logit is all NaN after the softmax, so its ids are 0..k-1); optionally renormalised over the k picked.
+// Used by topk_softmax (moe_ops_cpu.cpp) and by the fused layer's routing (moe_ffn_cpu.cpp).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace qmoe {
+
+// Whether probability a (of expert ia) ranks before b (of expert ib).
+inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
+
+// One token's routing: logits[0:E] (fp32) -> ids[0:k], weights[0:k] (fp32). `p` and `taken` are scratch of E.
+inline void route_row(const float* logits, int64_t E, int64_t k, bool renormalize, int64_t* ids, float* weights,
+                      std::vector<float>& p, std::vector<char>& taken) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < E; ++i) {
+    const float v = logits[i];
+    if (std::isnan(v) || std::isnan(mx)) mx = std::numeric_limits<float>::quiet_NaN();  // NaN spreads, as in torch
+    else mx = std::max(mx, v);
+  }
+  float sum = 0.f;
+  for (int64_t i = 0; i < E; ++i) sum += (p[i] = std::exp(logits[i] - mx));
+  std::fill(taken.begin(), taken.begin() + E, 0);
+  float picked = 0.f;
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < E; ++i)
+      if (!taken[i] && (best < 0 || ranks_before(p[i], i, p[best], best))) best = i;
+    taken[best] = 1;
+    ids[j] = best;
+    picked += (weights[j] = p[best] / sum);
+  }
+  if (renormalize)
+    for (int64_t j = 0; j < k; ++j) weights[j] /= picked;
+}
+
+}  // namespace qmoe
