@@ -1,28 +1,33 @@
-"""The MoE layer's machinery: routing, the expert-dispatch entry point and its backends."""
+"""The MoE layer's machinery below the modeling file: the router's top-k (routing.py), the experts' prepared
+weights (weights.py) and the backends that compute the routed experts (backends/)."""
 
-from .dispatch import (
+from .backends import (
     Backend,
+    available_backends,
     env_report,
-    moe_block_forward,
-    moe_forward,
     register_backend,
     requested_backend,
-    select_backend,
-    sparse_moe_block_forward,
+    resolve,
+    select,
+    unregister_backend,
 )
-from .reference import experts_forward_reference, moe_forward_reference
+from .backends.reference import experts_forward_reference
 from .routing import route
+from .weights import ExpertWeights, Int4Projection, Int4Tensors, prepare
 
 __all__ = [
     "Backend",
+    "ExpertWeights",
+    "Int4Projection",
+    "Int4Tensors",
+    "available_backends",
     "env_report",
     "experts_forward_reference",
-    "moe_block_forward",
-    "moe_forward",
-    "moe_forward_reference",
+    "prepare",
     "register_backend",
     "requested_backend",
+    "resolve",
     "route",
-    "select_backend",
-    "sparse_moe_block_forward",
+    "select",
+    "unregister_backend",
 ]
