@@ -14,7 +14,7 @@ Tensors of one quantized Linear(in_features=K, out_features=N), `bits` b, group 
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import FrozenSet, Optional
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,11 +39,11 @@ class GPTQSpec:
     modules_in_block_to_quantize: FrozenSet[str] = field(default_factory=frozenset)
 
     @property
-    def zero_offset(self):
+    def zero_offset(self) -> int:
         return FORMATS[self.checkpoint_format]
 
     @classmethod
-    def from_dict(cls, data, source="quantization_config"):
+    def from_dict(cls, data: Any, source: str = "quantization_config") -> "GPTQSpec":
         """Parse and check a GPTQ config dict; raises GPTQFormatError naming `source`.field."""
         if hasattr(data, "to_dict"):
             data = data.to_dict()
@@ -76,7 +76,7 @@ class GPTQSpec:
                    checkpoint_format="gptq_v2" if fmt == "gptq_v2" else "gptq",
                    modules_in_block_to_quantize=frozenset(names))
 
-    def to_dict(self, modules_in_block_to_quantize=None):
+    def to_dict(self, modules_in_block_to_quantize: Optional[Sequence[Sequence[str]]] = None) -> Dict[str, Any]:
         """The `quantization_config` a checkpoint written in this format carries."""
         data = {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
                 "desc_act": self.desc_act, "checkpoint_format": self.checkpoint_format, "damp_percent": 0.01,
@@ -85,15 +85,15 @@ class GPTQSpec:
             data["modules_in_block_to_quantize"] = [list(group) for group in modules_in_block_to_quantize]
         return data
 
-    def num_groups(self, in_features):
+    def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
 
-    def group_of(self, in_features):
+    def group_of(self, in_features: int) -> torch.Tensor:
         """g_idx without act-order: k // G."""
         size = in_features if self.group_size == -1 else self.group_size
         return torch.arange(in_features, dtype=torch.int32) // size
 
-    def tensor_shapes(self, in_features, out_features):
+    def tensor_shapes(self, in_features: int, out_features: int) -> Dict[str, Tuple[int, ...]]:
         """name -> shape of the tensors one Linear(in_features, out_features) is stored as."""
         per_int = 32 // self.bits
         groups = self.num_groups(in_features)
@@ -104,27 +104,28 @@ class GPTQSpec:
 # ---------------------------------------------------------------------------------------------------------------
 # Packing: b-bit values, 32/b of them per int32, lowest bits first.
 
-def _shifts(bits, device):
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, 32, bits, dtype=torch.int32, device=device)
 
 
-def pack_rows(values, bits):
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int [K, N] (each in [0, 2**b)) -> int32 [K*b/32, N]: 32/b consecutive rows per int32 (qweight)."""
     per_int = 32 // bits
     k, n = values.shape
-    v = values.to(torch.int64).reshape(k // per_int, per_int, n) << _shifts(bits, values.device).to(torch.int64)[:, None]
+    v = (values.to(torch.int64).reshape(k // per_int, per_int, n)
+         << _shifts(bits, values.device).to(torch.int64)[:, None])
     packed = v.sum(dim=1)  # disjoint bit fields: the sum is the OR
     return _to_int32(packed)
 
 
-def unpack_rows(packed, bits):
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [K*b/32, N] -> int32 [K, N] values in [0, 2**b)."""
     per_int = 32 // bits
     v = (packed[:, None, :] >> _shifts(bits, packed.device)[None, :, None]) & (2**bits - 1)
     return v.reshape(packed.shape[0] * per_int, packed.shape[1])
 
 
-def pack_cols(values, bits):
+def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int [G, N] -> int32 [G, N*b/32]: 32/b consecutive columns per int32 (qzeros)."""
     per_int = 32 // bits
     g, n = values.shape
@@ -132,17 +133,18 @@ def pack_cols(values, bits):
     return _to_int32(v.sum(dim=2))
 
 
-def unpack_cols(packed, bits):
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     v = (packed[:, :, None] >> _shifts(bits, packed.device)[None, None, :]) & (2**bits - 1)
     return v.reshape(packed.shape[0], packed.shape[1] * (32 // bits))
 
 
-def _to_int32(packed64):
+def _to_int32(packed64: torch.Tensor) -> torch.Tensor:
     # Values >= 2**31 are stored as their two's-complement int32, as AutoGPTQ's numpy uint32 -> int32 cast does.
     return torch.where(packed64 >= 2**31, packed64 - 2**32, packed64).to(torch.int32)
 
 
-def dequantize(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1, dtype=None):
+def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int = 4,
+               zero_offset: int = 1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The full-precision weight [N, K] (nn.Linear layout) of GPTQ tensors, in `dtype` (default: scales' dtype)."""
     q = unpack_rows(qweight, bits)  # [K, N]
     zeros = unpack_cols(qzeros, bits) + zero_offset  # [G, N]
@@ -152,7 +154,8 @@ def dequantize(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1, dtype=None
     return weight.t().contiguous().to(dtype or scales.dtype)
 
 
-def quantize_rtn(weight, bits=4, group_size=128, sym=True, zero_offset=1, g_idx=None):
+def quantize_rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, zero_offset: int = 1,
+                 g_idx: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Round-to-nearest quantization of a Linear weight [N, K] -> dict of GPTQ tensors (qweight, qzeros, scales,
     g_idx), scales in fp16. `g_idx` (int [K]) assigns inputs to groups in any order (act-order checkpoints);
     default k // group_size. Asymmetric zeros are kept in [zero_offset, 2**b - 1] (the v1 format stores zero - 1 in
@@ -169,7 +172,7 @@ def quantize_rtn(weight, bits=4, group_size=128, sym=True, zero_offset=1, g_idx=
     groups = int(gl.max()) + 1
     w = weight.detach().float().t()  # [K, N]
 
-    def reduce(op):
+    def reduce(op: str) -> torch.Tensor:
         with warnings.catch_warnings():  # index_reduce_ is marked beta; its amax/amin are what we need
             warnings.simplefilter("ignore", UserWarning)
             return torch.zeros(groups, n).index_reduce_(0, gl, w, op, include_self=False)
@@ -192,7 +195,8 @@ def quantize_rtn(weight, bits=4, group_size=128, sym=True, zero_offset=1, g_idx=
             "scales": stored, "g_idx": g_idx}
 
 
-def check_tensors(prefix, tensors, in_features, out_features, spec, source=""):
+def check_tensors(prefix: str, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int,
+                  spec: GPTQSpec, source: str = "") -> None:
     """Check one quantized Linear's tensors against each other and the config. `tensors`: name -> tensor (g_idx and
     bias optional). Shapes and dtypes are checked first; values (g_idx's range, finite scales and bias) only for
     tensors that hold data, so the loader can check the header's shapes (as meta tensors) before reading anything.

@@ -2,45 +2,36 @@
 
 Its buffers are the checkpoint's own tensors (qweight, qzeros, scales, g_idx, optional bias), so state_dict() and
 save_pretrained() write the format back unchanged and nothing is held twice. forward(x) picks a kernel by device:
-  cpu  -> csrc/cpu/gptq_int4_cpu.cpp (4 bits; reads the packed layout directly)
-  cuda -> gptq/triton_int4.py (4 bits; in-kernel dequantization) when triton is installed
+  cpu  -> the gptq_linear_cpu op (kernels/csrc/cpu/gptq_int4_cpu.cpp: 4 bits, reads the packed layout directly)
+  cuda -> kernels/triton_moe.py's gptq_linear_triton (4 bits; in-kernel dequantization) when triton is installed
   else -> the reference: dequantize (format.dequantize) and F.linear. It is also the oracle of the tests, the
           path for 8 bits, and what runs when autograd needs a backward (the weights are frozen; inputs get grads).
-Env QWEN2_MOE_HF_GPTQ_KERNEL=torch forces the reference everywhere.
+Env QWEN2_MOE_HF_GPTQ_KERNEL=torch forces the reference in this layer's forward (the MoE backends that read the
+4-bit tensors themselves, cpu and triton, are chosen with moe_backend instead).
+
+As an `Int4Projection` (moe/weights.py) it hands its 4-bit tensors to the MoE backends, which read a layer's
+experts at once.
 """
 
 import functools
 import importlib.util
 import os
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..kernels.build import load_cpu_ops
+from ..moe.weights import Int4Projection, Int4Tensors
 from . import format as gptq_format
+from .format import GPTQSpec
 
 ENV_KERNEL = "QWEN2_MOE_HF_GPTQ_KERNEL"
 
 
-class GPTQLinear(nn.Module):
-    # Bumped whenever some GPTQLinear's tensors may be replaced (a new layer, a new buffer, .to() / .cuda() /
-    # .half()). Fast paths that cache lists of these tensors (moe/cpu.py) re-check them only when it moved,
-    # instead of re-reading ~700 buffers per MoE layer per call. (load_state_dict copies in place: nothing moves.)
-    generation = 0
-
-    def register_buffer(self, name, tensor, persistent=True):
-        GPTQLinear.generation += 1
-        super().register_buffer(name, tensor, persistent)
-
-    def __setattr__(self, name, value):
-        if name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-            GPTQLinear.generation += 1
-        super().__setattr__(name, value)
-
-    def _apply(self, fn, *args, **kwargs):
-        GPTQLinear.generation += 1
-        return super()._apply(fn, *args, **kwargs)
-
-    def __init__(self, in_features, out_features, bias, spec, device=None, scales_dtype=torch.float16):
+class GPTQLinear(nn.Module, Int4Projection):
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: GPTQSpec,
+                 device: Optional[Union[torch.device, str]] = None, scales_dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -52,26 +43,29 @@ class GPTQLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=scales_dtype, device=device))
         self.register_buffer("g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=scales_dtype, device=device))
-        else:
-            self.bias = None
+        # A buffer even when absent (None), so that a bias set later goes where the MoE backends look.
+        self.register_buffer("bias", torch.zeros(out_features, dtype=scales_dtype, device=device) if bias else None)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         group = "none" if self.group_size == -1 else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={group}, bias={self.bias is not None}")
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The full-precision weight [out_features, in_features] (for tests and the reference path)."""
         return gptq_format.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                       self.zero_offset, dtype)
 
-    def tensors(self):
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qweight, qzeros, scales, g_idx): what the int4 kernels read."""
         return self.qweight, self.qzeros, self.scales, self.g_idx
 
-    def forward(self, x):
+    def int4_tensors(self) -> Optional[Int4Tensors]:
+        if self.bits != 4 or self.bias is not None:
+            return None
+        return Int4Tensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         kernel = kernel_for(x2, self.bits)
@@ -79,7 +73,7 @@ class GPTQLinear(nn.Module):
             y = torch.ops.qwen2_moe_hf.gptq_linear_cpu(x2, self.qweight, self.qzeros, self.scales, self.g_idx,
                                                        self.zero_offset, self.bias)
         elif kernel == "triton":
-            from .triton_int4 import gptq_linear_triton
+            from ..kernels.triton_moe import gptq_linear_triton  # triton: optional, imported on first use
 
             y = gptq_linear_triton(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                    self.zero_offset, self.bias)
@@ -89,7 +83,7 @@ class GPTQLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def kernel_for(x, bits):
+def kernel_for(x: torch.Tensor, bits: int) -> str:
     """"cpu" | "triton" | "torch": the kernel that computes a GPTQ linear for input x."""
     if os.environ.get(ENV_KERNEL, "").lower() == "torch" or bits != 4:
         return "torch"
@@ -103,12 +97,10 @@ def kernel_for(x, bits):
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_kernel():
-    from ..moe.extension import load_cpu_ops
-
+def _cpu_kernel() -> bool:
     return load_cpu_ops()[0]
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_installed():
+def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None

@@ -11,10 +11,14 @@ import json
 import os
 import re
 import shutil
+from typing import Any, Dict, Iterable, List, Mapping, Union
 
 import torch
+from torch import nn
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from ..checkpoint_io import INDEX_FILE, new_folder, read_config_json, weight_files
+from ..files import INDEX_FILE, SafetensorsFile, new_folder, read_config_json, weight_files
 from .format import FORMATS, GPTQSpec, quantize_rtn
 from .linear import GPTQLinear
 
@@ -25,7 +29,7 @@ QUANTIZED = re.compile(
 _COPIED = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 
 
-def quantize_linears_(root, names, spec):
+def quantize_linears_(root: nn.Module, names: Iterable[str], spec: GPTQSpec) -> nn.Module:
     """Replace the nn.Linear submodules `names` of `root` by GPTQLinear holding their RTN-quantized weights
     (in place, in memory; for benchmarks and experiments). Returns root."""
     for name in names:
@@ -41,7 +45,7 @@ def quantize_linears_(root, names, spec):
     return root
 
 
-def _parse_size(value):
+def _parse_size(value: Union[int, str]) -> int:
     if isinstance(value, int):
         return value
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(value).upper())
@@ -50,7 +54,7 @@ def _parse_size(value):
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
 
 
-def _block_groups(names):
+def _block_groups(names: Iterable[str]) -> List[List[str]]:
     """modules_in_block_to_quantize in the released checkpoints' grouping (the order GPTQ quantizes them)."""
     order = [r"self_attn\.[kvq]_proj", r"self_attn\.o_proj", r"mlp\.shared_expert\.(up|gate)_proj",
              r"mlp\.shared_expert\.down_proj", r"mlp\.experts\.\d+\.(up|gate)_proj", r"mlp\.experts\.\d+\.down_proj",
@@ -64,8 +68,9 @@ def _block_groups(names):
     return groups
 
 
-def quantize_checkpoint(src, dst, bits=4, group_size=128, sym=True, method="rtn", checkpoint_format="gptq",
-                        dtype=torch.float16, max_shard_size="2GB", progress=True, overwrite=False):
+def quantize_checkpoint(src: str, dst: str, bits: int = 4, group_size: int = 128, sym: bool = True,
+                        method: str = "rtn", checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float16,
+                        max_shard_size: Union[int, str] = "2GB", progress: bool = True, overwrite: bool = False) -> str:
     """Quantize the safetensors checkpoint folder `src` into the GPTQ checkpoint folder `dst`. Returns dst.
 
     The source is only read. dst must not be, lie inside or contain src, and must be new or empty unless
@@ -88,26 +93,22 @@ def quantize_checkpoint(src, dst, bits=4, group_size=128, sym=True, method="rtn"
     return dst
 
 
-def _quantize_into(src, out, files, config, spec, dtype, limit, progress):
+def _quantize_into(src: str, out: str, files: Mapping[str, SafetensorsFile], config: Dict[str, Any], spec: GPTQSpec,
+                   dtype: torch.dtype, limit: int, progress: bool) -> None:
     bits = spec.bits
     targets = [k for k in files if QUANTIZED.match(k)]
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(targets), desc="quantizing", unit="linear", disable=not progress)
-    except ImportError:  # tqdm ships with huggingface_hub; only a bare environment lacks it
-        bar = None
+    bar = tqdm(total=len(targets), desc="quantizing", unit="linear", disable=not progress)
 
     shards, current, current_size, block_names = [], {}, 0, set()
 
-    def flush():
+    def flush() -> None:
         nonlocal current, current_size
         if current:
             shards.append(current)
             _write_shard(out, len(shards), current)
         current, current_size = {}, 0
 
-    def add(name, tensor):
+    def add(name: str, tensor: torch.Tensor) -> None:
         nonlocal current_size
         size = tensor.numel() * tensor.element_size()
         if current and current_size + size > limit:
@@ -137,12 +138,10 @@ def _quantize_into(src, out, files, config, spec, dtype, limit, progress):
             bias_key = prefix + ".bias"
             if bias_key in files:
                 add(bias_key, files[bias_key].read(bias_key).to(torch.float16))
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         flush()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     _write_index(out, shards)
 
     config["quantization_config"] = spec.to_dict(_block_groups(block_names))
@@ -154,17 +153,15 @@ def _quantize_into(src, out, files, config, spec, dtype, limit, progress):
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def _shard_name(index):
+def _shard_name(index: int) -> str:
     return f"model-{index:05d}.safetensors"
 
 
-def _write_shard(dst, index, tensors):
-    from safetensors.torch import save_file
-
+def _write_shard(dst: str, index: int, tensors: Dict[str, torch.Tensor]) -> None:
     save_file(tensors, os.path.join(dst, _shard_name(index)), metadata={"format": "pt"})
 
 
-def _write_index(dst, shards):
+def _write_index(dst: str, shards: List[Dict[str, torch.Tensor]]) -> None:
     total = len(shards)
     weight_map, size = {}, 0
     for i, shard in enumerate(shards, start=1):

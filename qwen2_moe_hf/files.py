@@ -1,8 +1,11 @@
-"""Reading safetensors checkpoints tensor by tensor, straight into the tensors that keep them.
+"""Checkpoint files: safetensors and JSON read with named errors, and folders written all at once.
 
-Why our own reader: a tensor is read with one readinto() into its final buffer, so loading holds each byte once
-(no memory map whose pages stay resident beside the copies), and every fault (a truncated shard, a bad header,
-a shard the index names that is not there) raises CheckpointError naming the file and tensor.
+Below everything that reads or writes checkpoints (the load plan in loading/, the GPTQ writer, the config reader).
+Files are untrusted: every fault (a truncated shard, a bad header, an index that names a file outside the folder,
+a config.json that is not a JSON object) raises CheckpointError naming the file and the tensor or field.
+
+Why our own safetensors reader: a tensor is read with one readinto() into its final buffer, so loading holds each
+byte once (no memory map whose pages stay resident beside the copies).
 Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
 """
 
@@ -14,7 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
-from typing import Iterable, Iterator
+from typing import Any, Dict, Iterable, Iterator, KeysView, List, NoReturn, Tuple
 
 import torch
 
@@ -41,12 +44,12 @@ class CheckpointError(ValueError):
 
 
 class _DuplicateKey(Exception):
-    def __init__(self, key):
+    def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
 
 
-def _unique_keys(pairs):
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     seen = {}
     for key, value in pairs:
         if key in seen:
@@ -55,7 +58,7 @@ def _unique_keys(pairs):
     return seen
 
 
-def _no_constant(name):
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -154,7 +157,7 @@ def new_folder(dst: str, overwrite: bool = False, protect: Iterable[str] = ()) -
         raise
 
 
-def _is_size(value) -> bool:
+def _is_size(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
@@ -166,7 +169,7 @@ class SafetensorsFile:
     overlapping, the data area covered exactly, nothing past the file's end; no name twice), and any fault raises
     CheckpointError naming the file and the tensor or field."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         name = os.path.basename(path)
         try:
@@ -226,14 +229,14 @@ class SafetensorsFile:
             raise CheckpointError(f"{name}: the header's tensors cover {covered} bytes of data, the file holds "
                                   f"{available}")
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         return self.entries.keys()
 
-    def dtype_shape(self, key):
+    def dtype_shape(self, key: str) -> Tuple[torch.dtype, Tuple[int, ...]]:
         dtype, shape, _ = self.entries[key]
         return dtype, shape
 
-    def read(self, key):
+    def read(self, key: str) -> torch.Tensor:
         """The tensor `key` (CPU), read into a fresh buffer."""
         dtype, shape, begin = self.entries[key]
         tensor = torch.empty(shape, dtype=dtype)
@@ -248,11 +251,11 @@ class SafetensorsFile:
         return tensor
 
 
-def _shard_path(folder: str, shard) -> str:
+def _shard_path(folder: str, shard: Any) -> str:
     """The path of a shard the index names, which must lie in the checkpoint folder: not absolute, no '..', and
     not a symlink to elsewhere (except, for a Hugging Face cache snapshot, to the same repository's blobs)."""
-    if not isinstance(shard, str) or not shard or "\0" in shard or os.path.isabs(shard) or ".." in re.split(r"[\\/]",
-                                                                                                           shard):
+    if (not isinstance(shard, str) or not shard or "\0" in shard or os.path.isabs(shard)
+            or ".." in re.split(r"[\\/]", shard)):
         raise CheckpointError(f"{INDEX_FILE}: weight_map names the file {shard!r:.200}, which is not a path inside the "
                               "checkpoint folder")
     path = os.path.join(folder, shard)
@@ -267,7 +270,7 @@ def _shard_path(folder: str, shard) -> str:
     raise CheckpointError(f"{INDEX_FILE}: {shard!r} leads outside the checkpoint folder (to {real})")
 
 
-def weight_files(folder):
+def weight_files(folder: str) -> Dict[str, SafetensorsFile]:
     """{tensor name: SafetensorsFile} for a checkpoint folder (sharded with an index, or one file).
     Raises CheckpointError naming what is missing, inconsistent or outside the folder."""
     index_path = os.path.join(folder, INDEX_FILE)
@@ -306,108 +309,3 @@ def weight_files(folder):
         raise CheckpointError(f"{folder}: several .safetensors files ({', '.join(candidates)}) and no {INDEX_FILE}")
     handle = SafetensorsFile(_shard_path(folder, candidates[0]))
     return {key: handle for key in handle.keys()}
-
-
-# Tensors a checkpoint may lack without harm: recomputed buffers, and the new head of a sequence classifier
-# made from a language-model checkpoint (transformers warns about it, as it should).
-_MAY_BE_MISSING = ("rotary_emb.inv_freq",)
-_NEW_HEADS = ("score.",)
-
-
-def key_mapping(model, checkpoint_keys):
-    """model tensor name -> checkpoint tensor name (a base model and a *ForCausalLM differ by the "model." prefix)."""
-    prefix = model.base_model_prefix
-    has_base = isinstance(getattr(model, prefix, None), torch.nn.Module)
-    ckpt_prefixed = any(k.startswith(prefix + ".") for k in checkpoint_keys)
-    if has_base and not ckpt_prefixed:
-        return lambda name: name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
-    if not has_base and ckpt_prefixed:
-        return lambda name: f"{prefix}.{name}"
-    return lambda name: name
-
-
-def check_against_model(cls, config, files):
-    """Every checkpoint tensor the model uses has the shape the config gives it and a floating dtype; raises
-    CheckpointError naming the file and tensor. Costs one model skeleton on the meta device."""
-    with torch.device("meta"):
-        skeleton = cls(config)
-    key_of = key_mapping(skeleton, files)
-    for name, tensor in list(skeleton.named_parameters()) + list(skeleton.named_buffers()):
-        key = key_of(name)
-        handle = files.get(key)
-        if handle is None:
-            continue  # missing tensors are reported after loading (see checked_load)
-        dtype, shape = handle.dtype_shape(key)
-        where = os.path.basename(handle.path)
-        if tuple(shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(shape)}, the config expects "
-                                  f"{list(tensor.shape)}")
-        if tensor.is_floating_point() and not dtype.is_floating_point:
-            raise CheckpointError(f"{where}: tensor {key!r} has dtype {dtype}, expected a floating-point tensor")
-
-
-# Arguments only transformers' own loader handles: with any of them, it does the loading.
-_TRANSFORMERS_ONLY = ("offload_folder", "offload_state_dict", "quantization_config", "load_in_8bit", "load_in_4bit",
-                      "ignore_mismatched_sizes", "from_tf", "from_flax", "gguf_file", "state_dict", "variant",
-                      "adapter_kwargs", "key_mapping", "tp_plan", "device_mesh")
-
-
-def _streamable(kwargs):
-    """Whether our streaming loader (gptq/loading.py, each tensor read once into its final buffer) loads this
-    full-precision checkpoint: on transformers 4.x, whose loader holds a shard's memory map and its copies at once
-    (1.6x the checkpoint in memory), for CPU placement. transformers 5.x maps the weights lazily; it keeps them."""
-    from . import compat
-
-    if compat.IS_V5 or any(kwargs.get(k) for k in _TRANSFORMERS_ONLY):
-        return False
-    return kwargs.get("device_map") in (None, "cpu") and kwargs.get("max_memory") is None
-
-
-def checked_load(cls, load, pretrained, model_args, kwargs):
-    """transformers' from_pretrained (`load`) for full-precision checkpoints, with our rules around it:
-    - a local folder's shards are checked first (headers, sizes, the index, each tensor's shape and dtype against
-      the config): faults raise CheckpointError naming the file and tensor, instead of a deserialisation error
-      deep inside the loader or a re-initialised tensor;
-    - only safetensors are read unless the caller passes use_safetensors=False (then transformers reads .bin with
-      torch.load(weights_only=True));
-    - a tensor the model needs but the checkpoint lacks raises (transformers would initialise it at random with
-      a warning); allow_missing_weights=True keeps transformers' behaviour;
-    - a tensor whose shape differs from the config's raises (5.x would re-initialise it at random) unless the
-      caller passed ignore_mismatched_sizes=True.
-    """
-    kwargs = dict(kwargs)
-    allow_missing = kwargs.pop("allow_missing_weights", False)
-    want_info = kwargs.pop("output_loading_info", False)
-    kwargs.setdefault("use_safetensors", True)
-    folder = os.path.join(str(pretrained), kwargs.get("subfolder") or "")
-    if os.path.isdir(folder) and kwargs["use_safetensors"] is not False:
-        if _streamable(kwargs) and not model_args:
-            # Our streaming loader reads the shards itself and checks every tensor's shape and dtype as it goes.
-            from .gptq.loading import load_full_precision
-
-            return load_full_precision(cls, pretrained, dict(kwargs, allow_missing_weights=allow_missing,
-                                                             output_loading_info=want_info))
-        files = weight_files(folder)
-        if not kwargs.get("ignore_mismatched_sizes") and os.path.isfile(os.path.join(folder, "config.json")):
-            config = kwargs.get("config")
-            if not hasattr(config, "to_dict"):
-                config = cls.config_class.from_pretrained(folder)
-            check_against_model(cls, config, files)
-    model, info = load(pretrained, *model_args, output_loading_info=True, **kwargs)
-    mismatched = list(info.get("mismatched_keys", []))
-    if mismatched and not kwargs.get("ignore_mismatched_sizes"):
-        # transformers 5.x re-initialises these at random (with a warning); a shape the config does not expect is
-        # a corrupt or mismatched checkpoint.
-        described = [f"{m[0]} (checkpoint {list(m[1])}, model {list(m[2])})" if isinstance(m, (tuple, list))
-                     and len(m) == 3 else str(m) for m in mismatched]
-        raise CheckpointError(f"{pretrained}: tensors whose shape does not match the config: "
-                              f"{', '.join(described[:10])}{' ...' if len(described) > 10 else ''}")
-    config = model.config
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith(_MAY_BE_MISSING) and not k.startswith(_NEW_HEADS)
-               and not (getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight"))]
-    if missing and not allow_missing:
-        raise CheckpointError(
-            f"{len(missing)} tensors the model needs are missing from the checkpoint {pretrained}: "
-            f"{', '.join(sorted(missing)[:10])}{' ...' if len(missing) > 10 else ''}. Nothing is initialised at "
-            "random in their place; pass allow_missing_weights=True to accept that (e.g. a new head)")
-    return (model, info) if want_info else model
