@@ -7,9 +7,17 @@
 
 import argparse
 import sys
+from typing import List, Optional
+
+import torch
+import transformers
+
+from . import __version__, compat, env_report
+from .gptq.quantize import quantize_checkpoint
+from .kernels.build import main as build_main
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2-moe-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,8 +39,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "quantize":
-        from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
-
         try:
             quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                                 method=args.method, checkpoint_format=args.checkpoint_format,
@@ -46,19 +52,11 @@ def main(argv=None):
         return 0
 
     if args.command == "env":
-        import torch
-        import transformers
-
-        import qwen2_moe_hf
-        from qwen2_moe_hf import compat
-
-        print(f"qwen2_moe_hf {qwen2_moe_hf.__version__} | transformers {transformers.__version__} "
-              f"| torch {torch.__version__} | builtin qwen2_moe in transformers: {compat.HAS_BUILTIN_QWEN2_MOE}")
-        for name, state in qwen2_moe_hf.env_report().items():
+        print(f"qwen2_moe_hf {__version__} | transformers {transformers.__version__} | torch {torch.__version__} "
+              f"| builtin qwen2_moe in transformers: {compat.HAS_BUILTIN_QWEN2_MOE}")
+        for name, state in env_report().items():
             print(f"  {name:7s} {state}")
         return 0
-    from qwen2_moe_hf.moe.extension import main as build_main
-
     return build_main(args.kinds)
 
 

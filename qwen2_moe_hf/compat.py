@@ -3,6 +3,8 @@
 Nothing else in the package branches on the transformers version.
 """
 
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
 import torch
 import transformers
 from packaging import version
@@ -24,7 +26,7 @@ except ImportError:  # 4.x
 __all__ = ["Cache", "DynamicCache"]
 
 
-def config_base_kwargs(kwargs):
+def config_base_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """kwargs for PretrainedConfig.__init__: the dtype key each version understands."""
     kwargs = dict(kwargs)
     if not IS_V5 and "dtype" in kwargs:
@@ -33,16 +35,16 @@ def config_base_kwargs(kwargs):
     return kwargs
 
 
-def dtype_kwarg(dtype):
+def dtype_kwarg(dtype: Union[torch.dtype, str]) -> Dict[str, Union[torch.dtype, str]]:
     """from_pretrained's dtype keyword: `dtype` on 5.x, `torch_dtype` before."""
     return {"dtype": dtype} if IS_V5 else {"torch_dtype": dtype}
 
 
-def config_dtype(config):
+def config_dtype(config: transformers.PretrainedConfig) -> Optional[Union[torch.dtype, str]]:
     return getattr(config, "dtype", None) if IS_V5 else getattr(config, "torch_dtype", None)
 
 
-def set_config_dtype(config, dtype):
+def set_config_dtype(config: transformers.PretrainedConfig, dtype: torch.dtype) -> None:
     """Record the dtype a model was loaded in, under the key this version's configs use."""
     if IS_V5:
         config.dtype = dtype
@@ -50,7 +52,7 @@ def set_config_dtype(config, dtype):
         config.torch_dtype = dtype
 
 
-def init_normal_(tensor, std):
+def init_normal_(tensor: torch.Tensor, std: float) -> None:
     if _hf_init is not None:
         _hf_init.normal_(tensor, mean=0.0, std=std)
     else:
@@ -58,7 +60,7 @@ def init_normal_(tensor, std):
             tensor.normal_(mean=0.0, std=std)
 
 
-def init_zeros_(tensor):
+def init_zeros_(tensor: torch.Tensor) -> None:
     if _hf_init is not None:
         _hf_init.zeros_(tensor)
     else:
@@ -66,7 +68,7 @@ def init_zeros_(tensor):
             tensor.zero_()
 
 
-def init_ones_(tensor):
+def init_ones_(tensor: torch.Tensor) -> None:
     if _hf_init is not None:
         _hf_init.ones_(tensor)
     else:
@@ -74,7 +76,9 @@ def init_ones_(tensor):
             tensor.fill_(1.0)
 
 
-def as_cache(past_key_values):
+def as_cache(
+    past_key_values: Optional[Union[Cache, Sequence[Tuple[torch.Tensor, torch.Tensor]]]],
+) -> Optional[Cache]:
     """A Cache object from what callers pass: None, a Cache, or (4.x) the legacy tuple of (key, value) per layer."""
     if past_key_values is None or isinstance(past_key_values, Cache):
         return past_key_values
@@ -83,19 +87,21 @@ def as_cache(past_key_values):
         for layer_idx, (key, value) in enumerate(past_key_values):
             cache.update(key, value, layer_idx)
         return cache
-    raise TypeError(f"past_key_values: expected a transformers Cache or a tuple of (key, value), got {type(past_key_values)}")
+    raise TypeError(
+        f"past_key_values: expected a transformers Cache or a tuple of (key, value), got {type(past_key_values)}"
+    )
 
 
 def prepare_inputs_for_generation(
-    model,
-    input_ids,
-    past_key_values=None,
-    attention_mask=None,
-    inputs_embeds=None,
-    cache_position=None,
-    use_cache=True,
-    **kwargs,
-):
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    past_key_values: Optional[Union[Cache, Sequence[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    inputs_embeds: Optional[torch.Tensor] = None,
+    cache_position: Optional[torch.LongTensor] = None,
+    use_cache: Optional[bool] = True,
+    **kwargs: Any,
+) -> Dict[str, Any]:
     """GenerationMixin.prepare_inputs_for_generation for transformers < 4.45, which leave it to each model.
 
     Feeds only the tokens the cache has not seen, with padding-aware position ids (left padding).
@@ -110,7 +116,7 @@ def prepare_inputs_for_generation(
     if attention_mask is not None and position_ids is None:
         position_ids = attention_mask.long().cumsum(-1) - 1
         position_ids.masked_fill_(attention_mask == 0, 1)
-        position_ids = position_ids[:, -input_ids.shape[1] :]
+        position_ids = position_ids[:, -input_ids.shape[1]:]
     if inputs_embeds is not None and past_length == 0:
         model_inputs = {"inputs_embeds": inputs_embeds}
     else:

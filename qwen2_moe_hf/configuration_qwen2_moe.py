@@ -6,11 +6,12 @@ reads it back. Defaults are transformers' (Qwen1.5-MoE-A2.7B).
 """
 
 import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from transformers import PretrainedConfig
 
 from . import compat
-from .checkpoint_io import read_json_object
+from .files import read_json_object
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SUPPORTED_ROPE_TYPES = ("default",)
@@ -70,10 +71,11 @@ FIELD_RULES = {
 
 
 _UNSET = object()
-_DERIVED = ("head_dim", "layer_types", "rope_theta", "mlp_only_layers")  # None: computed from the others
+# None: computed from the others (num_key_value_heads: Qwen2 configs from before GQA leave it unset)
+_DERIVED = ("head_dim", "layer_types", "rope_theta", "mlp_only_layers", "num_key_value_heads")
 
 
-def check_field(name, value):
+def check_field(name: str, value: Any) -> None:
     """Raise ValueError naming `name` when `value` is not of its type or range (FIELD_RULES)."""
     expected, ok = FIELD_RULES[name]
     if not ok(value):
@@ -86,43 +88,43 @@ class Qwen2MoeConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        hidden_act="silu",
-        max_position_embeddings=32768,
-        initializer_range=0.02,
-        rms_norm_eps=1e-6,
-        use_cache=True,
-        tie_word_embeddings=False,
-        rope_theta=None,
-        rope_parameters=None,
-        rope_scaling=None,
-        use_sliding_window=False,
-        sliding_window=4096,
-        max_window_layers=28,
-        attention_dropout=0.0,
-        decoder_sparse_step=1,
-        moe_intermediate_size=1408,
-        shared_expert_intermediate_size=5632,
-        num_experts_per_tok=4,
-        num_experts=60,
-        norm_topk_prob=False,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-        mlp_only_layers=None,
-        qkv_bias=True,
-        layer_types=None,
-        head_dim=None,
-        moe_backend=None,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        **kwargs,
-    ):
+        vocab_size: int = 151936,
+        hidden_size: int = 2048,
+        intermediate_size: int = 5632,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 16,
+        num_key_value_heads: Optional[int] = 16,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 32768,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = False,
+        rope_theta: Optional[float] = None,
+        rope_parameters: Optional[Dict[str, Any]] = None,
+        rope_scaling: Optional[Dict[str, Any]] = None,
+        use_sliding_window: bool = False,
+        sliding_window: Optional[int] = 4096,
+        max_window_layers: int = 28,
+        attention_dropout: float = 0.0,
+        decoder_sparse_step: int = 1,
+        moe_intermediate_size: int = 1408,
+        shared_expert_intermediate_size: int = 5632,
+        num_experts_per_tok: int = 4,
+        num_experts: int = 60,
+        norm_topk_prob: bool = False,
+        output_router_logits: bool = False,
+        router_aux_loss_coef: float = 0.001,
+        mlp_only_layers: Optional[Sequence[int]] = None,
+        qkv_bias: bool = True,
+        layer_types: Optional[Sequence[str]] = None,
+        head_dim: Optional[int] = None,
+        moe_backend: Optional[str] = None,
+        pad_token_id: Optional[int] = None,
+        bos_token_id: Optional[Union[int, List[int]]] = None,
+        eos_token_id: Optional[Union[int, List[int]]] = None,
+        **kwargs: Any,
+    ) -> None:
         # Types and ranges first, before anything is derived from them (a string layer count, say).
         for name, value in locals().items():
             if name in FIELD_RULES and not (value is None and name in _DERIVED):
@@ -189,7 +191,9 @@ class Qwen2MoeConfig(PretrainedConfig):
         self.validate()  # again, with the fields the base class set
 
     @classmethod
-    def from_dict(cls, config_dict, **kwargs):
+    def from_dict(
+        cls, config_dict: Dict[str, Any], **kwargs: Any
+    ) -> Union["Qwen2MoeConfig", Tuple["Qwen2MoeConfig", Dict[str, Any]]]:
         # transformers sets from_pretrained's keyword arguments as attributes after __init__: validate them too.
         result = super().from_dict(config_dict, **kwargs)
         (result[0] if isinstance(result, tuple) else result).validate()
@@ -202,7 +206,7 @@ class Qwen2MoeConfig(PretrainedConfig):
         read_json_object(str(json_file))
         return super()._dict_from_json_file(json_file)
 
-    def is_moe_layer(self, layer_idx):
+    def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` has the sparse MoE block (else a dense MLP)."""
         return (
             layer_idx not in self.mlp_only_layers
@@ -210,7 +214,7 @@ class Qwen2MoeConfig(PretrainedConfig):
             and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
 
-    def validate(self):
+    def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot describe a working model: each field's type
         and range (FIELD_RULES), then the rules between fields. Run by __init__, by from_dict after from_pretrained's
         keyword arguments are applied, and by every model and MoE block built from this config (so attributes
@@ -260,7 +264,8 @@ def _normalize_rope(rope_theta, rope_parameters, rope_scaling):
     rope_type = rope.pop("type", None) or rope.get("rope_type") or "default"
     rope["rope_type"] = rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise _bad("rope_parameters.rope_type", f"one of {SUPPORTED_ROPE_TYPES} (Qwen1.5-MoE uses plain RoPE)", rope_type)
+        raise _bad("rope_parameters.rope_type", f"one of {SUPPORTED_ROPE_TYPES} (Qwen1.5-MoE uses plain RoPE)",
+                   rope_type)
     theta = rope["rope_theta"]
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         raise _bad("rope_theta", "a number > 0", theta)

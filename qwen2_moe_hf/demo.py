@@ -9,10 +9,14 @@ It is made once and cached (~/.cache/qwen2_moe_hf, or $QWEN2_MOE_HF_CACHE).
 
 import json
 import os
+from typing import Any, Dict, Optional
 
 import torch
+from transformers import AutoTokenizer, GenerationConfig
 
-from .checkpoint_io import new_folder
+from .configuration_qwen2_moe import Qwen2MoeConfig
+from .files import new_folder
+from .modeling_qwen2_moe import Qwen2MoeForCausalLM
 from .registration import QWEN_CHATML_TEMPLATE
 
 DEMO_VERSION = "1"
@@ -49,12 +53,12 @@ DEMO_DIALOGUE = [
 ]
 
 
-def default_cache_dir():
+def default_cache_dir() -> str:
     root = os.environ.get("QWEN2_MOE_HF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen2_moe_hf")
     return os.path.join(root, f"demo-v{DEMO_VERSION}")
 
 
-def _bytes_to_unicode():
+def _bytes_to_unicode() -> Dict[int, str]:
     """GPT-2 / Qwen byte-level alphabet: each byte maps to a printable unicode character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -68,7 +72,7 @@ def _bytes_to_unicode():
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def write_tokenizer(path):
+def write_tokenizer(path: str) -> str:
     """vocab.json + merges.txt (no merges: one token per byte) + tokenizer_config.json with the ChatML template."""
     os.makedirs(path, exist_ok=True)
     alphabet = _bytes_to_unicode()
@@ -102,7 +106,7 @@ def write_tokenizer(path):
     return path
 
 
-def _train(model, tokenizer, steps, seed):
+def _train(model: Qwen2MoeForCausalLM, tokenizer: Any, steps: int, seed: int) -> float:
     """A short fit on the demo dialogue's assistant turn, so the demo answers the post's question."""
     text = tokenizer.apply_chat_template(DEMO_DIALOGUE, tokenize=False)
     ids = torch.tensor([tokenizer(text)["input_ids"]])
@@ -124,14 +128,9 @@ def _train(model, tokenizer, steps, seed):
     return loss.item()
 
 
-def build_demo_checkpoint(path=None, train_steps=200, seed=0):
+def build_demo_checkpoint(path: Optional[str] = None, train_steps: int = 200, seed: int = 0) -> str:
     """Make (once) and return the folder of the demo checkpoint: config, safetensors weights, generation config,
     tokenizer. An existing complete folder is reused."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from .configuration_qwen2_moe import Qwen2MoeConfig
-    from .modeling_qwen2_moe import Qwen2MoeForCausalLM
-
     path = path or default_cache_dir()
     done = os.path.join(path, ".complete")
     if os.path.isfile(done):

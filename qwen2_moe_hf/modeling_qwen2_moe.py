@@ -2,14 +2,12 @@
 transformers 4.38 (which has none) and replaces the built-in one on 5.x.
 
 Top to bottom: RMSNorm, RoPE, attention (q/k/v bias, GQA; sdpa, eager, flash-attention-2), the dense MLP, the sparse
-MoE block (router -> top-k routing and routed experts through the dispatch layer -> + sigmoid-gated shared
-expert), the decoder layer,
-the model, the load-balancing loss, and the heads. Parameter names are the hub's, so checkpoints load as they are.
+MoE block (router -> top-k (moe/routing.py) -> routed experts on the backend resolved for the layer (moe/backends/)
+-> + sigmoid-gated shared expert), the decoder layer, the model, the load-balancing loss, and the heads. Parameter names are the hub's, so checkpoints load as they are.
 """
 
 import logging
-import os
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +22,21 @@ from transformers.modeling_outputs import (
 
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
-from .moe import requested_backend, sparse_moe_block_forward
+from .loading import from_pretrained as load_checkpoint
+from .moe import ExpertWeights, prepare, requested_backend, route
+from .moe import resolve as resolve_backend
+from .moe import select as select_backend
 
 logger = logging.getLogger("qwen2_moe_hf")
 
 
 class Qwen2MoeRMSNorm(nn.Module):
-    def __init__(self, hidden_size, eps=1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, scale in the model dtype: the released model's numerics.
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
@@ -48,30 +49,31 @@ class Qwen2MoeRotaryEmbedding(nn.Module):
     """cos/sin of plain RoPE for given positions. The frequencies are recomputed per call (head_dim/2 numbers), so
     there is no buffer to get lost when models are built on the meta device."""
 
-    def __init__(self, config):
+    def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__()
         self.dim = config.head_dim
         self.base = config.rope_theta
 
-    def forward(self, x, position_ids):
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=x.device) / self.dim))
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def rotate_half(x):
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """q, k [batch, heads, seq, head_dim]; cos, sin [batch, seq, head_dim]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def repeat_kv(hidden_states, n_rep):
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_rep, seq, head_dim] (GQA)."""
     if n_rep == 1:
         return hidden_states
@@ -80,7 +82,8 @@ def repeat_kv(hidden_states, n_rep):
     return hidden_states.reshape(batch, kv_heads * n_rep, seq, head_dim)
 
 
-def build_attention_mask(attention_mask, batch, q_len, past_len, device, sliding_window=None):
+def build_attention_mask(attention_mask: Optional[torch.Tensor], batch: int, q_len: int, past_len: int,
+                         device: torch.device, sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:
     """Boolean mask [batch, 1, q_len, kv_len] (True = may attend), or None when plain causal attention suffices.
 
     attention_mask: None or [batch, past_len + q_len] with 1 for real tokens, 0 for padding (left or right).
@@ -112,7 +115,7 @@ def build_attention_mask(attention_mask, batch, q_len, past_len, device, sliding
 class Qwen2MoeAttention(nn.Module):
     """Multi-head attention with q/k/v bias, grouped-query KV heads and RoPE."""
 
-    def __init__(self, config, layer_idx):
+    def __init__(self, config: Qwen2MoeConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -127,8 +130,9 @@ class Qwen2MoeAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
-                output_attentions=False):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+                attention_mask: Optional[torch.Tensor] = None, past_key_values: Optional[compat.Cache] = None,
+                output_attentions: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -175,7 +179,7 @@ class Qwen2MoeAttention(nn.Module):
 class Qwen2MoeMLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x)). Dense layers, each routed expert and the shared expert."""
 
-    def __init__(self, config, intermediate_size=None):
+    def __init__(self, config: Qwen2MoeConfig, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
         self.config = config
         self.hidden_size = config.hidden_size
@@ -185,26 +189,59 @@ class Qwen2MoeMLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _drop_prepared_weights(experts: nn.Module, incompatible_keys: Any = None) -> None:
+    experts.__dict__.setdefault("_prepared", {}).clear()
 
 
 class Qwen2MoeExperts(nn.ModuleList):
     """The routed experts, one Qwen2MoeMLP each, so the state dict speaks the hub's `experts.{e}.{gate,up,down}_proj`
-    names. The dispatch layer decides how they are computed."""
+    names and PEFT can wrap any projection.
 
-    def __init__(self, config):
+    forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], the weighted sum of each
+    token's top-k experts, computed by the backend resolved for this layer (moe/backends/) on the experts' prepared
+    weights (moe/weights.py). Those are gathered once from the modules and kept until something they read is
+    replaced (checked on every call) or `_apply` / `load_state_dict` drop them."""
+
+    def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__([Qwen2MoeMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)])
+        self.config = config
+        self.__dict__["_prepared"] = {}
+        self.register_load_state_dict_post_hook(_drop_prepared_weights)
+
+    def prepared_weights(self, shared_expert: Optional[nn.Module] = None) -> ExpertWeights:
+        """The routed experts' weights (with `shared_expert`'s, for a fused lane) as the backends read them: built
+        once, and again only when a module or tensor it read has been replaced."""
+        cache = self.__dict__.setdefault("_prepared", {})
+        key = None if shared_expert is None else id(shared_expert)
+        weights = cache.get(key)
+        if weights is None or weights.shared_module is not shared_expert or not weights.current():
+            weights = cache[key] = prepare(self, shared_expert, self.config.hidden_act)
+        return weights
+
+    def _apply(self, fn, *args, **kwargs):
+        _drop_prepared_weights(self)  # new tensors (.to(), .half(), .cuda()): prepare again
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        weights = self.prepared_weights()
+        chosen = select_backend(requested_backend(getattr(self.config, "moe_backend", None)), weights, hidden_states)
+        return chosen.experts(hidden_states, top_k_index, top_k_weights, weights)
 
 
 class Qwen2MoeSparseMoeBlock(nn.Module):
     """router -> top-k routed experts (weighted) + sigmoid(shared_expert_gate(x)) * shared_expert(x).
 
     forward(hidden_states [batch, seq, hidden]) -> [batch, seq, hidden]; with return_router_logits=True also the
-    router logits [batch * seq, num_experts].
+    router logits [batch * seq, num_experts]. Without autograd, a backend with a fused lane (the cpu one) may compute
+    the whole block in one call; it computes exactly the lines below.
     """
 
-    def __init__(self, config):
+    def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__()
         validate_config(config)
         self.config = config
@@ -216,14 +253,35 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, hidden_states, return_router_logits=False):
-        # router_logits = self.gate(x), then the experts (moe/dispatch.py); a backend may run the router itself.
-        out, router_logits = sparse_moe_block_forward(
-            self, hidden_states, backend=requested_backend(getattr(self.config, "moe_backend", None)))
+    def forward(self, hidden_states: torch.Tensor,
+                return_router_logits: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        fused = fused_layer(self, x, requested_backend(getattr(self.config, "moe_backend", None)))
+        if fused is not None:
+            out, router_logits = fused
+        else:
+            router_logits = self.gate(x)
+            top_k_weights, top_k_index = route(router_logits, self.top_k, self.norm_topk_prob)
+            out = self.experts(x, top_k_index, top_k_weights)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        out = out.reshape(hidden_states.shape)
         return (out, router_logits) if return_router_logits else out
 
 
-def clamp_fp16(hidden_states):
+def fused_layer(block: "Qwen2MoeSparseMoeBlock", x: torch.Tensor,
+                requested: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(out, router_logits) from the fused lane of the backend resolved for this block, or None: when autograd is
+    on, when that backend has none, or when it declines this call."""
+    if torch.is_grad_enabled():
+        return None
+    weights = block.experts.prepared_weights(block.shared_expert)
+    chosen = resolve_backend(requested, weights, x.device, x.dtype)
+    if chosen.fused_layer is None:
+        return None
+    return chosen.fused_layer(block, x, weights)
+
+
+def clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
     """In float16, residual-stream values past its range become inf and then NaN in the next norm; clamp them to
     just inside the range instead (as transformers' T5 does). Elementwise, no host sync; other dtypes pass."""
     if hidden_states.dtype == torch.float16:
@@ -233,7 +291,7 @@ def clamp_fp16(hidden_states):
 
 
 class Qwen2MoeDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config: Qwen2MoeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Qwen2MoeAttention(config, layer_idx)
         if config.is_moe_layer(layer_idx):
@@ -243,8 +301,14 @@ class Qwen2MoeDecoderLayer(nn.Module):
         self.input_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
-                output_attentions=False):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[compat.Cache] = None,
+        output_attentions: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """-> (hidden_states, attention weights or None, router logits or None)."""
         residual = hidden_states
         hidden_states, attn_weights = self.self_attn(
@@ -262,7 +326,7 @@ class Qwen2MoeDecoderLayer(nn.Module):
         return clamp_fp16(residual + hidden_states), attn_weights, router_logits
 
 
-def validate_config(config):
+def validate_config(config: Qwen2MoeConfig) -> None:
     """Every field of the config, as the model is built from it: attributes changed by hand since the config was
     made (or set by from_pretrained's keyword arguments) are checked here too. A moe_backend must be a known name."""
     config.validate()
@@ -281,31 +345,24 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True  # transformers 5.x
     _supports_cache_class = True
 
-    def __init__(self, config, *inputs, **kwargs):
+    def __init__(self, config: Qwen2MoeConfig, *inputs: Any, **kwargs: Any) -> None:
         if isinstance(config, Qwen2MoeConfig):
             validate_config(config)
         super().__init__(config, *inputs, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' from_pretrained, except that GPTQ checkpoints load through qwen2_moe_hf.gptq (our int4
-        layers and loader), whatever GPTQ libraries are installed: their quantizers would drop or mis-wrap the
-        per-expert int4 tensors. Full-precision checkpoints go through transformers' loader with our checks:
-        shards are checked first (named errors), only safetensors are read unless use_safetensors=False, and a
-        tensor the model needs but the checkpoint lacks raises instead of being initialised at random
-        (allow_missing_weights=True restores transformers' warning)."""
-        from .checkpoint_io import checked_load, read_config_json
-        from .gptq.loading import maybe_load_gptq
-
-        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            read_config_json(folder)  # untrusted: not a JSON object, or a key given twice, raises naming the file
-        model = maybe_load_gptq(cls, pretrained_model_name_or_path, model_args, kwargs)
-        if model is not None:
-            return model
-        load = super().from_pretrained.__func__  # transformers' loader, behind our checks (checkpoint_io.py)
-        return checked_load(cls, lambda *a, **k: load(cls, *a, **k), pretrained_model_name_or_path, model_args,
-                            kwargs)
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any
+    ) -> Union["Qwen2MoePreTrainedModel", Tuple["Qwen2MoePreTrainedModel", Dict[str, Any]]]:
+        """transformers' from_pretrained within our load plan (loading/plan.py): GPTQ checkpoints load through our
+        int4 layers and loader whatever GPTQ libraries are installed (their quantizers would drop or mis-wrap the
+        per-expert int4 tensors); full-precision ones through transformers' loader with our checks (shards checked
+        first, named errors, only safetensors unless use_safetensors=False, and a tensor the model needs but the
+        checkpoint lacks raises instead of being initialised at random: allow_missing_weights=True restores
+        transformers' warning)."""
+        load = super().from_pretrained.__func__
+        return load_checkpoint(cls, lambda *a, **k: load(cls, *a, **k), pretrained_model_name_or_path, model_args,
+                               kwargs)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -322,7 +379,8 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
             compat.init_ones_(module.weight)
 
 
-def check_inputs(input_ids, inputs_embeds, position_ids, hidden_size):
+def check_inputs(input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor],
+                 position_ids: Optional[torch.Tensor], hidden_size: int) -> None:
     """Shapes and dtypes of the model's inputs, each error naming the argument (instead of an unpacking or index
     error deep inside, or a silently broadcast position)."""
     if (input_ids is None) == (inputs_embeds is None):
@@ -348,7 +406,8 @@ def check_inputs(input_ids, inputs_embeds, position_ids, hidden_size):
                          f"sequence={shape[1]}], got {position_ids.dtype} of shape {list(position_ids.shape)}")
 
 
-def check_labels(labels, shape, num_classes, what="the vocabulary", ignore_index=-100):
+def check_labels(labels: torch.Tensor, shape: Sequence[int], num_classes: int, what: str = "the vocabulary",
+                 ignore_index: int = -100) -> None:
     """Class ids outside [0, num_classes) (other than ignore_index) raise naming the first one, instead of an index
     error on CPU or a device-side assert on GPU (one host sync; training only)."""
     if tuple(labels.shape) != tuple(shape):
@@ -360,7 +419,7 @@ def check_labels(labels, shape, num_classes, what="the vocabulary", ignore_index
                          f"[0, {num_classes}) (and is not the ignored {ignore_index})")
 
 
-def check_input_ids(input_ids, vocab_size):
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Token ids outside [0, vocab_size) raise here, naming the id, instead of an index error on CPU or a
     device-side assert on GPU (which leaves the CUDA context unusable). Costs one host sync per forward on GPU."""
     bad = (input_ids < 0) | (input_ids >= vocab_size)
@@ -371,7 +430,7 @@ def check_input_ids(input_ids, vocab_size):
 
 
 class Qwen2MoeModel(Qwen2MoePreTrainedModel):
-    def __init__(self, config):
+    def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
@@ -382,27 +441,27 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.embed_tokens = value
 
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        output_router_logits=None,
-        return_dict=None,
-        cache_position=None,
-        **kwargs,
-    ):
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Union[compat.Cache, Sequence[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_logits: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        **kwargs: Any,
+    ) -> Union[Tuple, MoeModelOutputWithPast]:
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = (
@@ -481,7 +540,8 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-def load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask=None):
+def load_balancing_loss_func(router_logits: Optional[Sequence[torch.Tensor]], num_experts: int, top_k: int,
+                             attention_mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, int]:
     """Switch-Transformer load-balancing loss over the MoE layers' router logits (each [batch * seq, E]):
     num_experts * sum_e (fraction of top-k slots routed to e) * (mean router probability of e), over real tokens.
     """
@@ -506,7 +566,7 @@ def load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask=N
     return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
 
 
-def _causal_lm_loss(logits, labels, ignore_index=-100):
+def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     shift_logits = logits[..., :-1, :].float().reshape(-1, logits.shape[-1])
     shift_labels = labels[..., 1:].reshape(-1).to(shift_logits.device)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
@@ -515,45 +575,45 @@ def _causal_lm_loss(logits, labels, ignore_index=-100):
 class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if compat.IS_V5 else ["lm_head.weight"]
 
-    def __init__(self, config):
+    def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__(config)
         self.model = Qwen2MoeModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embed_tokens = value
 
-    def get_output_embeddings(self):
+    def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def set_output_embeddings(self, new_embeddings):
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    def get_decoder(self):
+    def get_decoder(self) -> Qwen2MoeModel:
         return self.model
 
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        output_router_logits=None,
-        return_dict=None,
-        cache_position=None,
-        logits_to_keep=0,
-        **kwargs,
-    ):
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Union[compat.Cache, Sequence[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_logits: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs: Any,
+    ) -> Union[Tuple, MoeCausalLMOutputWithPast]:
         config = self.config
         output_router_logits = (
             output_router_logits if output_router_logits is not None else config.output_router_logits
@@ -602,7 +662,7 @@ class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
 
     if not compat.HAS_GENERIC_PREPARE_INPUTS:
 
-        def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> Dict[str, Any]:
             return compat.prepare_inputs_for_generation(self, input_ids, **kwargs)
 
         @staticmethod
@@ -614,22 +674,33 @@ class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
 class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel):
     """Scores each sequence from the hidden state of its last non-padding token."""
 
-    def __init__(self, config):
+    def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = Qwen2MoeModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Union[compat.Cache, Sequence[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[Tuple, SequenceClassifierOutputWithPast]:
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

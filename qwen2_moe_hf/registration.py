@@ -9,10 +9,12 @@ with the other switch value undoes the override. No `trust_remote_code` is ever 
 import json
 import logging
 import os
+from typing import Any, Dict, Optional, Union
 
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import cached_file
 
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
@@ -37,14 +39,14 @@ QWEN_CHATML_TEMPLATE = (
 _state = {"override": None}
 
 
-def _env_override_default():
+def _env_override_default() -> bool:
     value = os.environ.get(ENV_OVERRIDE, "1").strip().lower()
     if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
         raise ValueError(f"{ENV_OVERRIDE}: expected 0 or 1, got {value!r}")
     return value in ("1", "true", "yes", "on")
 
 
-def register(override_builtin=None):
+def register(override_builtin: Optional[bool] = None) -> bool:
     """Register qwen2_moe with AutoConfig / AutoModel / AutoModelForCausalLM / AutoModelForSequenceClassification /
     AutoTokenizer. Returns whether our classes now serve model_type "qwen2_moe"."""
     if override_builtin is None:
@@ -71,7 +73,7 @@ def register(override_builtin=None):
     return ours_serve
 
 
-def _register_tokenizer():
+def _register_tokenizer() -> None:
     slow = getattr(transformers, "Qwen2Tokenizer", None)
     fast = getattr(transformers, "Qwen2TokenizerFast", None)
     if compat.IS_V5:
@@ -80,14 +82,12 @@ def _register_tokenizer():
         AutoTokenizer.register(Qwen2MoeConfig, slow_tokenizer_class=slow, fast_tokenizer_class=fast, exist_ok=True)
 
 
-def _is_qwen2_moe_checkpoint(path, kwargs):
+def _is_qwen2_moe_checkpoint(path: str, kwargs: Dict[str, Any]) -> bool:
     """Whether `path` (folder or hub id) holds a config.json of model_type qwen2_moe. Never raises."""
     try:
         if os.path.isdir(path):
             config_file = os.path.join(path, "config.json")
         else:
-            from transformers.utils import cached_file
-
             hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
             config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if not config_file or not os.path.isfile(config_file):
@@ -98,14 +98,15 @@ def _is_qwen2_moe_checkpoint(path, kwargs):
         return False
 
 
-def _patch_tokenizer_chat_template():
+def _patch_tokenizer_chat_template() -> None:
     """AutoTokenizer.from_pretrained: give qwen2_moe tokenizers without a chat_template the Qwen ChatML one."""
     original = AutoTokenizer.from_pretrained
     if getattr(original, "_qwen2_moe_hf", False):
         return
     original_func = original.__func__
 
-    def from_pretrained(cls, pretrained_model_name_or_path, *inputs, **kwargs):
+    def from_pretrained(cls: type, pretrained_model_name_or_path: Union[str, os.PathLike], *inputs: Any,
+                        **kwargs: Any) -> Any:
         tokenizer = original_func(cls, pretrained_model_name_or_path, *inputs, **kwargs)
         if (
             _state["override"]
