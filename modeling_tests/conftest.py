@@ -17,7 +17,7 @@ def pytest_configure(config):
     """On the stacks where the CPU ops are expected (run_all.sh sets QWEN2_MOE_HF_REQUIRE_CPU_OPS=1), a failed build
     fails the run: otherwise every test that needs them would skip and the run would pass without the fast path."""
     if os.environ.get("QWEN2_MOE_HF_REQUIRE_CPU_OPS") == "1":
-        from qwen2_moe_hf.moe.extension import load_cpu_ops
+        from qwen2_moe_hf.kernels.build import load_cpu_ops
 
         ok, why = load_cpu_ops()
         if not ok:

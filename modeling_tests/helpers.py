@@ -164,6 +164,47 @@ def int4_torch_oracle():
             os.environ[ENV_KERNEL] = previous
 
 
+def routed(block, x, backend, topk_ids=None):
+    """(the block's routed experts on `backend`, (weights, ids)): routed by the block's own router, or to
+    `topk_ids` with its weights; no shared expert. Without autograd."""
+    from qwen2_moe_hf.moe import route
+
+    flat = x.reshape(-1, x.shape[-1])
+    previous = block.config.moe_backend
+    block.config.moe_backend = backend
+    try:
+        with torch.no_grad():
+            weights, ids = route(block.gate(flat), block.top_k, block.norm_topk_prob)
+            if topk_ids is not None:
+                ids = topk_ids
+            return block.experts(flat, ids, weights), (weights, ids)
+    finally:
+        block.config.moe_backend = previous
+
+
+def block_reference(block, x, logits, dtype=torch.float32):
+    """The whole block as the torch reference computes it in `dtype` on the block's (rounded) weights, routed from
+    the given router logits, with every GPTQ layer on the torch path: [tokens, hidden]."""
+    import copy
+
+    from qwen2_moe_hf.moe import experts_forward_reference, route
+
+    ref = copy.deepcopy(block).to(dtype)
+    weights, ids = route(logits, block.top_k, block.norm_topk_prob)
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    with torch.no_grad(), int4_torch_oracle():
+        out = experts_forward_reference(flat, ids, weights.to(dtype), ref.experts)
+        return out + torch.sigmoid(ref.shared_expert_gate(flat)) * ref.shared_expert(flat)
+
+
+def resolved_backend(block, x):
+    """The name of the backend the block's experts resolve to for x (without autograd)."""
+    from qwen2_moe_hf.moe import requested_backend, resolve
+
+    weights = block.experts.prepared_weights(block.shared_expert)
+    return resolve(requested_backend(block.config.moe_backend), weights, x.device, x.dtype).name
+
+
 class Scaled(torch.nn.Module):
     """A PEFT-style wrapper: holds the original layer as a submodule and changes its output (x3), so a backend
     that kept computing with the wrapped layer's own weights would show it."""

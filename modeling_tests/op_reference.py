@@ -15,8 +15,10 @@ from helpers import row_error  # noqa: F401  (the comparison every op test uses)
 
 
 def topk_softmax(logits, k, renormalize):
+    """route()'s order (larger probability first, ties by the lower id) with the weights left in float32."""
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
+    ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :k]
+    weights = probs.gather(-1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids
@@ -97,11 +99,6 @@ def int4_expert_weights(experts, shared, zero_offset):
 def moe_ffn_int4(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset):
     gate, up, down, sg, su, sd = int4_expert_weights(experts, shared, zero_offset)
     return moe_ffn(x, topk_ids, topk_weights, gate, up, down, sg, su, sd, shared_expert_gate if shared else None)
-
-
-def moe_block_int4(x, router_logits, top_k, renormalize, experts, shared, shared_expert_gate, zero_offset):
-    topk_weights, topk_ids = route(router_logits, top_k, renormalize)
-    return moe_ffn_int4(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset)
 
 
 # fp32: accumulation order; bf16 / fp16: both sides round the output once (up to one ulp apart: 2^-8, 2^-11).

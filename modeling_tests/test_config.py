@@ -111,6 +111,23 @@ def test_invalid_values_raise_naming_the_field(field, value):
     assert field in str(info.value) or field == "rope_parameters" and "rope_type" in str(info.value)
 
 
+def test_unset_key_value_heads_mean_multi_head_attention(tmp_path):
+    """Qwen2 configs from before GQA leave num_key_value_heads unset (null): one KV head per attention head, on
+    every route (it was refused as "expected an integer" once validation ran first)."""
+    kwargs = helpers.tiny_config_kwargs(num_key_value_heads=None)
+    config = Qwen2MoeConfig(**kwargs)
+    assert config.num_key_value_heads == config.num_attention_heads
+    config.save_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        data = json.load(f)
+    data["num_key_value_heads"] = None
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(data, f)
+    assert Qwen2MoeConfig.from_pretrained(str(tmp_path)).num_key_value_heads == config.num_attention_heads
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        Qwen2MoeConfig(**dict(kwargs, num_key_value_heads=0))
+
+
 BAD_VALUES = [("num_experts_per_tok", 0), ("norm_topk_prob", "false"), ("num_hidden_layers", "3"),
               ("rms_norm_eps", float("nan")), ("mlp_only_layers", [7]), ("hidden_act", None)]
 

@@ -1,6 +1,7 @@
-"""The cpu backend's whole-layer lane (moe/cpu.py: router, routing and experts in one call to the extension, outside
-the dispatcher) against the general path and the torch reference; when it must give way (hooks, wrappers, autograd,
-dispatch modes, a backend registered ahead of it); and the watched dicts it relies on to see weight changes."""
+"""The cpu backend's fused lane (router, routing and experts in one call to the extension, outside the dispatcher)
+against the general way and the torch reference; when it must give way (hooks, wrappers, autograd, dispatch modes,
+a backend registered ahead of it); and the experts' prepared weights (moe/weights.py): rebuilt exactly when
+something they read is replaced, never shared by copies."""
 
 import copy
 import io
@@ -13,15 +14,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import qwen2_moe_hf
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
-from qwen2_moe_hf.moe import Backend, cpu, dispatch, moe_forward_reference, route
+from qwen2_moe_hf.moe import Backend, register_backend, route, unregister_backend
+from qwen2_moe_hf.moe.backends import reference
 
 import helpers
 
 pytestmark = pytest.mark.skipif(qwen2_moe_hf.env_report()["cpu"] != "available",
                                 reason=f"the cpu backend does not run here: {qwen2_moe_hf.env_report()['cpu']}")
 
-# Relative to the largest magnitude (as in test_moe_backends): fp32 sums in another order; bf16 / fp16 are compared
-# with the reference run in fp32 on the same rounded weights.
+# Per row: fp32 sums in another order; bf16 / fp16 against the reference run in fp32 on the same rounded weights.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 LAYER_EVENT = "qwen2_moe_hf::moe_layer"
 
@@ -41,49 +42,47 @@ def _profiled(fn):
     return result, {event.name for event in prof.events()}
 
 
-def _reference(block, x, logits):
-    """The torch reference in fp32 on the block's (rounded) weights, routed from the given logits."""
-    ref = copy.deepcopy(block).float()
-    weights, ids = route(logits, block.top_k, block.norm_topk_prob)
-    flat = x.reshape(-1, x.shape[-1]).float()
-    with torch.no_grad():
-        return moe_forward_reference(flat, ids, weights.float(), ref.experts, ref.shared_expert,
-                                     ref.shared_expert_gate).reshape(x.shape)
-
-
 def _assert_close(got, want, dtype, what):
     err = helpers.row_error(got, want)
     assert err <= TOL[dtype], f"{what}: per-row relative error {err:.2e}"
 
 
+def _torch_copy(block):
+    expected = copy.deepcopy(block)  # with its own copy of the config, which its experts share
+    expected.config.moe_backend = "torch"
+    return expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (1, 40)])
-def test_layer_lane_matches_the_reference(dtype, norm, shape):
+def test_fused_lane_matches_the_reference(dtype, norm, shape):
     block = _block(dtype, seed=3, norm=norm)
     x = torch.randn(*shape, 40).to(dtype)
     with torch.no_grad():
         (out, logits), events = _profiled(lambda: block(x, return_router_logits=True))
-    assert LAYER_EVENT in events, "the whole-layer lane did not run"
+    assert LAYER_EVENT in events, "the fused lane did not run"
     assert out.shape == x.shape and out.dtype == dtype and logits.shape == (shape[0] * shape[1], 9)
     # The router's logits are the Linear's, rounded once from fp32 sums (so within one rounding of torch's).
     want_logits = F.linear(x.reshape(-1, 40).float(), block.gate.weight.float())
     assert logits.dtype == dtype
     torch.testing.assert_close(logits.float(), want_logits, rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
     # The experts ran on the routing those logits give.
-    _assert_close(out, _reference(block, x, logits), dtype, f"{dtype} norm={norm} {shape}")
+    _assert_close(out.reshape(-1, 40), helpers.block_reference(block, x, logits), dtype, f"{dtype} {norm} {shape}")
 
 
-def test_layer_lane_equals_the_general_cpu_path():
-    """The lane and the general way (router as a module, then the registered ops) compute the same thing."""
+def test_fused_lane_equals_the_general_way():
+    """The lane and the general way (router as a module, route(), the registered op, the shared expert as modules)
+    compute the same thing."""
     block = _block(torch.float32, seed=4)
     x = torch.randn(3, 5, 40)
+    flat = x.reshape(-1, 40)
     with torch.no_grad():
         fast, fast_logits = block(x, return_router_logits=True)
-        logits = block.gate(x.reshape(-1, 40))
-        general = dispatch.moe_block_forward(x.reshape(-1, 40), logits, block.top_k, block.norm_topk_prob,
-                                             block.experts, block.shared_expert, block.shared_expert_gate,
-                                             backend="cpu")
+        logits = block.gate(flat)
+        weights, ids = route(logits, block.top_k, block.norm_topk_prob)
+        general = block.experts(flat, ids, weights)
+        general = general + torch.sigmoid(block.shared_expert_gate(flat)) * block.shared_expert(flat)
     torch.testing.assert_close(fast_logits, logits, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast.reshape(-1, 40), general, rtol=1e-5, atol=1e-6)
 
@@ -100,7 +99,7 @@ class _OpLog(TorchDispatchMode):
 
 @pytest.mark.parametrize("case", ["hooked_router", "router_with_bias", "wrapped_router", "autograd",
                                   "dispatch_mode", "torch_backend"])
-def test_layer_lane_gives_way(case):
+def test_fused_lane_gives_way(case):
     """Whatever the lane does not take goes the general way, with the same result as the torch backend."""
     block = _block(torch.float32, seed=5)
     x = torch.randn(2, 6, 40)
@@ -115,8 +114,7 @@ def test_layer_lane_gives_way(case):
         block.gate = helpers.Scaled(block.gate)
     elif case == "torch_backend":
         block.config.moe_backend = "torch"
-    expected_block = copy.deepcopy(block)
-    expected_block.config.moe_backend = "torch"
+    expected_block = _torch_copy(block)
     grad = case == "autograd"
     if grad:
         x.requires_grad_(True)
@@ -128,49 +126,52 @@ def test_layer_lane_gives_way(case):
         else:
             (out, logits), events = _profiled(lambda: block(x, return_router_logits=True))
         want, want_logits = expected_block(x, return_router_logits=True)
-    assert LAYER_EVENT not in events, f"{case}: the whole-layer lane ran"
+    assert LAYER_EVENT not in events, f"{case}: the fused lane ran"
     torch.testing.assert_close(logits, want_logits)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     if case == "hooked_router":  # ours, then the reference copy (deepcopy keeps hooks)
         assert calls == [(12, 9)] * 2
     if case == "dispatch_mode":  # the mode saw the registered op, not an opaque call
-        assert any("qwen2_moe_hf.moe_block_cpu" in op for op in log.ops), log.ops
+        assert any("qwen2_moe_hf.moe_ffn_cpu" in op for op in log.ops), log.ops
     if case == "autograd":
         out.sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_a_backend_registered_ahead_of_cpu_takes_cpu_inputs():
-    """`auto` keeps the registry's order: the lane is the cpu backend's only while it would be chosen anyway."""
+    """`auto` keeps the registry's order, and a registration reaches layers that resolved before it."""
     block = _block(torch.float32, seed=6)
     block.config.moe_backend = None
+    x = torch.randn(1, 4, 40)
+    with torch.no_grad():
+        _, events = _profiled(lambda: block(x))
+    assert LAYER_EVENT in events
     seen = []
 
-    def spy(hidden_states, topk_ids, topk_weights, experts, shared_expert=None, shared_expert_gate=None):
+    def spy(hidden_states, top_k_index, top_k_weights, weights):
         seen.append(hidden_states.shape)
-        return dispatch.moe_forward_reference(hidden_states, topk_ids, topk_weights, experts, shared_expert,
-                                              shared_expert_gate)
+        return reference.experts_torch(hidden_states, top_k_index, top_k_weights, weights)
 
-    dispatch.register_backend(Backend("spy", spy, lambda: (True, ""), lambda *a: (True, ""), priority=40))
+    register_backend(Backend("spy", spy, lambda *a: None, lambda: (True, ""), priority=40))
     try:
         with torch.no_grad():
-            (out, _), events = _profiled(lambda: block(torch.randn(1, 4, 40), return_router_logits=True))
+            _, events = _profiled(lambda: block(x))
         assert seen == [(4, 40)] and LAYER_EVENT not in events
     finally:
-        dispatch._BACKENDS.pop("spy")
-        dispatch.register_backend(dispatch._BACKENDS["torch"])  # re-register one to reset the cached order
+        unregister_backend("spy")
     with torch.no_grad():
-        _, events = _profiled(lambda: block(torch.randn(1, 4, 40)))
+        _, events = _profiled(lambda: block(x))
     assert LAYER_EVENT in events
 
 
 def test_copies_and_pickles_of_a_used_block_are_independent():
-    """The cpu backend's per-layer view and watched dicts never leak into copies: each copy computes with its own
-    weights, sees its own changes, and pickles as plain modules."""
+    """The prepared weights (and the C++ pack they hold) never go into copies: each copy prepares its own, computes
+    with its own weights, sees its own changes, and pickles as plain modules."""
     block = _block(torch.float32, seed=7)
     x = torch.randn(1, 5, 40)
     with torch.no_grad():
         before = block(x)
+        assert block.experts.__dict__["_prepared"]
         twin = copy.deepcopy(block)
         loaded = pickle.loads(pickle.dumps(block))
         buffer = io.BytesIO()
@@ -178,8 +179,7 @@ def test_copies_and_pickles_of_a_used_block_are_independent():
         buffer.seek(0)
         saved = torch.load(buffer, weights_only=False)
         for other in (twin, loaded, saved):
-            assert all(type(m._parameters) is dict for m in other.modules()), "a watched dict was copied"
-            assert other.experts.__dict__.get(cpu._VIEW) is None, "the view was copied"
+            assert all(w is None for w in other.experts.__dict__["_prepared"].values()), "prepared weights copied"
             torch.testing.assert_close(other(x), before)
         for expert in twin.experts:  # change every expert of the copy: the original must not follow
             expert.up_proj.weight = torch.nn.Parameter(expert.up_proj.weight * 2)
@@ -187,59 +187,100 @@ def test_copies_and_pickles_of_a_used_block_are_independent():
         torch.testing.assert_close(block(x), before)
     assert (changed - before).abs().max() > 1e-3
     with torch.no_grad():
-        expected = copy.deepcopy(twin)
-        expected.config.moe_backend = "torch"
-        torch.testing.assert_close(changed, expected(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(changed, _torch_copy(twin)(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("change", [
-    lambda d: d.__setitem__("w", 1), lambda d: d.__delitem__("a"), lambda d: d.pop("a"), lambda d: d.popitem(),
-    lambda d: d.clear(), lambda d: d.update(w=1), lambda d: d.setdefault("w", 1), lambda d: d.__ior__({"w": 1}),
-])
-def test_watched_dict_counts_every_change(change):
-    watched = cpu._WatchedDict(a=1, b=2)
-    cells = [[0], [5]]
-    watched._cells.extend(cells)
-    assert watched["a"] == 1 and "b" in watched and list(watched) == ["a", "b"] and cells == [[0], [5]]
-    change(watched)
-    assert cells == [[1], [6]]
+def _prepared(block):
+    return block.experts.__dict__["_prepared"][id(block.shared_expert)]
 
 
-def test_a_change_rebuilds_only_the_views_of_the_layers_it_touches():
-    """Each layer's view is rebuilt after a change to the weights it reads, and only then: a swap in one layer
-    leaves the others' views (and their packs) in place; a module two layers share counts for both."""
+def _fresh(shape):
+    return torch.nn.Parameter(torch.randn(shape) * 0.1)
+
+
+# Every way a weight, a module or an expert is replaced or changed: (change, whether the cpu lane still runs).
+CHANGES = {
+    "new_parameter": (lambda b, e: setattr(b.experts[e].up_proj, "weight", _fresh(b.experts[e].up_proj.weight.shape)),
+                      True),
+    # accelerate's set_module_tensor_to_device writes the dict directly
+    "parameter_dict_entry": (lambda b, e: b.experts[e].up_proj._parameters.__setitem__(
+        "weight", _fresh(b.experts[e].up_proj.weight.shape)), True),
+    "new_module": (lambda b, e: setattr(b.experts[e], "up_proj", torch.nn.Linear(40, 24, bias=False)), True),
+    "new_expert": (lambda b, e: b.experts.__setitem__(e, copy.deepcopy(b.experts[(e + 1) % 9])), True),
+    "shared_expert_weight": (lambda b, e: setattr(b.shared_expert.down_proj, "weight",
+                                                  _fresh(b.shared_expert.down_proj.weight.shape)), True),
+    "in_place_data": (lambda b, e: setattr(b.experts[e].up_proj.weight, "data",
+                                           b.experts[e].up_proj.weight.data * 2), True),
+    "load_state_dict": (lambda b, e: b.load_state_dict(
+        {k: v * 2 if "experts" in k else v for k, v in b.state_dict().items()}), True),
+    "load_state_dict_assign": (lambda b, e: b.load_state_dict(
+        {k: (v * 2).clone() if "experts" in k else v.clone() for k, v in b.state_dict().items()}, assign=True), True),
+    "bias_added": (lambda b, e: setattr(b.experts[e].up_proj, "bias", _fresh(24)), False),
+    "wrapped_module": (lambda b, e: setattr(b.experts[e], "up_proj", helpers.Scaled(b.experts[e].up_proj)), False),
+    "moved_to_float64": (lambda b, e: b.double(), False),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_every_change_reaches_the_next_call(change):
+    """The prepared weights are rebuilt when, and only when, something they read is replaced; every kind of change
+    reaches the next call (or, where the op cannot run it, hands the call to the reference); never stale weights."""
+    block = _block(seed=5)
+    block.config.moe_backend = None  # auto: what the op cannot run goes to the reference
+    x = torch.randn(1, 6, 40)
+    with torch.no_grad():
+        before, logits = block(x, return_router_logits=True)
+        first = _prepared(block)
+        block(x)
+        assert _prepared(block) is first, "a call without changes prepared the weights again"
+        expert = int(route(logits, 3, False)[1][0, 0])  # an expert that token 0 uses
+        CHANGES[change][0](block, expert)
+        if change == "moved_to_float64":
+            x = x.double()
+        after = block(x)
+        expected = _torch_copy(block)(x)
+    assert helpers.row_error(after, expected) < 2e-5
+    if change != "moved_to_float64":  # (the same values, in another dtype)
+        assert (after - before).abs().max() > 1e-4, "the change did not matter"
+    # `param.data = ...` replaces no object: the same prepared weights read the new data.
+    assert (_prepared(block) is not first) == (change != "in_place_data")
+    with torch.no_grad():
+        assert helpers.resolved_backend(block, x) == ("cpu" if CHANGES[change][1] else "torch")
+
+
+def test_a_change_rebuilds_only_the_prepared_weights_of_the_layers_it_touches():
+    """A swap in one layer leaves the others' prepared weights (and their packs) in place; a module two layers
+    share counts for both."""
     blocks = [_block(torch.float32, seed=s) for s in (1, 2, 3)]
     x = torch.randn(1, 4, 40)
 
-    def views():
+    def prepared():
         with torch.no_grad():
             for block in blocks:
                 block(x)
-        return [block.experts.__dict__[cpu._VIEW] for block in blocks]
+        return [_prepared(block) for block in blocks]
 
-    first = views()
-    assert views() == first, "a call without changes rebuilt a view"
+    first = prepared()
+    assert prepared() == first, "a call without changes prepared again"
     with torch.no_grad():
         blocks[0].experts[2].down_proj.weight = torch.nn.Parameter(blocks[0].experts[2].down_proj.weight * 2)
-    second = views()
+    second = prepared()
     assert second[0] is not first[0] and second[1:] == first[1:]
     blocks[2].shared_expert = blocks[1].shared_expert  # now read by layers 1 and 2
-    third = views()
+    third = prepared()
     assert third[0] is second[0] and third[1] is second[1] and third[2] is not second[2]
     with torch.no_grad():
         blocks[1].shared_expert.up_proj.weight = torch.nn.Parameter(blocks[1].shared_expert.up_proj.weight * 2)
-    fourth = views()
+    fourth = prepared()
     assert fourth[0] is third[0] and fourth[1] is not third[1] and fourth[2] is not third[2]
-    with torch.no_grad():  # and the rebuilt views compute with the new weights
+    with torch.no_grad():  # and the rebuilt ones compute with the new weights
         for block in blocks:
-            expected = copy.deepcopy(block)
-            expected.config.moe_backend = "torch"
-            torch.testing.assert_close(block(x), expected(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(block(x), _torch_copy(block)(x), rtol=1e-5, atol=1e-6)
 
 
 def test_an_in_place_weight_swap_is_read_right_or_refused_by_name():
-    """`param.data = ...` changes no dict, so the layer's view keeps the old tensor objects; the op checks each weight
-    it reads: a non-contiguous layout is read from a contiguous copy (same result as the reference), a dtype the
+    """`param.data = ...` replaces no object, so the prepared weights (and the C++ pack) keep the same tensor, whose
+    data changed: a non-contiguous layout is read from a contiguous copy (same result as the reference), a dtype the
     layer's other weights do not share is refused naming the expert."""
     block = _block(torch.float32, seed=8)
     x = torch.randn(1, 3, 40)
@@ -248,17 +289,15 @@ def test_an_in_place_weight_swap_is_read_right_or_refused_by_name():
         used = int(route(logits, block.top_k, False)[1][0, 0])
         weight = block.experts[used].up_proj.weight
         weight.data = (weight.data * 2).t().contiguous().t()  # new values, not contiguous
-        expected = copy.deepcopy(block)
-        expected.config.moe_backend = "torch"
-        torch.testing.assert_close(block(x), expected(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block(x), _torch_copy(block)(x), rtol=1e-5, atol=1e-6)
         weight.data = weight.data.double()
         with pytest.raises(RuntimeError, match=f"expert {used} up weight must be {torch.float32}"):
             block(x)
 
 
 def test_a_weight_moved_off_the_cpu_in_place_is_refused_by_name():
-    """The direct entry reads raw pointers: a weight it is handed on another device (here the shared expert's
-    gate, which is read on every call, on meta) must raise naming it, not be read."""
+    """The fused lane reads raw pointers: a weight it is handed on another device (here the shared expert's gate,
+    which is read on every call, on meta) must raise naming it, not be read."""
     block = _block(torch.float32, seed=9)
     x = torch.randn(1, 3, 40)
     with torch.no_grad():
@@ -266,3 +305,55 @@ def test_a_weight_moved_off_the_cpu_in_place_is_refused_by_name():
         block.shared_expert_gate.weight = torch.nn.Parameter(torch.empty(1, 40, device="meta"))
         with pytest.raises(RuntimeError, match="shared_expert_gate must be on cpu, got a tensor on meta"):
             block(x)
+
+
+def test_accelerate_offload_hooks_reach_the_next_call():
+    """accelerate's cpu_offload leaves meta tensors in the modules and writes the real ones into `_parameters` around
+    each submodule's forward: the prepared weights must see the meta tensors (and hand the layer to the reference,
+    which calls the hooked modules), then, with the hooks removed and the weights back, the cpu lane again."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from accelerate.hooks import remove_hook_from_submodules
+
+    block = _block(torch.float32, seed=11)
+    block.config.moe_backend = None
+    x = torch.randn(1, 5, 40)
+    with torch.no_grad():
+        before = block(x)
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        accelerate.cpu_offload(block, execution_device=torch.device("cpu"))
+        assert block.experts[0].up_proj.weight.device.type == "meta"
+        assert helpers.resolved_backend(block, x) == "torch"
+        torch.testing.assert_close(block(x), before, rtol=1e-5, atol=1e-6)
+        remove_hook_from_submodules(block)
+        block.load_state_dict(state, assign=True)
+        assert helpers.resolved_backend(block, x) == "cpu"
+        torch.testing.assert_close(block(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_lora_on_the_experts_reaches_the_next_call():
+    """PEFT wraps each targeted projection in a LoRA layer: the prepared weights see the new modules (the wrapped
+    layers go to the reference, which runs the adapters); merging the adapters back brings the cpu lane with the
+    merged weights."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (the blog-era stack has it)")
+
+    block = _block(torch.float32, seed=12)
+    block.config.moe_backend = None
+    x = torch.randn(1, 5, 40)
+    with torch.no_grad():
+        before = block(x)
+        assert helpers.resolved_backend(block, x) == "cpu"
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["up_proj"], init_lora_weights=False),
+                                         block)
+    model.eval()
+    with torch.no_grad():
+        assert helpers.resolved_backend(model, x) == "torch"
+        adapted = model(x)
+        assert (adapted - before).abs().max() > 1e-3  # the adapters count
+        for module in model.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.merge()
+    for mlp in model.experts:
+        mlp.up_proj = mlp.up_proj.base_layer  # unwrap the merged layers: plain nn.Linear with merged weights
+    with torch.no_grad():
+        assert helpers.resolved_backend(model, x) == "cpu"
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ their CPU twins. The build needs a CUDA build of torch and nvcc: the `cuda-build
 import pytest
 import torch
 
-from qwen2_moe_hf.moe.extension import load_cuda_ops
+from qwen2_moe_hf.kernels.build import load_cuda_ops
 
 pytestmark = pytest.mark.skipif(
     torch.version.cuda is None,
@@ -22,7 +22,7 @@ def test_cuda_extension_builds_and_registers_its_ops():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device to run the ops on")
 def test_cuda_ops_match_cpu_twins():
-    from qwen2_moe_hf.moe.extension import load_cpu_ops
+    from qwen2_moe_hf.kernels.build import load_cpu_ops
 
     assert load_cpu_ops()[0] and load_cuda_ops()[0]
     ops = torch.ops.qwen2_moe_hf

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from qwen2_moe_hf.moe import extension
+from qwen2_moe_hf.kernels import build as extension
 
 TINY_NAME = "qwen2_moe_hf_build_probe"
 
@@ -39,7 +39,7 @@ def _tiny_build(tmp_path, name=TINY_NAME):
     return f"""
         import logging
         logging.basicConfig(level=logging.WARNING)
-        from qwen2_moe_hf.moe.extension import build_extension
+        from qwen2_moe_hf.kernels.build import build_extension
         ok, why, module = build_extension("cpu", "{name}", sources=[{str(source)!r}], is_python_module=True)
         print("RESULT", ok, module.__name__ if ok else why, flush=True)
     """
@@ -122,7 +122,7 @@ FORWARD = """
     with torch.no_grad():
         for _ in range(3):
             logits = model(torch.randint(1, 128, (1, 5))).logits
-    from qwen2_moe_hf.moe.extension import load_cpu_ops
+    from qwen2_moe_hf.kernels.build import load_cpu_ops
     print("RESULT", *load_cpu_ops(), bool(torch.isfinite(logits).all()), flush=True)
 """
 

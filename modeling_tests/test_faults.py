@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from qwen2_moe_hf.checkpoint_io import CheckpointError
+from qwen2_moe_hf.files import CheckpointError
 
 from helpers import build_model, save_checkpoint
 

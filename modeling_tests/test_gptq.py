@@ -18,13 +18,14 @@ from transformers import AutoModelForCausalLM
 
 import qwen2_moe_hf
 from qwen2_moe_hf import compat
-from qwen2_moe_hf.checkpoint_io import CheckpointError
+from qwen2_moe_hf.files import CheckpointError
 from qwen2_moe_hf.gptq import format as gptq_format
 from qwen2_moe_hf.gptq.format import GPTQFormatError, GPTQSpec
 from qwen2_moe_hf.gptq.linear import GPTQLinear
 from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
-from qwen2_moe_hf.moe.extension import load_cpu_ops
+from qwen2_moe_hf.kernels.build import load_cpu_ops
 
+import helpers
 from helpers import build_model, int4_torch_oracle, row_error, save_checkpoint
 
 CPU_OPS, CPU_OPS_WHY = load_cpu_ops()
@@ -405,11 +406,16 @@ def test_legacy_quantize_config_json_and_zero_bias_placeholders(gptq_checkpoint,
 
     path = _rewrite(gptq_checkpoint, str(tmp_path / "legacy"), add_zero_bias, legacy)
     model = load(path)
-    assert model.model.layers[1].self_attn.o_proj.bias is not None
+    # All-zero biases are the placeholders AutoGPTQ writes for bias-free layers: dropped, so the experts keep the
+    # fast path; a real bias would be kept (test_checkpoint_loads_and_matches_dequantized_model: q/k/v).
+    layer = model.model.layers[1]
+    assert layer.self_attn.o_proj.bias is None and layer.mlp.experts[0].up_proj.bias is None
+    assert helpers.resolved_backend(layer.mlp, torch.zeros(1, model.config.hidden_size)) == helpers.resolved_backend(
+        load(gptq_checkpoint).model.layers[1].mlp, torch.zeros(1, model.config.hidden_size))
     reference = load(gptq_checkpoint)
     ids = torch.randint(1, model.config.vocab_size, (1, 8))
     with torch.no_grad():
-        assert rel(model(ids).logits, reference(ids).logits) < 1e-5  # bias-carrying experts take the torch path
+        assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
 def test_eight_bit_checkpoint(fp_checkpoint, tmp_path):
@@ -453,9 +459,6 @@ def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
     (tiles of 16 or 8 columns dequantized, then 6 rows at a time and 1-5 left over) and 1024+ (the weight
     dequantized once, then sgemm). Out features 40 = two 16-column tiles and an 8-column one."""
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
-    from qwen2_moe_hf.moe import moe_forward, route
-
-    import helpers
 
     config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
         hidden_size=96, num_attention_heads=1, num_key_value_heads=1, head_dim=8, num_experts=5,
@@ -472,7 +475,7 @@ def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
             packed = gptq_format.quantize_rtn(linear.weight, 4, group_size, False, spec.zero_offset, g_idx)
             layer = GPTQLinear(linear.in_features, linear.out_features, False, spec)
             for part, value in packed.items():
-                layer._buffers[part] = value
+                setattr(layer, part, value)
             setattr(mlp, name, layer)
     twin = copy.deepcopy(block)
     for mlp in [*twin.experts, twin.shared_expert]:
@@ -481,16 +484,22 @@ def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
             linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
             linear.weight.data = layer.dequantize(torch.float32)
             setattr(mlp, name, linear)
+    block.config.moe_backend = "cpu"
+    twin.config = copy.copy(block.config)
+    twin.config.moe_backend = "torch"
     for tokens in (1, 3, 9, 31, 601):
         x = torch.randn(tokens, 96, generator=gen)
-        with torch.no_grad():
-            weights, ids = route(block.gate(x), 2, False)
-            if routing == "all_on_one_expert":  # 2 * tokens rows on expert 3: 2, 6, 18, 62, 1202 (sgemm)
-                ids = torch.full_like(ids, 3)
-            args = (x, ids, weights)
-            got = moe_forward(*args, block.experts, block.shared_expert, block.shared_expert_gate, backend="cpu")
-            want = moe_forward(*args, twin.experts, twin.shared_expert, twin.shared_expert_gate, backend="torch")
+        ids = None
+        if routing == "all_on_one_expert":  # 2 * tokens rows on expert 3: 2, 6, 18, 62, 1202 (sgemm)
+            ids = torch.full((tokens, 2), 3)
+        got, _ = helpers.routed(block, x, "cpu", ids)
+        want, _ = helpers.routed(twin, x, "torch", ids)
         assert rel(got, want) < 1e-5, (tokens, rel(got, want))
+        if routing == "spread":  # the whole block: the fused lane, with the 4-bit shared expert inside the op
+            with torch.no_grad():
+                assert helpers.resolved_backend(block, x) == "cpu"
+                got, want = block(x[None]), twin(x[None])
+            assert rel(got, want) < 1e-5, (tokens, rel(got, want))
 
 
 # --------------------------------------------------------------------------------------------- faults
@@ -669,8 +678,6 @@ def test_real_gptq_config_is_understood():
 def test_cpu_backend_sees_a_wrapped_int4_projection(gptq_checkpoint):
     """A PEFT-style wrapper around one expert's GPTQ layer changes no GPTQ tensor; the cpu backend's int4 cache must
     still notice the new module (and, as it cannot run a wrapper, leave the call to the torch path)."""
-    from qwen2_moe_hf.moe import dispatch
-
     from helpers import Scaled
 
     model = load(gptq_checkpoint)
@@ -679,11 +686,11 @@ def test_cpu_backend_sees_a_wrapped_int4_projection(gptq_checkpoint):
     with torch.no_grad():
         before = model(ids).logits  # auto: the cpu backend, which caches the layer's int4 tensors
         x = torch.randn(3, model.config.hidden_size)
-        assert dispatch.select_backend("auto", x, mlp.experts, mlp.shared_expert).name == "cpu"
+        assert helpers.resolved_backend(mlp, x) == "cpu"
         for expert in mlp.experts:  # every expert, so that whichever the tokens pick, the change shows
             expert.up_proj = Scaled(expert.up_proj)
         after = model(ids).logits
-        assert dispatch.select_backend("auto", x, mlp.experts, mlp.shared_expert).name == "torch"
+        assert helpers.resolved_backend(mlp, x) == "torch"
         model.config.moe_backend = "torch"
         reference = model(ids).logits
         with int4_torch_oracle():

@@ -1,4 +1,4 @@
-"""The 4-bit GPTQ Triton kernels (qwen2_moe_hf/gptq/triton_int4.py) under TRITON_INTERPRET=1 (CPU), fp16 and fp32,
+"""The 4-bit variants of the Triton kernel family (qwen2_moe_hf/kernels/triton_moe.py: INT4=True) under TRITON_INTERPRET=1 (CPU), fp16 and fp32,
 against format.dequantize + torch matmul. Triton's interpreter reads bf16 wrongly (../shared/NOTES.md), so bf16 is
 left to the GPU suite. Shapes are tiny: the interpreter runs each program in numpy."""
 
@@ -15,7 +15,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from qwen2_moe_hf.gptq import format as gptq_format  # noqa: E402
-from qwen2_moe_hf.gptq import triton_int4  # noqa: E402
+from qwen2_moe_hf.kernels import triton_moe  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
@@ -79,8 +79,8 @@ def test_linear_matches_dequantize(dtype, group):
                              scale_dtype=dtype if own_scales else torch.float16)
         x = torch.randn(tokens, K, generator=gen).to(DEVICE, dtype)
         b = torch.randn(N, generator=gen).to(DEVICE, dtype) if bias else None
-        got = triton_int4.gptq_linear_triton(x, *tensors, bits=4, zero_offset=zero_offset, bias=b, block_n=32,
-                                             block_k=64)
+        got = triton_moe.gptq_linear_triton(x, *tensors, bits=4, zero_offset=zero_offset, bias=b, block_n=32,
+                                            block_k=64)
         ref = x.float() @ _dequant(tensors, zero_offset).t() + (b.float() if bias else 0)
         assert got.dtype == dtype and got.shape == (tokens, N)
         err = _rel_err(got, ref)
@@ -91,20 +91,20 @@ def test_linear_keeps_leading_dims_and_rejects_other_bits():
     gen = torch.Generator().manual_seed(1)
     tensors = _quantized(64, 16, 32, gen)
     x = torch.randn(2, 3, 64, generator=gen).to(DEVICE)
-    got = triton_int4.gptq_linear_triton(x, *tensors)
+    got = triton_moe.gptq_linear_triton(x, *tensors)
     ref = x.reshape(6, 64) @ _dequant(tensors, 1).t()
     assert got.shape == (2, 3, 16) and _rel_err(got.reshape(6, 16), ref) <= TOL[torch.float32]
     with pytest.raises(ValueError, match="bits"):
-        triton_int4.gptq_linear_triton(x, *tensors, bits=8)
+        triton_moe.gptq_linear_triton(x, *tensors, bits=8)
     with pytest.raises(ValueError, match="zero_offset"):
-        triton_int4.gptq_linear_triton(x, *tensors, zero_offset=2)
+        triton_moe.gptq_linear_triton(x, *tensors, zero_offset=2)
     with pytest.raises(ValueError, match="^x: "):
-        triton_int4.gptq_linear_triton(x[..., :32], *tensors)
+        triton_moe.gptq_linear_triton(x[..., :32], *tensors)
     qweight, qzeros, scales, g_idx = tensors
     with pytest.raises(ValueError, match="^qzeros: "):
-        triton_int4.gptq_linear_triton(x, qweight, qzeros[:, :1], scales, g_idx)
+        triton_moe.gptq_linear_triton(x, qweight, qzeros[:, :1], scales, g_idx)
     with pytest.raises(ValueError, match="^g_idx: "):
-        triton_int4.gptq_linear_triton(x, qweight, qzeros, scales, g_idx.long())
+        triton_moe.gptq_linear_triton(x, qweight, qzeros, scales, g_idx.long())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,10 +141,15 @@ def _moe_case(tokens, experts, k, hidden, inter, group, dtype, seed, ids=None, *
     return x, ids.to(DEVICE), weights, gate, up, down
 
 
+def _routed(x, ids, weights, gate, up, down, zero_offset=1, **kw):
+    tables = triton_moe.expert_tables(gate, up, down, int4=True, zero_offset=zero_offset)
+    return triton_moe.routed_experts(x, ids, weights, tables, **kw)
+
+
 def _check_moe(case, dtype, zero_offset=1, **kw):
     x, ids, weights, gate, up, down = case
     kw = dict(dict(block_n=32, block_k=32), **kw)
-    got = triton_int4.routed_experts_int4(x, ids, weights, gate, up, down, zero_offset=zero_offset, **kw)
+    got = _routed(x, ids, weights, gate, up, down, zero_offset, **kw)
     ref = _experts_loop(x, ids, weights, gate, up, down, zero_offset)
     assert got.dtype == dtype and got.shape == x.shape
     err = _rel_err(got, ref)
@@ -185,59 +190,36 @@ def test_routed_experts_corner_cases(path):
     _check_moe(case, dtype, **kw)
 
 
-def test_address_tables_are_cached():
-    triton_int4.clear_table_cache()
-    dtype = torch.float32
-    x, ids, weights, gate, up, down = _moe_case(2, experts=3, k=2, hidden=32, inter=32, group=32, dtype=dtype,
-                                                seed=5)
-    first = triton_int4.routed_experts_int4(x, ids, weights, gate, up, down)
-    (key, table), = triton_int4._TABLES.items()
-    # A repeat call, with freshly built lists of the same tensors, reuses the table.
-    again = triton_int4.routed_experts_int4(x, ids, weights, list(gate), list(up), list(down))
-    assert len(triton_int4._TABLES) == 1 and triton_int4._TABLES[key] is table
-    assert torch.equal(first, again)
-    # Other tensors (another layer) get their own table.
-    other = _moe_case(2, experts=3, k=2, hidden=32, inter=32, group=32, dtype=dtype, seed=6)
-    _check_moe(other, dtype)
-    assert len(triton_int4._TABLES) == 2
-    triton_int4.clear_table_cache()
-    assert not triton_int4._TABLES
-
-
 def test_routed_experts_errors_name_the_argument():
     dtype = torch.float32
     x, ids, weights, gate, up, down = _moe_case(2, experts=3, k=2, hidden=32, inter=32, group=32, dtype=dtype,
                                                 seed=7)
-    triton_int4.clear_table_cache()
     with pytest.raises(ValueError, match="zero_offset"):
-        triton_int4.routed_experts_int4(x, ids, weights, gate, up, down, zero_offset=3)
-    with pytest.raises(ValueError, match="^hidden_states: "):
-        triton_int4.routed_experts_int4(x[:, :16], ids, weights, gate, up, down)
+        _routed(x, ids, weights, gate, up, down, zero_offset=3)
+    with pytest.raises(ValueError, match="^x: "):
+        _routed(x[:, :16], ids, weights, gate, up, down)
     with pytest.raises(ValueError, match="^topk_weights: "):
-        triton_int4.routed_experts_int4(x, ids, weights[:, :1], gate, up, down)
+        _routed(x, ids, weights[:, :1], gate, up, down)
     with pytest.raises(ValueError, match=r"^down: 2 experts"):
-        triton_int4.routed_experts_int4(x, ids, weights, gate, up, down[:2])
+        _routed(x, ids, weights, gate, up, down[:2])
     bad = list(up)
-    bad[1] = bad[1][:2] + (bad[1][2].float(), bad[1][3])
+    bad[1] = bad[1][:2] + (bad[1][2].to(torch.int32), bad[1][3])
     with pytest.raises(ValueError, match=r"^up\[1\]\.scales: "):
-        triton_int4.routed_experts_int4(x, ids, weights, gate, bad, down)
+        _routed(x, ids, weights, gate, bad, down)
+    bad[1] = bad[1][:2] + (bad[1][2].float(), bad[1][3])
+    with pytest.raises(ValueError, match=r"^up\[1\]: dtype torch.float32, but gate\[0\]'s is torch.float16"):
+        _routed(x, ids, weights, gate, bad, down)
     narrow = [_quantized(32, 16, 32, torch.Generator().manual_seed(8))] * 3  # Linear(32 -> 16), not (32 -> 32)
-    with pytest.raises(ValueError, match=r"^down: qweight"):
-        triton_int4.routed_experts_int4(x, ids, weights, gate, up, narrow)
+    with pytest.raises(ValueError, match=r"^down: shapes"):
+        _routed(x, ids, weights, gate, up, narrow)
     with pytest.raises(ValueError, match=r"^gate\[2\]: expected a tuple"):
-        triton_int4.routed_experts_int4(x, ids, weights, gate[:2] + [gate[2][:3]], up, down)
-    assert not triton_int4._TABLES  # a failed check caches nothing
+        _routed(x, ids, weights, gate[:2] + [gate[2][:3]], up, down)
 
 
-def test_triton_backend_runs_gptq_experts_like_the_reference():
-    """The `triton` backend's int4 branch (GPTQLinear experts -> routed_experts_int4), called directly: its
-    availability check wants CUDA, the kernels here run under the interpreter."""
+def _int4_block():
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
     from qwen2_moe_hf.gptq.format import GPTQSpec
     from qwen2_moe_hf.gptq.quantize import quantize_linears_
-    from qwen2_moe_hf.moe import route as route_fn
-    from qwen2_moe_hf.moe import triton_backend
-    from qwen2_moe_hf.moe.reference import moe_forward_reference
 
     torch.manual_seed(0)
     config = Qwen2MoeConfig(hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
@@ -245,11 +227,33 @@ def test_triton_backend_runs_gptq_experts_like_the_reference():
     block = Qwen2MoeSparseMoeBlock(config).eval()
     names = [f"experts.{e}.{p}" for e in range(5) for p in ("gate_proj", "up_proj", "down_proj")]
     quantize_linears_(block, names, GPTQSpec(bits=4, group_size=32, sym=False))
+    return block
+
+
+def test_triton_backend_runs_gptq_experts_like_the_reference():
+    """The `triton` backend on 4-bit experts, called directly (its availability check wants CUDA; the kernels run
+    here under the interpreter): equal to the reference backend; its address table is built once per prepared
+    weights and rebuilt when a tensor is given new storage in place."""
+    from qwen2_moe_hf.moe import experts_forward_reference, route
+    from qwen2_moe_hf.moe.backends.triton import experts_triton
+
+    block = _int4_block()
     x = torch.randn(7, 64)
-    weights, ids = route_fn(block.gate(x), 2, False)
-    assert triton_backend._int4_weights(block.experts) is not None
+    weights, ids = route(block.gate(x), 2, False)
+    prepared = block.experts.prepared_weights()
+    assert prepared.kind == "int4"
     with torch.no_grad():
-        got = triton_backend.moe_forward_triton(x, ids, weights, block.experts, block.shared_expert,
-                                                block.shared_expert_gate)
-        want = moe_forward_reference(x, ids, weights, block.experts, block.shared_expert, block.shared_expert_gate)
-    assert row_error(got, want) < 1e-4
+        got = experts_triton(x, ids, weights, prepared)
+        want = experts_forward_reference(x, ids, weights, block.experts)
+        assert row_error(got, want) < 1e-4
+        tables = prepared.cached("triton.tables", lambda: None)[0]
+        assert torch.equal(experts_triton(x, ids, weights, prepared), got)
+        assert prepared.cached("triton.tables", lambda: None)[0] is tables  # reused
+        # New storage under the same tensor object (`.data = `): the identity check cannot see it, the table's
+        # address check must.
+        scales = block.experts[3].down_proj.scales
+        scales.data = scales.data * 2
+        assert block.experts.prepared_weights() is prepared
+        got = experts_triton(x, ids, weights, prepared)
+        assert prepared.cached("triton.tables", lambda: None)[0] is not tables
+        assert row_error(got, experts_forward_reference(x, ids, weights, block.experts)) < 1e-4

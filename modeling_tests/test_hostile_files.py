@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM
-from qwen2_moe_hf.checkpoint_io import INDEX_FILE, CheckpointError, SafetensorsFile, weight_files
+from qwen2_moe_hf.files import INDEX_FILE, CheckpointError, SafetensorsFile, weight_files
 
 from helpers import build_model, save_checkpoint
 

@@ -19,11 +19,13 @@ def per_token_moe(block, hidden_states):
     flat_in, flat_out = hidden_states.reshape(-1, cfg.hidden_size), out.view(-1, cfg.hidden_size)
     for t, x in enumerate(flat_in):
         probs = torch.softmax(block.gate.weight.float() @ x.float(), dim=-1)
-        weights, ids = torch.topk(probs, cfg.num_experts_per_tok)
+        # The documented rank (moe/routing.py): larger probability first, equal ones by the lower expert id.
+        ids = sorted(range(cfg.num_experts), key=lambda e: (-probs[e].item(), e))[:cfg.num_experts_per_tok]
+        weights = probs[ids]
         if cfg.norm_topk_prob:
             weights = weights / weights.sum()
         y = torch.zeros_like(x, dtype=torch.float32)
-        for w, e in zip(weights, ids.tolist()):
+        for w, e in zip(weights, ids):
             y += w * block.experts[e](x[None]).float()[0]
         shared = torch.sigmoid(block.shared_expert_gate(x[None]).float()) * block.shared_expert(x[None]).float()
         flat_out[t] = (y + shared[0]).to(x.dtype)
@@ -46,7 +48,7 @@ def test_moe_block_matches_per_token_loop(shape, norm_topk_prob):
 
 
 def test_moe_block_router_ties_and_idle_experts():
-    """All router logits equal (a zero router): top-k resolves ties as torch.topk does; other experts get nothing."""
+    """All router logits equal (a zero router): the lowest expert ids win the tie; other experts get nothing."""
     config = Qwen2MoeConfig(**helpers.tiny_config_kwargs())
     block = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), seed=4)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Every expert-dispatch backend that runs here against the torch reference (the oracle), on random inputs across
 odd shapes and dtypes, plus the registry's rules and training through the MoE block."""
 
+import copy
 import logging
 import os
 import subprocess
@@ -11,13 +12,14 @@ import torch
 
 import qwen2_moe_hf
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
-from qwen2_moe_hf.moe import dispatch, moe_forward, moe_forward_reference, route
+from qwen2_moe_hf.moe import experts_forward_reference, requested_backend, resolve
+from qwen2_moe_hf.moe.backends import registry
 
 import helpers
 
 FAST = [name for name, state in qwen2_moe_hf.env_report().items() if state == "available" and name != "torch"]
-# Relative to the output's largest magnitude: fp32 sums in another order; bf16/fp16 are compared with the
-# reference run in fp32 on the same (rounded) weights, so the bound is the low-precision rounding of the inputs.
+# Per row: fp32 sums in another order; bf16/fp16 are compared with the reference run in fp32 on the same (rounded)
+# weights, so the bound is the low-precision rounding of the inputs.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
@@ -29,27 +31,10 @@ def _block(hidden=45, experts=7, top_k=3, inter=37, shared=53, seed=0, norm=Fals
     return helpers.randomize_(Qwen2MoeSparseMoeBlock(config), seed).eval()
 
 
-def _run(block, x, topk_ids=None, backend="torch", with_shared=True):
-    flat = x.reshape(-1, x.shape[-1])
-    weights, ids = route(block.gate(flat), block.top_k, block.norm_topk_prob)
-    if topk_ids is not None:
-        ids = topk_ids
-    shared = (block.shared_expert, block.shared_expert_gate) if with_shared else (None, None)
+def _routed_reference_fp32(block, x, weights, ids):
+    ref = copy.deepcopy(block).float()
     with torch.no_grad():
-        return moe_forward(flat, ids, weights, block.experts, *shared, backend=backend), (weights, ids)
-
-
-def _reference_fp32(block, x, weights, ids, with_shared=True):
-    ref = _block_like(block).float()
-    shared = (ref.shared_expert, ref.shared_expert_gate) if with_shared else (None, None)
-    with torch.no_grad():
-        return moe_forward_reference(x.reshape(-1, x.shape[-1]).float(), ids, weights.float(), ref.experts, *shared)
-
-
-def _block_like(block):
-    import copy
-
-    return copy.deepcopy(block)
+        return experts_forward_reference(x.reshape(-1, x.shape[-1]).float(), ids, weights.float(), ref.experts)
 
 
 def _assert_close(got, expected, dtype, what):
@@ -64,13 +49,20 @@ needs_fast = pytest.mark.skipif(not FAST, reason=f"no optimized backend runs her
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 3, 17, 64])
-@pytest.mark.parametrize("with_shared", [True, False])
-def test_backend_matches_reference(backend, dtype, tokens, with_shared):
+@pytest.mark.parametrize("whole_block", [True, False])
+def test_backend_matches_reference(backend, dtype, tokens, whole_block):
+    """The whole block (router, routed and shared experts: a fused lane where the backend has one) or its routed
+    experts alone, against the reference in fp32 on the same rounded weights and routing."""
     block = _block(seed=tokens).to(dtype)
+    block.config.moe_backend = backend
     x = torch.randn(1, tokens, 45).to(dtype)
-    got, (weights, ids) = _run(block, x, backend=backend, with_shared=with_shared)
-    assert got.dtype == dtype and got.shape == (tokens, 45)
-    _assert_close(got, _reference_fp32(block, x, weights, ids, with_shared), dtype, f"{backend} {dtype} T={tokens}")
+    if whole_block:
+        with torch.no_grad():
+            got, logits = block(x, return_router_logits=True)
+        _assert_close(got.reshape(-1, 45), helpers.block_reference(block, x, logits), dtype, f"{backend} block")
+    else:
+        got, (weights, ids) = helpers.routed(block, x, backend)
+        _assert_close(got, _routed_reference_fp32(block, x, weights, ids), dtype, f"{backend} routed")
 
 
 @needs_fast
@@ -80,19 +72,19 @@ def test_backend_matches_reference(backend, dtype, tokens, with_shared):
 def test_backend_routing_corner_cases(backend, case):
     block = _block(hidden=40, experts=9, top_k=2, inter=24, shared=16, seed=11)
     # many_rows: ~44 rows per expert (the cpu backend's register-blocked path); rows_for_sgemm: 800 rows on one
-    # expert and 400 on the shared one, past the cpu backend's switch to a widened weight and MKL (768 rows).
+    # expert, past the cpu backend's switch to a widened weight and MKL (768 rows).
     tokens = {"one_token": 1, "many_rows": 200, "rows_for_sgemm": 400}.get(case, 33)
     x = torch.randn(1, tokens, 40)
     ids = None
     if case in ("all_on_one_expert", "rows_for_sgemm"):  # every token's both slots on expert 4: 2T rows there
         ids = torch.full((tokens, 2), 4, dtype=torch.long)
-    elif case == "ties":  # a zero router: all logits equal, top-k breaks the ties
+    elif case == "ties":  # a zero router: all logits equal, the tie rule picks
         with torch.no_grad():
             block.gate.weight.zero_()
     elif case == "idle_experts":  # only experts 0 and 8 get tokens
         ids = torch.tensor([[0, 8]] * tokens)
-    got, (weights, ids) = _run(block, x, topk_ids=ids, backend=backend)
-    expected, _ = _run(block, x, topk_ids=ids, backend="torch")
+    got, (weights, ids) = helpers.routed(block, x, backend, topk_ids=ids)
+    expected, _ = helpers.routed(block, x, "torch", topk_ids=ids)
     _assert_close(got, expected, torch.float32, f"{backend} {case}")
 
 
@@ -100,92 +92,67 @@ def test_backend_routing_corner_cases(backend, case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("hidden", [46, 45])
 @pytest.mark.parametrize("rows", [5, 8, 9, 16, 17, 40])
-def test_cpu_backend_row_regimes(dtype, hidden, rows):
-    """The cpu backend's register-blocked kernels (5+ rows per expert): x in blocks of 8 or 16 rows, weights in tiles
+def test_cpu_op_row_regimes(dtype, hidden, rows):
+    """The CPU op's register-blocked kernels (5+ rows per expert): x in blocks of 8 or 16 rows, weights in tiles
     of 4 rows (bf16 read in place, even K only) or 6 (widened), then 2- and 1-row leftovers; hidden 46 / 45 gives
-    even and odd K for gate/up, inter 30 and shared 22 leave leftover rows in every tile size."""
+    even and odd K for gate/up, inter 30 and shared 22 leave leftover rows in every tile size. Every token on
+    expert 1: `rows` rows there and on the shared expert (which the op computes beside the routed ones)."""
     block = _block(hidden=hidden, experts=3, top_k=1, inter=30, shared=22, seed=rows).to(dtype)
-    x = torch.randn(1, rows, hidden).to(dtype)
-    ids = torch.ones(rows, 1, dtype=torch.long)  # every token on expert 1: `rows` rows there and on the shared one
-    got, (weights, ids) = _run(block, x, topk_ids=ids, backend="cpu")
-    _assert_close(got, _reference_fp32(block, x, weights, ids), dtype, f"cpu {dtype} hidden={hidden} rows={rows}")
+    x = torch.randn(rows, hidden).to(dtype)
+    ids = torch.ones(rows, 1, dtype=torch.long)
+    weights = torch.rand(rows, 1).to(dtype)
+    e, s = block.experts, block.shared_expert
+    with torch.no_grad():
+        got = torch.ops.qwen2_moe_hf.moe_ffn_cpu(
+            x, ids, weights, [m.gate_proj.weight for m in e], [m.up_proj.weight for m in e],
+            [m.down_proj.weight for m in e], s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight,
+            block.shared_expert_gate.weight)
+        ref = copy.deepcopy(block).float()
+        xf = x.float()
+        want = experts_forward_reference(xf, ids, weights.float(), ref.experts)
+        want = want + torch.sigmoid(ref.shared_expert_gate(xf)) * ref.shared_expert(xf)
+    _assert_close(got, want, dtype, f"cpu {dtype} hidden={hidden} rows={rows}")
 
 
 @needs_fast
 @pytest.mark.parametrize("backend", FAST)
 def test_backend_handles_nan_inputs_without_crashing(backend):
     block = _block()
+    block.config.moe_backend = backend
     x = torch.randn(1, 4, 45)
     x[0, 1, 3] = float("nan")
-    flat = x.reshape(-1, 45)
-    ids = torch.tensor([[0, 1, 2]] * 4)
-    weights = torch.full((4, 3), 1 / 3)
     with torch.no_grad():
-        got = moe_forward(flat, ids, weights, block.experts, block.shared_expert, block.shared_expert_gate,
-                          backend=backend)
-    assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2, 3]]).all()
-
-
-@pytest.mark.skipif("cpu" not in FAST, reason=f"the cpu backend does not run here: {qwen2_moe_hf.env_report()}")
-@pytest.mark.parametrize("change", ["new_parameter", "parameter_dict_entry", "new_module", "shared_expert",
-                                    "bias_added", "wrapped_module"])
-def test_cpu_backend_sees_changed_weights(change):
-    """The cpu backend caches where each layer's weights live; every kind of swap must reach the next call (or,
-    for what the op cannot run, hand the call to another backend), never leave it on stale weights."""
-    block = _block(seed=5)
-    x = torch.randn(1, 6, 45)
-    flat = x.reshape(-1, 45)
-    before, _ = _run(block, x, backend="auto")
-    with torch.no_grad():  # as _run calls it: with gradients every call goes to the torch reference
-        assert dispatch.select_backend("auto", flat, block.experts, block.shared_expert).name == "cpu"
-    expert = block.experts[int(_run(block, x)[1][1][0, 0])]  # an expert that token 0 uses
-    fresh = lambda shape: torch.nn.Parameter(torch.randn(shape) * 0.1)  # noqa: E731
-    with torch.no_grad():
-        if change == "new_parameter":  # module.weight = Parameter(...)
-            expert.up_proj.weight = fresh(expert.up_proj.weight.shape)
-        elif change == "parameter_dict_entry":  # accelerate's set_module_tensor_to_device writes the dict directly
-            expert.up_proj._parameters["weight"] = fresh(expert.up_proj.weight.shape)
-        elif change == "new_module":
-            linear = torch.nn.Linear(45, expert.up_proj.out_features, bias=False)
-            linear.weight.copy_(torch.randn_like(linear.weight) * 0.1)
-            expert.up_proj = linear
-        elif change == "shared_expert":
-            block.shared_expert.down_proj.weight = fresh(block.shared_expert.down_proj.weight.shape)
-        elif change == "bias_added":  # the op has no bias: the call must go elsewhere
-            expert.up_proj.bias = fresh(expert.up_proj.out_features)
-        elif change == "wrapped_module":  # PEFT-style: the projection becomes a wrapper around the old Linear
-            expert.up_proj = helpers.Scaled(expert.up_proj)
-    after, (weights, ids) = _run(block, x, backend="auto")
-    expected, _ = _run(block, x, topk_ids=ids, backend="torch")
-    _assert_close(after, expected, torch.float32, change)
-    assert (after - before).abs().max() > 1e-4  # the change mattered, so matching the reference means it was seen
-    with torch.no_grad():
-        runs_on = dispatch.select_backend("auto", flat, block.experts, block.shared_expert).name
-    assert runs_on == ("cpu" if change not in ("bias_added", "wrapped_module") else "torch")
+        got = block(x)[0]
+        routed, _ = helpers.routed(block, x, backend, topk_ids=torch.tensor([[0, 1, 2]] * 4))
+    for out in (got, routed):
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
 
 
 def test_registry_rules(monkeypatch, caplog):
     block = _block()
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
-        dispatch.requested_backend("nope")
-    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
-    assert dispatch.requested_backend(None) == "torch"
-    assert dispatch.requested_backend("cpu") == "cpu"  # the model's own setting wins over the environment
+        requested_backend("nope")
+    monkeypatch.setenv(registry.ENV_BACKEND, "torch")
+    assert requested_backend(None) == "torch"
+    assert requested_backend("cpu") == "cpu"  # the model's own setting wins over the environment
     # A named backend that cannot run these inputs says so.
-    meta_x = torch.randn(2, 45, dtype=torch.float64)
-    block.requires_grad_(False)
+    weights = block.experts.prepared_weights()
+    cpu, f64 = torch.device("cpu"), torch.float64
     if "cpu" in FAST:
         with pytest.raises(RuntimeError, match="moe_backend 'cpu' cannot run here: dtype torch.float64"):
-            dispatch.select_backend("cpu", meta_x, block.experts, block.shared_expert)
-    # auto falls back, with one log line per reason.
+            resolve("cpu", weights, cpu, f64)
+    # auto falls back, with one log line per reason; the choice is kept in the prepared weights.
     caplog.set_level(logging.INFO, logger="qwen2_moe_hf")
-    dispatch._warned_fallback.clear()
+    registry._logged.clear()
     for _ in range(3):
-        assert dispatch.select_backend("auto", meta_x, block.experts, block.shared_expert).name == "torch"
+        block.experts.prepared_weights().__dict__["_caches"].clear()
+        assert resolve("auto", weights, cpu, f64).name == "torch"
     report = qwen2_moe_hf.env_report()
     assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == len(report) - 1
     assert report["torch"] == "available" and all(v == "available" or v.startswith("unavailable: ") for v in
                                                    report.values())
+    with pytest.raises(ValueError, match="cannot be removed"):
+        registry.unregister_backend("torch")
 
 
 def test_from_pretrained_moe_backend_and_env(tmp_path):

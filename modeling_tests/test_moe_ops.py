@@ -1,11 +1,11 @@
-"""The expert-dispatch ops (csrc: topk_softmax, moe_align, moe_combine) on CPU, against torch references: odd
-sizes, ties in router logits, experts with no tokens, all tokens on one expert. The CUDA versions share these
-schemas and contracts (moe/ops.py)."""
+"""The expert-dispatch ops (kernels/csrc: topk_softmax, moe_align, moe_combine) on CPU, against torch references:
+odd sizes, ties in router logits, experts with no tokens, all tokens on one expert. The CUDA versions share these
+schemas and contracts (kernels/ops.py)."""
 
 import pytest
 import torch
 
-from qwen2_moe_hf.moe.extension import load_cpu_ops
+from qwen2_moe_hf.kernels.build import load_cpu_ops
 from qwen2_moe_hf.moe.routing import route
 
 import op_reference

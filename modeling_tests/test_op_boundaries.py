@@ -120,26 +120,17 @@ def good_args(op):
                            g_idx=g_idx, zero_offset=1, bias=torch.randn(16, generator=gen))
     if op == "moe_ffn_cpu":
         return OrderedDict(x=_x(gen), topk_ids=ids, topk_weights=weights, **_dense_weights(gen))
-    if op == "moe_block_cpu":
-        return OrderedDict(x=_x(gen), router_logits=logits, top_k=K, renormalize=True, **_dense_weights(gen))
     if op == "moe_ffn_int4_cpu":
         return OrderedDict(x=_x(gen), topk_ids=ids, topk_weights=weights, **_int4_weights(gen), zero_offset=1)
-    if op == "moe_block_int4_cpu":
-        return OrderedDict(x=_x(gen), router_logits=logits, top_k=K, renormalize=False, **_int4_weights(gen),
-                           zero_offset=1)
-    if op in ("moe_layer[dense]", "moe_block[dense]"):
+    if op == "moe_layer[dense]":
         d = _dense_weights(gen)
         tensors = [w for e in range(E) for w in (d["w_gate"][e], d["w_up"][e], d["w_down"][e])]
         tensors += [d["shared_gate"], d["shared_up"], d["shared_down"]]
-        head = (OrderedDict(x=_x(gen), router_weight=_router_weight()) if op.startswith("moe_layer")
-                else OrderedDict(x=_x(gen), router_logits=logits))
-        return OrderedDict(**head, top_k=K, renormalize=False, tensors=tensors, experts=E, int4=False,
+        return OrderedDict(x=_x(gen), router_weight=_router_weight(), top_k=K, renormalize=False, tensors=tensors, experts=E, int4=False,
                            zero_offset=0, shared_expert_gate=d["shared_expert_gate"])
-    if op in ("moe_layer[int4]", "moe_block[int4]"):
+    if op == "moe_layer[int4]":
         w = _int4_weights(gen)
-        head = (OrderedDict(x=_x(gen), router_weight=_router_weight()) if op.startswith("moe_layer")
-                else OrderedDict(x=_x(gen), router_logits=logits))
-        return OrderedDict(**head, top_k=K, renormalize=True, tensors=w["experts"] + w["shared"], experts=E,
+        return OrderedDict(x=_x(gen), router_weight=_router_weight(), top_k=K, renormalize=True, tensors=w["experts"] + w["shared"], experts=E,
                            int4=True, zero_offset=1, shared_expert_gate=w["shared_expert_gate"])
     raise KeyError(op)
 
@@ -152,20 +143,17 @@ def _ops():
 
 
 def _module():
-    from qwen2_moe_hf.moe.extension import cpu_module
+    from qwen2_moe_hf.kernels.build import cpu_module
 
     return cpu_module()
 
 
 def call(op, a):
     """Run the op under test on arguments `a`."""
-    if op.startswith(("moe_layer[", "moe_block[")):
+    if op.startswith("moe_layer["):
         m = _module()
         pack = m.LayerPack(a["tensors"], a["experts"], a["int4"], a["zero_offset"])
-        if op.startswith("moe_layer"):
-            return m.moe_layer(a["x"], a["router_weight"], a["top_k"], a["renormalize"], pack,
-                               a["shared_expert_gate"])
-        return m.moe_block(a["x"], a["router_logits"], a["top_k"], a["renormalize"], pack, a["shared_expert_gate"])
+        return m.moe_layer(a["x"], a["router_weight"], a["top_k"], a["renormalize"], pack, a["shared_expert_gate"])
     return getattr(_ops(), op)(*a.values())
 
 
@@ -176,25 +164,23 @@ def _dense_from_pack(a):
 
 # The references of the registered ops take the op's own arguments, in order.
 REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe_combine": ref.moe_combine,
-              "gptq_linear_cpu": ref.gptq_linear, "moe_ffn_cpu": ref.moe_ffn, "moe_block_cpu": ref.moe_block,
-              "moe_ffn_int4_cpu": ref.moe_ffn_int4, "moe_block_int4_cpu": ref.moe_block_int4}
+              "gptq_linear_cpu": ref.gptq_linear, "moe_ffn_cpu": ref.moe_ffn,
+              "moe_ffn_int4_cpu": ref.moe_ffn_int4}
 
 
 def reference(op, a):
     """What the op must return for arguments `a` (plain torch, float32 inside)."""
     if op in REFERENCES:
         return REFERENCES[op](*a.values())
-    if op.startswith(("moe_layer[", "moe_block[")):
+    if op.startswith("moe_layer["):
         if a["int4"]:
             n = 12 * a["experts"]
             weights = ref.int4_expert_weights(a["tensors"][:n], a["tensors"][n:], a["zero_offset"])
             weights = (*weights, a["shared_expert_gate"])
         else:
             weights = _dense_from_pack(a)
-        if op.startswith("moe_layer"):
-            logits = (a["x"].float() @ a["router_weight"].float().t()).to(a["x"].dtype)
-            return ref.moe_block(a["x"], logits, a["top_k"], a["renormalize"], *weights), logits
-        return ref.moe_block(a["x"], a["router_logits"], a["top_k"], a["renormalize"], *weights)
+        logits = (a["x"].float() @ a["router_weight"].float().t()).to(a["x"].dtype)
+        return ref.moe_block(a["x"], logits, a["top_k"], a["renormalize"], *weights), logits
     raise KeyError(op)
 
 
@@ -339,7 +325,7 @@ def _scalar_cases(op, args):
         bad("num_experts", [0, 2**31, 2**63 - 1], r"num_experts=-?\d+ must be in")
     if "block" in args:
         bad("block", [0, 2**31, 2**62], r"block=-?\d+ must be in")
-    if "zero_offset" in args and not op.startswith(("moe_layer[dense]", "moe_block[dense]")):
+    if "zero_offset" in args and op != "moe_layer[dense]":
         bad("zero_offset", [2, -1, 2**40], r"zero_offset=-?\d+ must be in")
     if "experts" in args and isinstance(args["experts"], int):
         bad("experts", [0, -1, 2**62], r"LayerPack: (experts=-?\d+ must be in|expected \d+ tensors)")
@@ -403,9 +389,8 @@ def cases(op):
     return table
 
 
-CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "moe_ffn_cpu", "moe_block_cpu",
-           "moe_ffn_int4_cpu", "moe_block_int4_cpu", "moe_layer[dense]", "moe_block[dense]", "moe_layer[int4]",
-           "moe_block[int4]"]
+CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "moe_ffn_cpu", "moe_ffn_int4_cpu",
+           "moe_layer[dense]", "moe_layer[int4]"]
 
 
 def run_case(op, case_id, args, expect):
@@ -437,7 +422,7 @@ def run_case(op, case_id, args, expect):
 
 
 def child(op, first):
-    from qwen2_moe_hf.moe.extension import load_cpu_ops
+    from qwen2_moe_hf.kernels.build import load_cpu_ops
 
     ok, why = load_cpu_ops()
     if not ok:
@@ -494,7 +479,7 @@ def _case_ids():
 
 @pytest.fixture(scope="module")
 def cpu_ops_available():
-    from qwen2_moe_hf.moe.extension import load_cpu_ops
+    from qwen2_moe_hf.kernels.build import load_cpu_ops
 
     ok, why = load_cpu_ops()  # built here once, before the children load it
     if not ok:
@@ -512,23 +497,69 @@ def test_op_boundary(op, case_id, cpu_ops_available):
 
 def test_every_compiled_entry_point_is_in_the_table():
     """A new op (schema) or pybind function must get its rows here."""
-    from qwen2_moe_hf.moe.ops import SCHEMAS
+    from qwen2_moe_hf.kernels.ops import SCHEMAS
 
     covered = {op.split("[")[0] for op in CPU_OPS}
     cpu_schemas = {name for name in SCHEMAS if name.endswith("_cpu") or name in ("topk_softmax", "moe_align",
                                                                                   "moe_combine")}
     assert cpu_schemas <= covered, sorted(cpu_schemas - covered)
-    from qwen2_moe_hf.moe.extension import load_cpu_ops, cpu_module
+    from qwen2_moe_hf.kernels.build import load_cpu_ops, cpu_module
 
     if load_cpu_ops()[0]:
         functions = {n for n in dir(cpu_module()) if not n.startswith("_")}
-        assert functions == {"LayerPack", "moe_layer", "moe_block"}, functions
+        assert functions == {"IdentityWatch", "LayerPack", "moe_layer"}, functions
+
+
+_WATCH_CHILD = r"""
+import json
+from qwen2_moe_hf.kernels.build import load_cpu_ops, cpu_module
+assert load_cpu_ops()[0]
+W = cpu_module().IdentityWatch
+d = {"a": 1}
+cases = {
+    "lengths": (lambda: W([d, d], ["a"], [1]), "one length"),
+    "not a list": (lambda: W((d,), ["a"], [1]), "incompatible constructor arguments"),
+    "not a dict": (lambda: W([[1]], ["a"], [1]), r"dicts\[0\] must be a dict, not list"),
+    "key not a str": (lambda: W([d], [0], [1]), r"keys\[0\] must be a str, not int"),
+    "key a str subclass": (lambda: W([d], [type("S", (str,), {})("a")], [1]), r"keys\[0\] must be a str"),
+    "none": (lambda: W(None, None, None), "incompatible constructor arguments"),
+}
+for name, (make, regex) in cases.items():
+    try:
+        make()
+        print("RESULT", json.dumps([name, "no error", regex]))
+    except Exception as exc:
+        print("RESULT", json.dumps([name, f"{type(exc).__name__}: {exc}", regex]))
+# Empty is valid (a layer with no watched slots), and the watch keeps its objects alive.
+print("EMPTY", W([], [], []).current())
+e = {"a": object()}
+w = W([e], ["a"], [e["a"]])
+del e
+print("ALIVE", w.current())
+"""
+
+
+def test_identity_watch_refuses_bad_arguments(cpu_ops_available):
+    """The pybind IdentityWatch (identity_watch.h) takes dicts, keys and objects, not tensors: its bad arguments are
+    wrong lengths, non-dicts, non-str keys (whose hash could run Python code during the check). Each must raise a
+    clear error, in a child process so that a crash fails this test rather than the run."""
+    import re
+
+    proc = subprocess.run([sys.executable, "-c", _WATCH_CHILD], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ))
+    assert proc.returncode == 0, f"rc {proc.returncode}:\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.splitlines()
+    results = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
+    assert len(results) == 6, proc.stdout
+    for name, got, regex in results:
+        assert re.search(regex, got), f"{name}: {got!r} does not match {regex!r}"
+    assert "EMPTY True" in lines and "ALIVE True" in lines, proc.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA twins (csrc/cuda/moe_ops.cu) "
                     "share csrc/common/checks.h with the CPU ops checked above, and compile in the cuda-build stack")
 def test_cuda_op_boundaries():
-    from qwen2_moe_hf.moe.extension import load_cuda_ops
+    from qwen2_moe_hf.kernels.build import load_cuda_ops
 
     ok, why = load_cuda_ops()
     assert ok, why

@@ -11,7 +11,7 @@ import qwen2_moe_hf
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
 from qwen2_moe_hf.gptq.format import GPTQSpec
 from qwen2_moe_hf.gptq.quantize import quantize_linears_
-from qwen2_moe_hf.moe import moe_block_forward, moe_forward_reference, route
+from qwen2_moe_hf.moe import experts_forward_reference, route
 
 import helpers
 
@@ -44,7 +44,11 @@ def _layer(case):
         hidden_size=case["hidden"], num_attention_heads=1, num_key_value_heads=1, head_dim=8,
         num_experts=case["experts"], num_experts_per_tok=case["top_k"], moe_intermediate_size=case["inter"],
         shared_expert_intermediate_size=case["inter"] + 8, norm_topk_prob=case["norm"]))
-    return helpers.randomize_(Qwen2MoeSparseMoeBlock(config), case["seed"]).eval()
+    block = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), case["seed"]).eval()
+    if case["routing"] == "ties":  # pairs of identical router rows: the block's own logits tie exactly
+        with torch.no_grad():
+            block.gate.weight[1::2] = block.gate.weight[0::2][: block.gate.weight[1::2].shape[0]]
+    return block
 
 
 def _inputs(case):
@@ -67,14 +71,23 @@ def _inputs(case):
 
 
 def _check(block, x, logits, case, backend, tol):
-    shared = (block.shared_expert, block.shared_expert_gate) if case["shared"] else (None, None)
+    block.config.moe_backend = backend
     with torch.no_grad():
-        got = moe_block_forward(x, logits, case["top_k"], case["norm"], block.experts, *shared, backend=backend)
+        # The routed experts (and the shared one, as modules), routed from the drawn logits.
         weights, ids = route(logits, case["top_k"], case["norm"])
+        got = block.experts(x, ids, weights)
         with helpers.int4_torch_oracle():  # GPTQ experts: the reference must not run the C++ int4 kernels
-            want = moe_forward_reference(x, ids, weights, block.experts, *shared)
+            want = experts_forward_reference(x, ids, weights, block.experts)
+        if case["shared"]:
+            got = got + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+            with helpers.int4_torch_oracle():
+                want = want + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        # The whole block, routed by its own router (the fused lane where the backend has one).
+        out, block_logits = block(x[None], return_router_logits=True)
     err = helpers.row_error(got, want)
     assert torch.isfinite(got).all() and err <= tol, f"{backend}: per-row relative error {err:.2e} for {case}"
+    err = helpers.row_error(out[0], helpers.block_reference(block, x, block_logits))
+    assert err <= tol, f"{backend} block: per-row relative error {err:.2e} for {case}"
     if case["padded_rows"] and not case["shared"]:
         # A zero row maps to zero through bias-free experts: padding never picks up another token's output.
         assert got[: case["padded_rows"]].abs().max() == 0

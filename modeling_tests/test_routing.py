@@ -8,8 +8,8 @@ import torch
 
 import qwen2_moe_hf
 from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
-from qwen2_moe_hf.moe import moe_forward, route
-from qwen2_moe_hf.moe.extension import cpu_module, load_cpu_ops
+from qwen2_moe_hf.kernels.build import cpu_module, load_cpu_ops
+from qwen2_moe_hf.moe import route
 
 import helpers
 import op_reference as ref
@@ -20,8 +20,10 @@ HALF = [torch.bfloat16, torch.float16]
 
 
 def _fp32_routing(logits, k, renormalize):
+    # The documented rank: larger probability first, equal probabilities by the lower expert id.
     probs = torch.softmax(logits.float(), -1)
-    weights, ids = torch.topk(probs, k, -1)
+    ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = probs.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids
@@ -65,28 +67,41 @@ def _dense_args(hidden=32, inter=16, experts=8, seed=1, dtype=torch.bfloat16):
 
 
 @needs_ops
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF + [torch.float32])
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_fused_routing_in_the_cpu_ops_is_fp32_routing(dtype, renormalize):
-    """moe_block_cpu / moe_block_int4_cpu / the direct moe_block route inside the op: their output must equal,
-    bit for bit, the same op family's output given fp32 routing of the same logits."""
+@pytest.mark.parametrize("int4", [False, True])
+def test_the_fused_layers_routing_is_route(dtype, renormalize, int4):
+    """The cpu backend's fused layer routes inside the op (csrc/cpu/routing.h). Its output must equal, bit for bit,
+    the same op given route()'s top-k of the router logits it returned; and route() must be fp32 routing."""
     ops = torch.ops.qwen2_moe_hf
     args = _dense_args(dtype=dtype)
-    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
-    logits = _logits(dtype, experts=8, seed=3)
-    weights, ids = _fp32_routing(logits, 3, renormalize)
-    want = ops.moe_ffn_cpu(x, ids, weights.to(dtype), *args)
-    assert torch.equal(ops.moe_block_cpu(x, logits, 3, renormalize, *args), want)
-    pack = cpu_module().LayerPack([t for e in range(8) for t in (args[0][e], args[1][e], args[2][e])] +
-                                  list(args[3:6]), 8, False, 0)
-    assert torch.equal(cpu_module().moe_block(x, logits, 3, renormalize, pack, args[6]), want)
-    from test_op_boundaries import _int4  # the table's int4 layer maker (qwen2_moe_hf.gptq.format.quantize_rtn)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 32, generator=gen).to(dtype)
+    router = (torch.randn(8, 32, generator=gen) * 2).to(dtype)
+    router[5] = router[2]  # two experts with equal logits for every token: the tie rule decides
+    if int4:
+        from test_op_boundaries import _int4  # the table's int4 layer maker (gptq.format.quantize_rtn)
 
-    gen = torch.Generator().manual_seed(4)
-    experts = [t for _ in range(8) for t in _int4(gen, 16, 32) + _int4(gen, 16, 32) + _int4(gen, 32, 16)]
-    shared = _int4(gen, 24, 32) + _int4(gen, 24, 32) + _int4(gen, 32, 24)
-    want = ops.moe_ffn_int4_cpu(x, ids, weights.to(dtype), experts, shared, args[6], 1)
-    assert torch.equal(ops.moe_block_int4_cpu(x, logits, 3, renormalize, experts, shared, args[6], 1), want)
+        gen4 = torch.Generator().manual_seed(4)
+        experts = [t for _ in range(8) for t in _int4(gen4, 16, 32) + _int4(gen4, 16, 32) + _int4(gen4, 32, 16)]
+        shared = _int4(gen4, 24, 32) + _int4(gen4, 24, 32) + _int4(gen4, 32, 24)
+        pack = cpu_module().LayerPack(experts + shared, 8, True, 1)
+        by_ids = lambda ids, w: ops.moe_ffn_int4_cpu(x, ids, w, experts, shared, args[6], 1)  # noqa: E731
+    else:
+        pack = cpu_module().LayerPack([t for e in range(8) for t in (args[0][e], args[1][e], args[2][e])] +
+                                      list(args[3:6]), 8, False, 0)
+        by_ids = lambda ids, w: ops.moe_ffn_cpu(x, ids, w, *args)  # noqa: E731
+    out, logits = cpu_module().moe_layer(x, router, 3, renormalize, pack, args[6])
+    weights, ids = route(logits, 3, renormalize)
+    if dtype == torch.float32:
+        # No final rounding hides the last ulp of exp(): the op's scalar expf and torch's vectorised one may
+        # differ there, so float32 holds to a float32-sized bound (the ids are checked exactly below).
+        assert helpers.row_error(out, by_ids(ids, weights)) < 1e-6
+    else:
+        assert torch.equal(out, by_ids(ids, weights))
+    assert (ids == 2).any() and not ((ids == 5).any(-1) & ~(ids == 2).any(-1)).any()  # 2 before 5 on the tie
+    want_weights, want_ids = _fp32_routing(logits, 3, renormalize)
+    assert torch.equal(weights, want_weights.to(dtype))
 
 
 BACKENDS = [name for name, state in qwen2_moe_hf.env_report().items() if state == "available"]
@@ -95,16 +110,27 @@ BACKENDS = [name for name, state in qwen2_moe_hf.env_report().items() if state =
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", HALF)
 def test_every_backends_block_routes_in_fp32(backend, dtype):
-    """A bf16 / fp16 block on each backend (the cpu one routes inside its fused op) equals the same backend's
-    experts run on fp32 routing of the block's own router logits."""
+    """A bf16 / fp16 block on each backend (the cpu one routes inside its fused op) equals, bit for bit, the same
+    backend's computation given fp32 routing of the block's own router logits."""
     config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(num_experts=8, num_experts_per_tok=3, moe_backend=backend))
     block = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), seed=6).to(dtype).eval()
     x = torch.randn(2, 30, config.hidden_size, generator=torch.Generator().manual_seed(7)).to(dtype)
+    flat = x.reshape(-1, config.hidden_size)
     with torch.no_grad():
         out, logits = block(x, return_router_logits=True)
         weights, ids = _fp32_routing(logits, 3, config.norm_topk_prob)
-        want = moe_forward(x.reshape(-1, x.shape[-1]), ids, weights.to(dtype), block.experts, block.shared_expert,
-                           block.shared_expert_gate, backend=backend)
+        weights = weights.to(dtype)
+        if helpers.resolved_backend(block, flat) == "cpu":
+            # The fused lane: routed and shared experts in one op, summed in fp32 and rounded once.
+            mlps = list(block.experts)
+            shared = block.shared_expert
+            want = torch.ops.qwen2_moe_hf.moe_ffn_cpu(
+                flat, ids, weights, [m.gate_proj.weight for m in mlps], [m.up_proj.weight for m in mlps],
+                [m.down_proj.weight for m in mlps], shared.gate_proj.weight, shared.up_proj.weight,
+                shared.down_proj.weight, block.shared_expert_gate.weight)
+        else:
+            want = block.experts(flat, ids, weights)
+            want = want + torch.sigmoid(block.shared_expert_gate(flat)) * block.shared_expert(flat)
     assert torch.equal(out.reshape(want.shape), want)
 
 

@@ -1,4 +1,5 @@
-"""The Triton expert kernels under TRITON_INTERPRET=1 (CPU), fp16 and fp32, against the torch reference. Triton's
+"""The dense variants of the Triton kernel family (qwen2_moe_hf/kernels/triton_moe.py: INT4=False) under
+TRITON_INTERPRET=1 (CPU), fp16 and fp32, against the torch reference. Triton's
 interpreter reads bf16 wrongly (../shared/NOTES.md), so bf16 is left to the GPU suite."""
 
 import os
@@ -13,9 +14,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-from qwen2_moe_hf.moe import route  # noqa: E402
-from qwen2_moe_hf.moe.reference import experts_forward_reference  # noqa: E402
-from qwen2_moe_hf.moe import triton_kernels  # noqa: E402
+from qwen2_moe_hf.kernels import triton_moe  # noqa: E402
+from qwen2_moe_hf.moe import experts_forward_reference, route  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
@@ -32,6 +32,9 @@ class _Expert(torch.nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
 
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
 
 def _case(tokens, experts, k, hidden, inter, dtype, seed=0, ids=None):
     gen = torch.Generator().manual_seed(seed)
@@ -45,9 +48,9 @@ def _case(tokens, experts, k, hidden, inter, dtype, seed=0, ids=None):
 
 
 def _check(bank, x, ids, weights, dtype, **kw):
-    got = triton_kernels.routed_experts(
-        x, ids, weights, [e.gate_proj.weight for e in bank], [e.up_proj.weight for e in bank],
-        [e.down_proj.weight for e in bank], **kw)
+    tables = triton_moe.expert_tables([e.gate_proj.weight for e in bank], [e.up_proj.weight for e in bank],
+                                      [e.down_proj.weight for e in bank], int4=False)
+    got = triton_moe.routed_experts(x, ids, weights, tables, **kw)
     with torch.no_grad():
         ref = experts_forward_reference(x.float(), ids, weights.float(), bank.float())
     err = row_error(got, ref)
@@ -75,11 +78,25 @@ def test_corner_cases(path):
 
 def test_align_matches_the_cpu_op_contract():
     ids = torch.randint(0, 7, (19, 3), generator=torch.Generator().manual_seed(0))
-    sorted_slots, block_experts = triton_kernels.align_torch(ids, 7, 16)
-    from qwen2_moe_hf.moe.extension import load_cpu_ops
+    sorted_slots, block_experts = triton_moe.align_torch(ids, 7, 16)
+    from qwen2_moe_hf.kernels.build import load_cpu_ops
 
     ok, why = load_cpu_ops()
     if not ok:
         pytest.skip(f"CPU ops unavailable: {why}")
     ref_slots, ref_blocks, _ = torch.ops.qwen2_moe_hf.moe_align(ids, 7, 16)
     assert torch.equal(sorted_slots.cpu(), ref_slots) and torch.equal(block_experts.cpu(), ref_blocks)
+
+
+def test_dense_tables_check_their_weights():
+    bank, x, ids, weights = _case(3, experts=3, k=2, hidden=32, inter=24, dtype=torch.float32)
+    gate, up, down = ([getattr(e, p).weight for e in bank] for p in ("gate_proj", "up_proj", "down_proj"))
+    with pytest.raises(ValueError, match=r"^up\[1\]: shapes"):
+        triton_moe.expert_tables(gate, up[:1] + [up[1][:, :16].contiguous()] + up[2:], down, int4=False)
+    with pytest.raises(ValueError, match=r"^down\[0\]: expected a contiguous"):
+        triton_moe.expert_tables(gate, up, [down[0].t()] + down[1:], int4=False)
+    with pytest.raises(ValueError, match=r"^down: shapes"):
+        triton_moe.expert_tables(gate, up, [g.t().contiguous()[:16] for g in gate], int4=False)
+    tables = triton_moe.expert_tables(gate, up, down, int4=False)
+    with pytest.raises(ValueError, match=r"^x: dtype torch.float16"):
+        triton_moe.routed_experts(x.half(), ids, weights.half(), tables)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from qwen2_moe_hf import checkpoint_io
+from qwen2_moe_hf import files
 from qwen2_moe_hf.gptq import quantize
 from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
 
@@ -100,7 +100,7 @@ FAILURES = {
     "index": (quantize, "_write_index", 1, Boom),
     "config": (quantize.json, "dump", 2, Boom),  # the index is the first json.dump, config.json the second
     "ctrl_c_while_quantizing": (quantize, "quantize_rtn", 5, KeyboardInterrupt),
-    "final_rename": (checkpoint_io.os, "rename", 1, OSError),
+    "final_rename": (files.os, "rename", 1, OSError),
 }
 
 
