@@ -2,12 +2,13 @@
 
     python benchmarks/gpu_suite.py [--tokens 1 16 64 256 1024 4096] [--decode-layers 24] [--skip-tests]
 
-1. builds the CUDA extension (csrc/cuda) for this GPU and loads it;
+1. builds the CUDA extension (qwen2_moe_hf/kernels/csrc/cuda) for this GPU and loads it;
 2. runs the GPU-marked tests (`pytest -m gpu`) and the backend tests with CUDA tensors;
 3. prints one MoE layer at the real Qwen1.5-MoE-A2.7B shape, bf16: our backends vs transformers 5.23's built-in
    block (grouped_mm / batched_mm, same weights) against the floor = max(weights read once / measured copy
    bandwidth, FLOPs / measured bf16 matmul rate), for 1 ... 4096 tokens;
-4. prints the routed experts with 4-bit GPTQ weights (Triton, qwen2_moe_hf/gptq/triton_int4.py) at the same shape,
+4. prints the routed experts with 4-bit GPTQ weights (the Triton family's int4 variant,
+   qwen2_moe_hf/kernels/triton_moe.py) at the same shape,
    group 128, random nibbles, for the same token counts, against the int4 floor (int4 weights + scales + zeros of
    the hit experts read once / copy bandwidth, beside FLOPs / bf16 matmul rate), with a bf16 accuracy check;
 5. prints end-to-end batch-1 greedy decode tokens/s of a real-shape model with random weights (ours, each backend,
@@ -63,7 +64,7 @@ def matmul_rate():
 
 
 def build_and_test(skip_tests):
-    from qwen2_moe_hf.moe.extension import load_cpu_ops, load_cuda_ops
+    from qwen2_moe_hf.kernels.build import load_cpu_ops, load_cuda_ops
 
     start = time.perf_counter()
     print("cuda ops:", load_cuda_ops(), f"({time.perf_counter() - start:.0f} s)")
@@ -151,7 +152,7 @@ def int4_reference(x, ids, weights, gate, up, down):
 
 def int4_table(tokens_list, bw, rate, group=128):
     try:
-        from qwen2_moe_hf.gptq.triton_int4 import routed_experts_int4
+        from qwen2_moe_hf.kernels.triton_moe import expert_tables, routed_experts
     except ImportError as exc:
         print(f"\nint4 rows skipped: {exc}")
         return
@@ -159,6 +160,7 @@ def int4_table(tokens_list, bw, rate, group=128):
 
     hidden, inter, experts, k = 2048, 1408, 60, 4
     gate, up, down = int4_bank(hidden, inter, experts, group, "cuda")
+    tables = expert_tables(gate, up, down, int4=True, zero_offset=1)  # once, as the backend's prepared weights do
     per_expert = sum(t.numel() * t.element_size() for lin in (gate, up, down) for t in lin[0])
     print(f"\nrouted experts, int4 GPTQ (group {group}), bf16 activations, Triton")
     print("| tokens | int4 floor us | compute floor us | int4 us | / floor | bf16 rel err |")
@@ -170,10 +172,10 @@ def int4_table(tokens_list, bw, rate, group=128):
         floor = ids.unique().numel() * per_expert / bw
         compute = 2 * tokens * k * 3 * hidden * inter / rate
         with torch.no_grad():
-            got = routed_experts_int4(x, ids, weights, gate, up, down)
+            got = routed_experts(x, ids, weights, tables)
             ref = int4_reference(x, ids, weights, gate, up, down)  # bf16 is checked here only (not interpreted)
             err = ((got.float() - ref).norm() / ref.norm()).item()
-            elapsed = cuda_time(lambda: routed_experts_int4(x, ids, weights, gate, up, down))
+            elapsed = cuda_time(lambda: routed_experts(x, ids, weights, tables))
         print(f"| {tokens} | {floor * 1e6:.0f} | {compute * 1e6:.0f} | {elapsed * 1e6:.0f} | "
               f"{elapsed / max(floor, compute):.2f} | {err:.1e} |", flush=True)
 

@@ -115,7 +115,7 @@ def child(folder, kind):
 
     import qwen2_moe_hf  # noqa: F401
     from qwen2_moe_hf import compat
-    from qwen2_moe_hf.moe.extension import load_cpu_ops
+    from qwen2_moe_hf.kernels.build import load_cpu_ops
 
     load_cpu_ops()
     exact = reset_peak()
