@@ -7,7 +7,9 @@ post's `AutoModelForCausalLM.from_pretrained(...)` / `AutoTokenizer.from_pretrai
 from .configuration_qwen2_moe import Qwen2MoeConfig
 from .modeling_qwen2_moe import (
     Qwen2MoeForCausalLM,
+    Qwen2MoeForQuestionAnswering,
     Qwen2MoeForSequenceClassification,
+    Qwen2MoeForTokenClassification,
     Qwen2MoeModel,
     Qwen2MoePreTrainedModel,
     Qwen2MoeSparseMoeBlock,
@@ -24,7 +26,9 @@ __all__ = [
     "QWEN_CHATML_TEMPLATE",
     "Qwen2MoeConfig",
     "Qwen2MoeForCausalLM",
+    "Qwen2MoeForQuestionAnswering",
     "Qwen2MoeForSequenceClassification",
+    "Qwen2MoeForTokenClassification",
     "Qwen2MoeModel",
     "Qwen2MoePreTrainedModel",
     "Qwen2MoeSparseMoeBlock",

@@ -3,6 +3,7 @@
 Nothing else in the package branches on the transformers version.
 """
 
+import logging
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -130,3 +131,8 @@ def prepare_inputs_for_generation(
         }
     )
     return model_inputs
+
+
+def transformers_loading_logger() -> logging.Logger:
+    """The logger transformers' from_pretrained warns on (newly initialised and mismatched weights)."""
+    return transformers.utils.logging.get_logger("transformers.modeling_utils")

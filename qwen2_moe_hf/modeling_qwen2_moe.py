@@ -17,7 +17,9 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 
 from . import compat
@@ -738,9 +740,120 @@ class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+class Qwen2MoeForTokenClassification(Qwen2MoePreTrainedModel):
+    """A label per token: dropout, then a linear `score` on each hidden state (transformers 5.x's generic token
+    classifier: dropout `classifier_dropout`, else `hidden_dropout`, else 0.1; bias unless
+    `token_classification_bias=False`)."""
+
+    def __init__(self, config: Qwen2MoeConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = Qwen2MoeModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        if dropout is None:
+            dropout = getattr(config, "hidden_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels,
+                               bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Union[compat.Cache, Sequence[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[Tuple, TokenClassifierOutput]:
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            check_labels(labels, logits.shape[:2], self.num_labels, what="the labels (num_labels)")
+            loss = F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1).to(logits.device))
+        output = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                       attentions=outputs.attentions)
+        return output if return_dict else output.to_tuple()
+
+
+class Qwen2MoeForQuestionAnswering(Qwen2MoePreTrainedModel):
+    """Extractive QA: `qa_outputs` maps each hidden state to a start and an end logit. The loss is the mean of the
+    start and end cross-entropies; positions outside the sequence are clamped to its length and ignored (as in
+    transformers)."""
+
+    def __init__(self, config: Qwen2MoeConfig) -> None:
+        super().__init__(config)
+        self.model = Qwen2MoeModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Union[compat.Cache, Sequence[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        start_positions: Optional[torch.LongTensor] = None,
+        end_positions: Optional[torch.LongTensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[Tuple, QuestionAnsweringModelOutput]:
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]
+            losses = []
+            for logits, positions, name in ((start_logits, start_positions, "start_positions"),
+                                            (end_logits, end_positions, "end_positions")):
+                positions = positions.reshape(-1) if positions.dim() > 1 else positions
+                if positions.shape != (logits.shape[0],):
+                    raise ValueError(f"{name}: expected shape [batch={logits.shape[0]}], got {list(positions.shape)}")
+                positions = positions.to(logits.device).clamp(0, ignored)
+                losses.append(F.cross_entropy(logits.float(), positions, ignore_index=ignored))
+            loss = (losses[0] + losses[1]) / 2
+        output = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return output if return_dict else output.to_tuple()
+
+
 __all__ = [
     "Qwen2MoeForCausalLM",
+    "Qwen2MoeForQuestionAnswering",
     "Qwen2MoeForSequenceClassification",
+    "Qwen2MoeForTokenClassification",
     "Qwen2MoeModel",
     "Qwen2MoePreTrainedModel",
     "Qwen2MoeSparseMoeBlock",

@@ -12,13 +12,27 @@ import os
 from typing import Any, Dict, Optional, Union
 
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import cached_file
 
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
-from .modeling_qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeForSequenceClassification, Qwen2MoeModel
+from .modeling_qwen2_moe import (
+    Qwen2MoeForCausalLM,
+    Qwen2MoeForQuestionAnswering,
+    Qwen2MoeForSequenceClassification,
+    Qwen2MoeForTokenClassification,
+    Qwen2MoeModel,
+)
 
 logger = logging.getLogger("qwen2_moe_hf")
 
@@ -48,7 +62,8 @@ def _env_override_default() -> bool:
 
 def register(override_builtin: Optional[bool] = None) -> bool:
     """Register qwen2_moe with AutoConfig / AutoModel / AutoModelForCausalLM / AutoModelForSequenceClassification /
-    AutoTokenizer. Returns whether our classes now serve model_type "qwen2_moe"."""
+    AutoModelForTokenClassification / AutoModelForQuestionAnswering / AutoTokenizer. Returns whether our classes now
+    serve model_type "qwen2_moe"."""
     if override_builtin is None:
         override_builtin = _env_override_default()
     ours_serve = override_builtin or not compat.HAS_BUILTIN_QWEN2_MOE
@@ -58,6 +73,8 @@ def register(override_builtin: Optional[bool] = None) -> bool:
         (AutoModel, Qwen2MoeModel),
         (AutoModelForCausalLM, Qwen2MoeForCausalLM),
         (AutoModelForSequenceClassification, Qwen2MoeForSequenceClassification),
+        (AutoModelForTokenClassification, Qwen2MoeForTokenClassification),
+        (AutoModelForQuestionAnswering, Qwen2MoeForQuestionAnswering),
     ):
         auto_class.register(Qwen2MoeConfig, model_class, exist_ok=True)
     _register_tokenizer()

@@ -11,9 +11,13 @@ checked by name, shape and dtype; a quantized layer is read by its hooks. Nothin
 quantized layer, and each tensor is read once into its final buffer, so peak memory is about the model's size plus
 one tensor (transformers 4.38's loader held a shard's memory map beside its copies: 1.6x the checkpoint).
 
-Strict in both: a tensor the model needs but the checkpoint lacks raises (transformers would initialise it at
-random with a warning) unless allow_missing_weights=True or it is a new head; a tensor of another shape raises
-unless ignore_mismatched_sizes=True.
+Strict in both, where transformers is not: a tensor of the checkpoint's own architecture that the checkpoint lacks
+(a missing expert, a truncated shard) raises, where transformers would initialise it at random with a warning.
+What transformers defines as legitimate loads as it does there, with its warning: a head the checkpoint never had
+(a causal LM or classifier from a base model's or another head's checkpoint: every tensor outside the base model's
+prefix, unless config.json's `architectures` says the checkpoint was saved by this very class), a tensor of another
+shape when the caller passed ignore_mismatched_sizes=True (re-initialised), and anything missing when the caller
+asked for output_loading_info=True (reported in the info) or passed allow_missing_weights=True.
 """
 
 import contextlib
@@ -38,11 +42,9 @@ from ..gptq import hooks as gptq_hooks
 logger = logging.getLogger("qwen2_moe_hf")
 
 HUB_KWARGS = ("revision", "token", "use_auth_token", "cache_dir", "local_files_only", "force_download", "proxies")
-# Tensors a checkpoint may lack without harm: recomputed buffers, and the new head of a sequence classifier made
-# from a language-model checkpoint (transformers warns about it, as it should).
-_MAY_BE_MISSING = ("rotary_emb.inv_freq",)
-_NEW_HEADS = ("score.",)
-_IGNORED_EXTRA = re.compile(r".*rotary_emb\.inv_freq$")
+# Tensors a checkpoint may lack without harm: recomputed buffers.
+_MAY_BE_MISSING = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+_IGNORED_EXTRA = re.compile(r".*rotary_emb\.(original_)?inv_freq$")
 # Arguments only transformers' own loader handles: with any of them, it does the loading.
 _TRANSFORMERS_ONLY = ("offload_folder", "offload_state_dict", "quantization_config", "load_in_8bit", "load_in_4bit",
                       "ignore_mismatched_sizes", "from_tf", "from_flax", "gguf_file", "state_dict", "variant",
@@ -119,7 +121,28 @@ def key_mapping(model: nn.Module, checkpoint_keys: Iterable[str]) -> Callable[[s
     return lambda name: name
 
 
-def check_against_model(cls: Type[nn.Module], config: PretrainedConfig, files: Mapping[str, SafetensorsFile]) -> None:
+def new_head(model: nn.Module, name: str) -> bool:
+    """Whether the model tensor `name` belongs to a head the checkpoint never had: it lies outside the base model
+    (a causal LM's `lm_head`, a classifier's `score`, a QA model's `qa_outputs`), and the checkpoint's config does
+    not name this class among its `architectures` (a checkpoint saved by this class that lacks its head is
+    truncated, not headless)."""
+    prefix = model.base_model_prefix
+    if not isinstance(getattr(model, prefix, None), nn.Module) or name.startswith(prefix + "."):
+        return False
+    return type(model).__name__ not in (getattr(model.config, "architectures", None) or [])
+
+
+def _new_head_warning(model: nn.Module, path: str, names: Iterable[str]) -> None:
+    # transformers 4.x's words for the same event (5.x prints its load report instead), on its logger, so callers
+    # that filter or capture transformers' loading warnings see this one too.
+    compat.transformers_loading_logger().warning(
+        f"Some weights of {type(model).__name__} were not initialized from the model checkpoint at {path} and are "
+        f"newly initialized: {sorted(names)}\nYou should probably TRAIN this model on a down-stream task to be able "
+        "to use it for predictions and inference.")
+
+
+def check_against_model(cls: Type[nn.Module], config: PretrainedConfig,
+                        files: Mapping[str, SafetensorsFile]) -> None:
     """Every checkpoint tensor the model uses has the shape the config gives it and a floating dtype; raises
     CheckpointError naming the file and tensor. Costs one model skeleton on the meta device."""
     with torch.device("meta"):
@@ -165,7 +188,10 @@ def _checked_transformers_load(cls, load: Callable, pretrained, model_args: tupl
         if not kwargs.get("ignore_mismatched_sizes") and os.path.isfile(os.path.join(folder, CONFIG_FILE)):
             config = kwargs.get("config")
             if not hasattr(config, "to_dict"):
-                config = cls.config_class.from_pretrained(folder)
+                # with the config fields passed as keywords (num_labels=42), as transformers will build it
+                defaults = cls.config_class()
+                fields = {k: v for k, v in kwargs.items() if hasattr(defaults, k) and k not in ("dtype", "torch_dtype")}
+                config = cls.config_class.from_pretrained(folder, **fields)
             check_against_model(cls, config, files)
     model, info = load(pretrained, *model_args, output_loading_info=True, **kwargs)
     mismatched = list(info.get("mismatched_keys", []))
@@ -177,10 +203,12 @@ def _checked_transformers_load(cls, load: Callable, pretrained, model_args: tupl
         raise CheckpointError(f"{pretrained}: tensors whose shape does not match the config: "
                               f"{', '.join(described[:10])}{' ...' if len(described) > 10 else ''}")
     config = model.config
+    # transformers has initialised what is missing, and warned; only a hole in the checkpoint's own architecture is
+    # an error here, unless the caller asked to see the loading info or to accept holes.
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(_MAY_BE_MISSING)
-               and not k.startswith(_NEW_HEADS)
+               and not new_head(model, k)
                and not (getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight"))]
-    if missing and not allow_missing:
+    if missing and not (allow_missing or want_info):
         raise CheckpointError(
             f"{len(missing)} tensors the model needs are missing from the checkpoint {pretrained}: "
             f"{', '.join(sorted(missing)[:10])}{' ...' if len(missing) > 10 else ''}. Nothing is initialised at "
@@ -229,6 +257,7 @@ def _stream_load(cls, pretrained, kwargs: Dict[str, Any], quantization: Optional
     output_loading_info = kwargs.pop("output_loading_info", False)
     attn_implementation = kwargs.pop("attn_implementation", None)
     allow_missing = kwargs.pop("allow_missing_weights", False)
+    ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
     for ignored in ("low_cpu_mem_usage", "trust_remote_code", "use_safetensors", "offload_folder",
                     "offload_state_dict", "_from_auto", "_from_pipeline", "_commit_hash", "quantization_config",
                     "key_mapping", "adapter_kwargs"):
@@ -254,7 +283,8 @@ def _stream_load(cls, pretrained, kwargs: Dict[str, Any], quantization: Optional
     key_of = key_mapping(model, files)
     quantized = quantization.swap_linears(model, files, key_of) if quantization is not None else {}
     devices = _placement(model, device_map, max_memory, dtype)
-    info = _load_tensors(model, files, key_of, quantized, quantization, devices, dtype, allow_missing)
+    info = _load_tensors(model, files, key_of, quantized, quantization, devices, dtype,
+                         allow_missing or output_loading_info, ignore_mismatched, path)
     _finish(model, folder, devices, device_map)
     if quantization is None:
         compat.set_config_dtype(model.config, dtype)
@@ -300,8 +330,8 @@ def _device_of(name: str, devices: Dict[str, torch.device]) -> torch.device:
 
 def _load_tensors(model: nn.Module, files, key_of, quantized: Dict[str, str],
                   quantization: Optional[gptq_hooks.GPTQHooks], devices, dtype: torch.dtype,
-                  allow_missing: bool = False) -> Dict[str, list]:
-    loaded, expected = set(), {}
+                  allow_missing: bool = False, ignore_mismatched: bool = False, path: str = "") -> Dict[str, list]:
+    loaded, expected, mismatched = set(), {}, []
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         expected[key_of(name)] = name
     quantized_prefixes = set(quantized.values())
@@ -321,6 +351,9 @@ def _load_tensors(model: nn.Module, files, key_of, quantized: Dict[str, str],
         module = model.get_submodule(module_name)
         current = module._parameters.get(attr, module._buffers.get(attr))
         file_dtype, shape = handle.dtype_shape(key)
+        if tuple(shape) != tuple(current.shape) and ignore_mismatched:
+            mismatched.append((key, tuple(shape), tuple(current.shape)))  # left on meta: initialised below
+            continue
         if tuple(shape) != tuple(current.shape):
             raise CheckpointError(f"{os.path.basename(handle.path)}: tensor {key!r} has shape {list(shape)}, the "
                                   f"model (config.json) expects {list(current.shape)}")
@@ -333,22 +366,35 @@ def _load_tensors(model: nn.Module, files, key_of, quantized: Dict[str, str],
         else:
             setattr(module, attr, tensor)
         loaded.add(key)
-    missing = _tie_or_fail(model, key_of, devices, dtype, allow_missing)
+    if mismatched:
+        # transformers 4.x's words (on its logger), so the caller sees which tensors were re-initialised.
+        compat.transformers_loading_logger().warning(
+            f"Some weights of {type(model).__name__} were not initialized from the model checkpoint at {path} and "
+            "are newly initialized because the shapes did not match:\n" + "\n".join(
+                f"- {key}: found shape {list(old)} in the checkpoint and {list(new)} in the model instantiated"
+                for key, old, new in mismatched)
+            + "\nYou should probably TRAIN this model on a down-stream task to be able to use it for predictions "
+            "and inference.")
+    reinitialised = {key for key, _, _ in mismatched}
+    missing = [k for k in _tie_or_fail(model, key_of, devices, dtype, allow_missing, path, reinitialised)
+               if k not in reinitialised]
     if unexpected:
         logger.warning("qwen2_moe_hf: %d tensors in the checkpoint are not used by %s: %s%s", len(unexpected),
                        type(model).__name__, ", ".join(unexpected[:10]), " ..." if len(unexpected) > 10 else "")
-    return {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": [], "error_msgs": []}
+    return {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched, "error_msgs": []}
 
 
-def _tie_or_fail(model: nn.Module, key_of, devices, dtype: torch.dtype, allow_missing: bool = False) -> list:
-    """Tie lm_head to the embeddings when the config says so; initialise allowed missing tensors (a new head, or
-    anything with allow_missing_weights=True); raise for any other tensor the checkpoint lacks. Returns the
-    initialised names."""
+def _tie_or_fail(model: nn.Module, key_of, devices, dtype: torch.dtype, allow_missing: bool = False,
+                 path: str = "", mismatched: Iterable[str] = ()) -> list:
+    """Tie lm_head to the embeddings when the config says so; initialise what is still on the meta device when it
+    may be (a new head, a tensor re-initialised for its size, or anything with allow_missing); raise for any other
+    tensor the checkpoint lacks. Returns the checkpoint names of what was initialised."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None and getattr(model.config, "tie_word_embeddings", False):
         output.weight = model.get_input_embeddings().weight
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
-    fatal = [key_of(n) for n in missing if not (allow_missing or n.startswith(_NEW_HEADS))]
+    mismatched = set(mismatched)  # left on meta for their size (ignore_mismatched_sizes): no hole in the checkpoint
+    fatal = [key_of(n) for n in missing if not (allow_missing or new_head(model, n) or key_of(n) in mismatched)]
     if fatal:
         raise CheckpointError(f"{len(fatal)} tensors the model needs are missing from the checkpoint: "
                               f"{', '.join(fatal[:10])}{' ...' if len(fatal) > 10 else ''} (nothing is "
@@ -363,9 +409,9 @@ def _tie_or_fail(model: nn.Module, key_of, devices, dtype: torch.dtype, allow_mi
         else:
             setattr(module, attr, torch.empty(module._buffers[attr].shape, dtype=dtype, device=device))
         model._init_weights(module)
-    if missing:
-        logger.warning("qwen2_moe_hf: initialised %d tensors the checkpoint lacks: %s", len(missing),
-                       ", ".join(missing[:10]))
+    absent = [key_of(n) for n in missing if key_of(n) not in mismatched]
+    if absent:
+        _new_head_warning(model, path, absent)
     return [key_of(n) for n in missing]
 
 

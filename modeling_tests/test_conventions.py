@@ -1,0 +1,259 @@
+"""transformers' conventions for our classes, on both stacks: loading across classes (head from base, base from
+head, a new head initialised with transformers' warning), `output_loading_info`, `ignore_mismatched_sizes`, where
+strict loading still refuses, every head registered with its Auto class, and the token-classification and
+question-answering heads equal to transformers 5.23's own."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from qwen2_moe_hf import (
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen2MoeForQuestionAnswering,
+    Qwen2MoeForSequenceClassification,
+    Qwen2MoeForTokenClassification,
+    Qwen2MoeModel,
+    compat,
+)
+from qwen2_moe_hf.files import CheckpointError
+
+import helpers
+
+HEADS = {  # class -> (its Auto class, the head's tensor names)
+    Qwen2MoeForCausalLM: (AutoModelForCausalLM, ["lm_head.weight"]),
+    Qwen2MoeForSequenceClassification: (AutoModelForSequenceClassification, ["score.weight"]),
+    Qwen2MoeForTokenClassification: (AutoModelForTokenClassification, ["score.weight", "score.bias"]),
+    Qwen2MoeForQuestionAnswering: (AutoModelForQuestionAnswering, ["qa_outputs.weight", "qa_outputs.bias"]),
+}
+
+
+def _config(**overrides):
+    return Qwen2MoeConfig(**helpers.tiny_config_kwargs(**overrides))
+
+
+def _build(cls, seed=3, **overrides):
+    torch.manual_seed(seed)
+    return helpers.randomize_(cls(_config(**overrides)), seed).eval()
+
+
+def _base_state(model):
+    base = model if isinstance(model, Qwen2MoeModel) else model.model
+    return {k: v.clone() for k, v in base.state_dict().items()}
+
+
+def _assert_same_base(model, expected):
+    got = _base_state(model)
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    model = _build(Qwen2MoeModel)
+    path = str(tmp_path_factory.mktemp("base"))
+    helpers.save_checkpoint(model, path)
+    return path, _base_state(model)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings():
+    """Warnings on transformers' loading logger (which does not propagate to the root logger, so caplog misses
+    them)."""
+    logger = compat.transformers_loading_logger()
+    handler = _Records()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("cls", list(HEADS), ids=lambda c: c.__name__)
+def test_head_from_a_base_checkpoint_is_new_and_said_so(cls, base_checkpoint, transformers_warnings):
+    path, base_state = base_checkpoint
+    auto, head_keys = HEADS[cls]
+    model, info = auto.from_pretrained(path, output_loading_info=True)
+    assert type(model) is cls
+    _assert_same_base(model, base_state)
+    assert sorted(info["missing_keys"]) == sorted(head_keys)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    for key in head_keys:  # initialised as transformers does: normal(0, initializer_range) weights, zero biases
+        tensor = model.get_parameter(key)
+        assert tensor.device.type == "cpu" and torch.isfinite(tensor).all()
+        if key.endswith("bias"):
+            assert torch.count_nonzero(tensor) == 0
+        else:
+            assert 0.2 * model.config.initializer_range < tensor.std() < 5 * model.config.initializer_range
+    assert any(all(k in m for k in head_keys) and ("newly initialized" in m or "MISSING" in m)
+               for m in transformers_warnings), transformers_warnings
+    # Without asking for the info it loads the same, and computes.
+    model = auto.from_pretrained(path)
+    _assert_same_base(model, base_state)
+    model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("cls", list(HEADS), ids=lambda c: c.__name__)
+def test_base_and_other_heads_from_a_head_checkpoint(cls, tmp_path):
+    model = _build(cls)
+    model.save_pretrained(str(tmp_path))
+    base = AutoModel.from_pretrained(str(tmp_path))
+    assert type(base) is Qwen2MoeModel
+    _assert_same_base(base, _base_state(model))
+    for other in HEADS:
+        if other is not cls:
+            loaded = other.from_pretrained(str(tmp_path))
+            _assert_same_base(loaded, _base_state(model))
+
+
+def _drop_tensor(folder, key):
+    """Remove one tensor from a saved checkpoint (its shard and the index), as a truncated upload would."""
+    from safetensors.torch import load_file, save_file
+
+    index_file = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            index = json.load(f)
+        shard = index["weight_map"].pop(key)
+        with open(index_file, "w") as f:
+            json.dump(index, f)
+    else:
+        shard = "model.safetensors"
+    tensors = load_file(os.path.join(folder, shard))
+    del tensors[key]
+    save_file(tensors, os.path.join(folder, shard), metadata={"format": "pt"})
+
+
+def test_a_checkpoint_of_this_class_without_its_head_is_refused(tmp_path):
+    # config.json names Qwen2MoeForCausalLM: a missing lm_head is a hole in the checkpoint, not a new head.
+    model = _build(Qwen2MoeForCausalLM)
+    helpers.save_checkpoint(model, str(tmp_path))
+    _drop_tensor(str(tmp_path), "lm_head.weight")
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight"):
+        Qwen2MoeForCausalLM.from_pretrained(str(tmp_path))
+    # ... unless the caller asks for the loading info, which then reports it.
+    loaded, info = Qwen2MoeForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert list(info["missing_keys"]) == ["lm_head.weight"]
+    _assert_same_base(loaded, _base_state(model))
+
+
+def test_a_missing_base_tensor_is_refused_even_for_a_new_head(base_checkpoint, tmp_path):
+    import shutil
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(base_checkpoint[0], path)
+    expert = "layers.1.mlp.experts.2.up_proj.weight"
+    _drop_tensor(path, expert)
+    for cls in HEADS:
+        with pytest.raises(CheckpointError, match=expert.replace(".", r"\.")):
+            cls.from_pretrained(path)
+    model, info = Qwen2MoeForCausalLM.from_pretrained(path, output_loading_info=True)
+    # transformers 5.x names keys as the model does, 4.38 as the checkpoint does: either way, these two.
+    assert sorted(k.removeprefix("model.") for k in info["missing_keys"]) == sorted([expert, "lm_head.weight"])
+    assert torch.isfinite(model.model.layers[1].mlp.experts[2].up_proj.weight).all()
+
+
+def test_ignore_mismatched_sizes_reinitialises_exactly_the_mismatched_head(tmp_path, transformers_warnings):
+    model = _build(Qwen2MoeForSequenceClassification, num_labels=2)
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"score\.weight"):
+        Qwen2MoeForSequenceClassification.from_pretrained(str(tmp_path), num_labels=42)
+    loaded, info = Qwen2MoeForSequenceClassification.from_pretrained(
+        str(tmp_path), num_labels=42, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert loaded.score.weight.shape == (42, 64) and loaded.config.num_labels == 42
+    assert [(k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]] == [("score.weight", (2, 64), (42, 64))]
+    assert not info["missing_keys"]
+    _assert_same_base(loaded, _base_state(model))
+    assert any("score.weight" in m and ("shapes did not match" in m or "MISMATCH" in m)
+               for m in transformers_warnings), transformers_warnings
+    loaded(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("cls", list(HEADS), ids=lambda c: c.__name__)
+def test_every_head_is_registered_and_round_trips(cls, tmp_path):
+    auto, _ = HEADS[cls]
+    model = _build(cls)
+    assert type(auto.from_config(model.config)) is cls
+    model.save_pretrained(str(tmp_path))
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        assert json.load(f)["architectures"] == [cls.__name__]
+    loaded = auto.from_pretrained(str(tmp_path)).eval()
+    assert type(loaded) is cls
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        expected, got = model(ids), loaded(ids)
+    for name in ("logits", "start_logits", "end_logits"):
+        if name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def test_token_classification_loss_and_dropout():
+    model = _build(Qwen2MoeForTokenClassification, num_labels=5, classifier_dropout=0.0)
+    assert model.dropout.p == 0.0
+    assert Qwen2MoeForTokenClassification(_config(num_labels=5)).dropout.p == 0.1
+    ids = torch.tensor([[5, 6, 7, 8]])
+    labels = torch.tensor([[1, -100, 4, 0]])
+    out = model(ids, labels=labels)
+    keep = labels[0] != -100
+    expected = torch.nn.functional.cross_entropy(out.logits[0][keep].float(), labels[0][keep])
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="labels: 5 at position"):
+        model(ids, labels=torch.tensor([[1, 5, 0, 0]]))
+
+
+def test_question_answering_loss_ignores_positions_past_the_end():
+    model = _build(Qwen2MoeForQuestionAnswering)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    out = model(ids, start_positions=torch.tensor([1, 99]), end_positions=torch.tensor([2, 3]))
+    ce = torch.nn.functional.cross_entropy
+    start = ce(out.start_logits[:1].float(), torch.tensor([1]))  # 99 clamps to 4 = ignored
+    end = ce(out.end_logits.float(), torch.tensor([2, 3]))
+    torch.testing.assert_close(out.loss, (start + end) / 2)
+
+
+@pytest.mark.skipif(not compat.IS_V5, reason="transformers 4.38 has no qwen2_moe of its own to compare with")
+@pytest.mark.parametrize("cls", [Qwen2MoeForTokenClassification, Qwen2MoeForQuestionAnswering],
+                         ids=lambda c: c.__name__)
+def test_heads_equal_transformers_own(cls, tmp_path):
+    from transformers.models.qwen2_moe import modeling_qwen2_moe as builtin
+
+    ours = _build(cls, num_labels=3, classifier_dropout=0.0)
+    helpers.save_checkpoint(ours, str(tmp_path))
+    theirs = getattr(builtin, cls.__name__).from_pretrained(str(tmp_path)).eval()
+    assert not isinstance(theirs, cls)
+    ids, mask, _ = helpers.parity_inputs(ours.config.vocab_size)
+    kwargs = ({"labels": torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]] * 2)}
+              if cls is Qwen2MoeForTokenClassification
+              else {"start_positions": torch.tensor([5, 2]), "end_positions": torch.tensor([7, 30])})
+    with torch.no_grad():
+        expected, got = theirs(ids, attention_mask=mask), ours(ids, attention_mask=mask)
+    real = mask.bool()  # padded positions are undefined in both
+    for name in ("logits", "start_logits", "end_logits"):
+        if name in expected:
+            err = helpers.row_error(got[name][real], expected[name][real])
+            assert err < 1e-4, f"{name}: {err:.2e}"
+    # The losses, on a batch without padding (a QA softmax runs over every position).
+    ids[0, :4] = torch.tensor([3, 4, 5, 6])
+    with torch.no_grad():
+        expected, got = theirs(ids, **kwargs), ours(ids, **kwargs)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-4, atol=1e-5)
