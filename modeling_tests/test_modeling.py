@@ -192,23 +192,46 @@ def test_load_balancing_loss_definition():
     torch.testing.assert_close(load_balancing_loss_func((mixed,), num_experts, top_k, mask), value)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    from qwen2_moe_hf import compat
+    from qwen2_moe_hf.modeling_qwen2_moe import Qwen2MoeDecoderLayer
+
     model = helpers.build_model("gqa")
     ids = torch.randint(1, 128, (2, 8))
     model.train()
     model.config.attention_dropout = 0.0
+    assert model.supports_gradient_checkpointing
+    if compat.IS_V5:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        assert issubclass(Qwen2MoeDecoderLayer, GradientCheckpointingLayer)
+    calls = []
     grads = []
-    for checkpointing in (False, True):
+    for step in ("off", "on", "off again"):
         model.zero_grad()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-            assert model.model.gradient_checkpointing
-        loss = model(ids, labels=ids, output_router_logits=True).loss
-        loss.backward()
+        if step == "on":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            assert model.is_gradient_checkpointing and model.model.gradient_checkpointing
+            # Count the checkpointed calls where they happen: in each layer on 5.x, in the model's loop on 4.x.
+            owners = list(model.model.layers) if compat.IS_V5 else [model.model]
+            for owner in owners:
+                inner = owner._gradient_checkpointing_func
+                owner._gradient_checkpointing_func = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
+        elif step == "off again":
+            model.gradient_checkpointing_disable()
+            assert not model.is_gradient_checkpointing
+            assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        out = model(ids, labels=ids, output_router_logits=True, use_cache=True)
+        if step == "on":
+            assert out.past_key_values is None  # the cache is turned off, as transformers does
+        out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    assert len(calls) == len(model.model.layers)  # once per layer in the forward, none when off
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and len(grads[0]) > 20
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[2][name], grads[0][name], rtol=0, atol=0, msg=name)
 
 
 def test_sequence_classification_pools_the_last_real_token():

@@ -24,7 +24,14 @@ try:  # 5.x: init functions that skip tensors already loaded from a checkpoint
 except ImportError:  # 4.x
     _hf_init = None
 
-__all__ = ["Cache", "DynamicCache"]
+try:  # 5.x: decoder layers checkpoint themselves when gradient checkpointing is on
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    HAS_CHECKPOINTING_LAYER = True
+except ImportError:  # 4.x: the model's layer loop calls model._gradient_checkpointing_func
+    GradientCheckpointingLayer = torch.nn.Module
+    HAS_CHECKPOINTING_LAYER = False
+
+__all__ = ["Cache", "DynamicCache", "GradientCheckpointingLayer"]
 
 
 def config_base_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -292,7 +292,11 @@ def clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states
 
 
-class Qwen2MoeDecoderLayer(nn.Module):
+class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
+    """attention and MoE (or dense MLP) blocks, each pre-normed with a residual. On transformers 5.x it is a
+    GradientCheckpointingLayer: with gradient checkpointing on and in training, it checkpoints its own forward and
+    drops the cache it was handed (hidden_states must come positionally, the cache by keyword)."""
+
     def __init__(self, config: Qwen2MoeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Qwen2MoeAttention(config, layer_idx)
@@ -516,13 +520,14 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
             mask = masks[kind]
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and not compat.HAS_CHECKPOINTING_LAYER:
                 hidden_states, attn, router_logits = self._gradient_checkpointing_func(
                     layer.__call__, hidden_states, position_embeddings, mask, None, output_attentions
                 )
-            else:
+            else:  # on 5.x the layer checkpoints itself when asked to
                 hidden_states, attn, router_logits = layer(
-                    hidden_states, position_embeddings, mask, past_key_values, output_attentions
+                    hidden_states, position_embeddings, mask, past_key_values=past_key_values,
+                    output_attentions=output_attentions,
                 )
             if output_attentions:
                 all_attentions += (attn,)
