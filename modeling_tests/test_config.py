@@ -87,7 +87,8 @@ def test_round_trip_through_save_pretrained(tmp_path):
         ("hidden_act", "swiglu9"),
         ("rms_norm_eps", 0.0),
         ("rope_theta", -1.0),
-        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}),
+        ("rope_parameters", {"rope_type": "nope", "factor": 4.0}),
+        ("rope_parameters", {"rope_type": "linear", "factor": "2"}),
         ("layer_types", ["full_attention"]),
         ("head_dim", 15),
         # types, not only ranges: a string where a bool belongs is not read as true

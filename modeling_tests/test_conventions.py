@@ -257,3 +257,68 @@ def test_heads_equal_transformers_own(cls, tmp_path):
     with torch.no_grad():
         expected, got = theirs(ids, **kwargs), ours(ids, **kwargs)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-4, atol=1e-5)
+
+
+# Every scaled rope_type the installed transformers applies, with parameters that change the outputs at the test's
+# lengths (the tiny config trains 16 positions here; the prompt runs to 40). A type missing here fails the test.
+ROPE_CASES = {
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [1.0 + i for i in range(8)],
+                 "original_max_position_embeddings": 16},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "proportional": {"factor": 2.0},
+}
+
+
+def _rope_model(rope_type, form="rope_parameters"):
+    params = dict(ROPE_CASES[rope_type], rope_type=rope_type)
+    if form == "rope_scaling":  # the 4.x spelling
+        params = dict(ROPE_CASES[rope_type], type=rope_type)
+    torch.manual_seed(0)
+    config = _config(max_position_embeddings=16, rope_theta=10000.0, **{form: params})
+    return helpers.randomize_(Qwen2MoeForCausalLM(config), 4).eval()
+
+
+@pytest.mark.parametrize("rope_type", [t for t in compat.ROPE_TYPES if t != "default"])
+def test_rope_scaling_is_applied(rope_type, tmp_path):
+    assert rope_type in ROPE_CASES, f"no test case for rope_type {rope_type!r}"
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    plain = _rope_model(rope_type)
+    plain.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    with torch.no_grad():
+        unscaled = plain(ids).logits
+        forms = [_rope_model(rope_type, form)(ids).logits for form in ("rope_parameters", "rope_scaling")]
+    torch.testing.assert_close(forms[1], forms[0], rtol=0, atol=0)  # both spellings, one meaning
+    assert helpers.row_error(forms[0], unscaled) > 1e-3, "scaling changed nothing"
+    if not compat.IS_V5:
+        return
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeForCausalLM as Builtin
+
+    ours = _rope_model(rope_type)
+    helpers.save_checkpoint(ours, str(tmp_path))
+    theirs = Builtin.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        err = helpers.row_error(ours(ids).logits, theirs(ids).logits)
+        assert err < 1e-4, f"{rope_type}: {err:.2e} from transformers' qwen2_moe"
+        # Greedy decoding grows the sequence one position at a time past the trained length: the dynamic types
+        # recompute their frequencies on every step, in both.
+        prompt = ids[:, :12]
+        kwargs = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert torch.equal(ours.generate(prompt, **kwargs), theirs.generate(prompt, **kwargs))
+
+
+@pytest.mark.skipif(compat.IS_V5, reason="transformers 5.x applies every type it defines (the test above)")
+def test_rope_types_4_38_does_not_apply_are_refused():
+    with pytest.raises(ValueError, match=r"rope_scaling.*'linear', 'dynamic'.*'yarn'"):
+        _config(rope_scaling={"type": "yarn", "factor": 4.0})
+
+
+def test_rope_scaling_fields_are_checked():
+    with pytest.raises(ValueError, match=r"rope_parameters\.factor: expected a number >= 1"):
+        _config(rope_scaling={"type": "linear", "factor": 0.5})
+    with pytest.raises(ValueError, match=r"rope_parameters\.factor"):
+        _config(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4})
+    with pytest.raises(ValueError, match=r"rope_scaling / rope_parameters rope_type"):
+        _config(rope_parameters={"rope_type": "nope", "rope_theta": 1e4})

@@ -31,6 +31,13 @@ except ImportError:  # 4.x: the model's layer loop calls model._gradient_checkpo
     GradientCheckpointingLayer = torch.nn.Module
     HAS_CHECKPOINTING_LAYER = False
 
+try:  # 5.x: transformers' RoPE variants (linear, dynamic, yarn, longrope, llama3, ...), read from rope_parameters
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS as _HF_ROPE_INIT
+except ImportError:  # 4.38 has none
+    _HF_ROPE_INIT = None
+if not IS_V5:  # 4.4x's functions read config.rope_scaling, which our config does not keep: ours, for both 4.x
+    _HF_ROPE_INIT = None
+
 __all__ = ["Cache", "DynamicCache", "GradientCheckpointingLayer"]
 
 
@@ -143,3 +150,56 @@ def prepare_inputs_for_generation(
 def transformers_loading_logger() -> logging.Logger:
     """The logger transformers' from_pretrained warns on (newly initialised and mismatched weights)."""
     return transformers.utils.logging.get_logger("transformers.modeling_utils")
+
+
+def _default_inv_freq(theta: float, dim: int, device: Optional[torch.device]) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+
+
+def _linear_rope(config: Any, device: Optional[torch.device] = None, seq_len: Optional[int] = None,
+                 **_: Any) -> Tuple[torch.Tensor, float]:
+    """Positions divided by `factor` (4.38's LlamaLinearScalingRotaryEmbedding)."""
+    rope = config.rope_parameters
+    return _default_inv_freq(rope["rope_theta"], config.head_dim, device) / rope["factor"], 1.0
+
+
+def _dynamic_rope(config: Any, device: Optional[torch.device] = None, seq_len: Optional[int] = None,
+                  **_: Any) -> Tuple[torch.Tensor, float]:
+    """NTK-aware base growing with the sequence past max_position_embeddings (4.38's
+    LlamaDynamicNTKScalingRotaryEmbedding)."""
+    rope, dim, trained = config.rope_parameters, config.head_dim, config.max_position_embeddings
+    seq_len = max(seq_len or trained, trained)
+    factor = rope["factor"]
+    base = rope["rope_theta"] * ((factor * seq_len / trained) - (factor - 1)) ** (dim / (dim - 2))
+    return _default_inv_freq(base, dim, device), 1.0
+
+
+# rope_type -> fn(config, device, seq_len=None) -> (inv_freq, attention scaling); "default" is the model's own.
+ROPE_INIT_FUNCTIONS = dict(_HF_ROPE_INIT) if _HF_ROPE_INIT is not None else {"linear": _linear_rope,
+                                                                              "dynamic": _dynamic_rope}
+ROPE_TYPES = ("default",) + tuple(ROPE_INIT_FUNCTIONS)
+
+
+def rope_frequencies(config: Any, position_ids: torch.Tensor,
+                     device: Optional[torch.device]) -> Tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim / 2] float32, attention scaling) for the config's rope_type at these positions.
+
+    Matches transformers' rotary embedding with its dynamic update: "dynamic" recomputes for the longest position
+    past max_position_embeddings, "longrope" switches to its long factors past original_max_position_embeddings.
+    Computed from the positions of this call only, never from earlier calls (transformers keeps the largest length
+    seen until a call falls back within the trained length; the two agree on single calls and on generate)."""
+    rope = config.rope_parameters
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return _default_inv_freq(rope["rope_theta"], config.head_dim, device), 1.0
+    init = ROPE_INIT_FUNCTIONS[rope_type]
+    inv_freq, scaling = init(config, device)
+    if rope_type in ("dynamic", "longrope"):
+        seq_len = int(position_ids.max()) + 1  # one host sync, as transformers' update does
+        if rope_type == "dynamic" and seq_len > config.max_position_embeddings:
+            inv_freq, scaling = init(config, device, seq_len=seq_len)
+        elif rope_type == "longrope":
+            original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+            if seq_len > original:
+                inv_freq = init(config, device, seq_len=original + 1)[0]
+    return inv_freq.to(device=device, dtype=torch.float32), float(scaling)

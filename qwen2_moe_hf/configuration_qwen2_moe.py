@@ -14,7 +14,8 @@ from . import compat
 from .files import read_json_object
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ROPE_TYPES = ("default",)
+# Every rope_type the installed transformers defines (5.x), or linear and dynamic (4.38): compat.ROPE_TYPES.
+SUPPORTED_ROPE_TYPES = compat.ROPE_TYPES
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -264,10 +265,31 @@ def _normalize_rope(rope_theta, rope_parameters, rope_scaling):
     rope_type = rope.pop("type", None) or rope.get("rope_type") or "default"
     rope["rope_type"] = rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise _bad("rope_parameters.rope_type", f"one of {SUPPORTED_ROPE_TYPES} (Qwen1.5-MoE uses plain RoPE)",
+        raise _bad("rope_scaling / rope_parameters rope_type",
+                   f"one of {SUPPORTED_ROPE_TYPES} (the types transformers {compat.TRANSFORMERS_VERSION} applies)",
                    rope_type)
+    _check_rope_fields(rope, rope_type)
     theta = rope["rope_theta"]
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         raise _bad("rope_theta", "a number > 0", theta)
     rope["rope_theta"] = float(theta)
     return rope
+
+
+# The fields each scaled rope_type reads, and what they must be (transformers only warns, then fails or computes
+# nonsense at the first forward).
+_ROPE_NUMBERS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",), "llama3": (
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _check_rope_fields(rope, rope_type):
+    for key in _ROPE_NUMBERS.get(rope_type, ()):
+        value = rope.get(key)
+        if not _is_number(value) or not value > 0 or (key == "factor" and value < 1):
+            raise _bad(f"rope_parameters.{key}", f"a number {'>= 1' if key == 'factor' else '> 0'} for rope_type "
+                       f"{rope_type!r}", value)
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            value = rope.get(key)
+            if not isinstance(value, list) or not value or not all(_is_number(v) and v > 0 for v in value):
+                raise _bad(f"rope_parameters.{key}", "a list of numbers > 0 (head_dim / 2 of them)", value)

@@ -48,19 +48,25 @@ class Qwen2MoeRMSNorm(nn.Module):
 
 
 class Qwen2MoeRotaryEmbedding(nn.Module):
-    """cos/sin of plain RoPE for given positions. The frequencies are recomputed per call (head_dim/2 numbers), so
-    there is no buffer to get lost when models are built on the meta device."""
+    """cos/sin of RoPE for given positions, with the config's rope_type (`rope_parameters` or `rope_scaling`):
+    default, and every scaling the installed transformers defines (5.x: its own init functions; 4.38: linear and
+    dynamic). The frequencies are recomputed per call (head_dim/2 numbers), so there is no buffer to get lost when
+    models are built on the meta device."""
 
     def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__()
+        self.config = config
         self.dim = config.head_dim
-        self.base = config.rope_theta
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=x.device) / self.dim))
+        inv_freq, scaling = compat.rope_frequencies(self.config, position_ids, x.device)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if scaling != 1.0:  # yarn, longrope: attention temperature folded into cos/sin, as transformers does
+            cos, sin = cos * scaling, sin * scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
