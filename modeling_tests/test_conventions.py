@@ -322,3 +322,120 @@ def test_rope_scaling_fields_are_checked():
         _config(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4})
     with pytest.raises(ValueError, match=r"rope_scaling / rope_parameters rope_type"):
         _config(rope_parameters={"rope_type": "nope", "rope_theta": 1e4})
+
+
+def _real_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits[mask.bool()]
+
+
+@pytest.mark.skipif(not compat.IS_V5, reason="transformers 4.38 has no attention registry; its eager and sdpa paths "
+                    "are ours (test_modeling.py::test_eager_matches_sdpa_and_returns_attention_weights)")
+@pytest.mark.parametrize("implementation", ["eager", "flex_attention"])
+def test_attention_implementations_from_transformers_registry(implementation):
+    model = helpers.build_model("gqa")
+    ids, mask, _ = helpers.parity_inputs(model.config.vocab_size)
+    assert model.config._attn_implementation == "sdpa"
+    expected = _real_logits(model, ids, mask)
+    model.set_attn_implementation(implementation)
+    assert model.config._attn_implementation == implementation
+    assert all(layer.self_attn.config._attn_implementation == implementation for layer in model.model.layers)
+    assert helpers.row_error(_real_logits(model, ids, mask), expected) < 1e-5
+
+
+@pytest.mark.skipif(not compat.IS_V5, reason="transformers 4.38 has no attention registry (AttentionInterface)")
+def test_a_registered_attention_function_plugs_in():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    calls = []
+
+    def counted(module, query, key, value, attention_mask, **kwargs):
+        calls.append((module.layer_idx, tuple(query.shape), tuple(key.shape)))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("qwen2_moe_hf_counted", counted)
+    AttentionMaskInterface.register("qwen2_moe_hf_counted", sdpa_mask)  # the mask format it wants
+    model = helpers.build_model("gqa")
+    ids, mask, _ = helpers.parity_inputs(model.config.vocab_size)
+    expected = _real_logits(model, ids, mask)
+    model.set_attn_implementation("qwen2_moe_hf_counted")
+    assert helpers.row_error(_real_logits(model, ids, mask), expected) < 1e-6
+    heads, kv_heads, head_dim = 4, 2, 16
+    assert calls == [(i, (2, heads, 12, head_dim), (2, kv_heads, 12, head_dim)) for i in range(3)]
+
+
+def test_class_conventions():
+    from transformers import GenerationMixin
+
+    assert GenerationMixin in Qwen2MoeForCausalLM.__bases__
+    for cls in list(HEADS) + [Qwen2MoeModel]:
+        assert cls.base_model_prefix == "model" and cls._no_split_modules == ["Qwen2MoeDecoderLayer"]
+        assert cls.supports_gradient_checkpointing and cls._supports_sdpa
+        assert not cls(_config()).can_generate() or cls is Qwen2MoeForCausalLM
+    assert Qwen2MoeForCausalLM(_config()).can_generate()
+
+
+def test_tied_embeddings_share_one_tensor_through_save_and_load(tmp_path):
+    model = _build(Qwen2MoeForCausalLM, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(str(tmp_path))
+    loaded = Qwen2MoeForCausalLM.from_pretrained(str(tmp_path))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    untied = _build(Qwen2MoeForCausalLM, tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_resize_token_embeddings(tied):
+    model = _build(Qwen2MoeForCausalLM, tie_word_embeddings=tied)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(ids).logits
+    assert model.get_input_embeddings() is model.model.embed_tokens
+    model.resize_token_embeddings(200)
+    assert model.config.vocab_size == 200
+    assert model.model.embed_tokens.weight.shape == (200, 64) and model.lm_head.weight.shape == (200, 64)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        after = model(torch.tensor([[5, 6, 7, 199]])).logits
+        torch.testing.assert_close(model(ids).logits[..., :128], before, rtol=1e-5, atol=1e-5)
+    assert after.shape == (1, 4, 200)
+
+
+@pytest.mark.parametrize("cls", [Qwen2MoeModel] + list(HEADS), ids=lambda c: c.__name__)
+def test_output_flags_and_return_dict(cls):
+    model = _build(cls)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+        as_tuple = model(ids, output_attentions=True, output_hidden_states=True, return_dict=False)
+        plain = model(ids)
+    layers = model.config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and all(h.shape == (2, 4, 64) for h in out.hidden_states)
+    assert len(out.attentions) == layers and all(a.shape == (2, 4, 4, 4) for a in out.attentions)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 4))  # rows of softmax weights
+    assert plain.hidden_states is None and plain.attentions is None
+    assert isinstance(as_tuple, tuple)
+    first = [v for v in out.to_tuple() if v is not None][0]
+    torch.testing.assert_close(as_tuple[0], first, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not compat.IS_V5, reason="continuous batching and paged attention are transformers 5.x's")
+def test_continuous_batching_on_paged_attention_equals_generate():
+    # generate_batch packs the prompts into one row, hands the attention function a paged cache and a prepared
+    # 4-D mask through the model's keyword arguments: they must reach it.
+    from transformers import GenerationConfig
+
+    model = helpers.build_model("gqa")
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    with torch.no_grad():
+        expected = [model.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6,
+                                   do_sample=False)[0, len(p):].tolist() for p in prompts]
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    outputs = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    got = sorted(outputs.values(), key=lambda o: int(o.request_id.split("_")[-1]))
+    assert [list(o.prompt_ids) for o in got] == prompts
+    assert [list(o.generated_tokens) for o in got] == expected

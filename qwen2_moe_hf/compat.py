@@ -38,6 +38,12 @@ except ImportError:  # 4.38 has none
 if not IS_V5:  # 4.4x's functions read config.rope_scaling, which our config does not keep: ours, for both 4.x
     _HF_ROPE_INIT = None
 
+try:  # 5.x: the attention-function registry and the masks each implementation wants
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # 4.38: neither; the model builds its own boolean mask and picks its own function
+    ALL_ATTENTION_FUNCTIONS = create_causal_mask = create_sliding_window_causal_mask = None
+
 __all__ = ["Cache", "DynamicCache", "GradientCheckpointingLayer"]
 
 
@@ -203,3 +209,16 @@ def rope_frequencies(config: Any, position_ids: torch.Tensor,
             if seq_len > original:
                 inv_freq = init(config, device, seq_len=original + 1)[0]
     return inv_freq.to(device=device, dtype=torch.float32), float(scaling)
+
+
+def attention_masks(config: Any, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    past_key_values: Optional[Cache], position_ids: torch.Tensor) -> Optional[Dict[str, Any]]:
+    """{layer type: mask} in the form config._attn_implementation needs, from transformers 5.x's mask builders;
+    None on 4.x (the model builds its boolean masks itself)."""
+    if create_causal_mask is None:
+        return None
+    kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                  past_key_values=past_key_values, position_ids=position_ids)
+    kinds = set(config.layer_types)
+    return {kind: (create_causal_mask if kind == "full_attention" else create_sliding_window_causal_mask)(**kwargs)
+            for kind in kinds}

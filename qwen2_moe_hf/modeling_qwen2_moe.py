@@ -90,6 +90,13 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states.reshape(batch, kv_heads * n_rep, seq, head_dim)
 
 
+def check_attention_mask(attention_mask: Optional[torch.Tensor], batch: int, kv_len: int) -> None:
+    """A padding mask [batch, past + new tokens], or an error naming it (not a broadcast deep in attention)."""
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_len)):
+        raise ValueError(f"attention_mask: expected shape [batch={batch}, past + new tokens={kv_len}], "
+                         f"got {list(attention_mask.shape)}")
+
+
 def build_attention_mask(attention_mask: Optional[torch.Tensor], batch: int, q_len: int, past_len: int,
                          device: torch.device, sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:
     """Boolean mask [batch, 1, q_len, kv_len] (True = may attend), or None when plain causal attention suffices.
@@ -100,11 +107,7 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], batch: int, q_l
     """
     kv_len = past_len + q_len
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_len):
-            raise ValueError(
-                f"attention_mask: expected shape [batch={batch}, past + new tokens={kv_len}], "
-                f"got {list(attention_mask.shape)}"
-            )
+        check_attention_mask(attention_mask, batch, kv_len)
         if bool(attention_mask.all()):
             attention_mask = None
     if attention_mask is None and sliding_window is None and (q_len == 1 or past_len == 0):
@@ -120,8 +123,63 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], batch: int, q_l
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+                            **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v, in the attention registry's calling convention: q [b, heads, q, d], k/v
+    [b, kv_heads, kv, d] -> ([b, q, heads, d], weights [b, heads, q, kv]). The mask is boolean (True = may attend)
+    or additive (transformers 5.x's eager format); without one, causal over the last q positions of kv."""
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., :kv_len]
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    elif q_len > 1:
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+def sdpa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+                           **kwargs: Any) -> Tuple[torch.Tensor, None]:
+    """torch's scaled_dot_product_attention; transformers 4.x only (5.x's registry has its own)."""
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, is_causal=attention_mask is None and query.shape[2] > 1)
+    return out.transpose(1, 2), None
+
+
+def flash_attention_2_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+                              **kwargs: Any) -> Tuple[torch.Tensor, None]:
+    """flash-attn's kernel; transformers 4.x only. With padding (a mask) it cannot mask: sdpa instead."""
+    if attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
+    from flash_attn import flash_attn_func
+
+    # flash-attn wants [batch, seq, heads, dim]; its causal mask is bottom-right aligned, as a cache needs.
+    out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout,
+                          softmax_scale=scaling, causal=query.shape[2] > 1)
+    return out, None
+
+
+# transformers 4.x has no attention registry: ours, by config._attn_implementation. On 5.x its registry
+# (ALL_ATTENTION_FUNCTIONS: sdpa, flash, flex, paged, and whatever users register) serves instead.
+_OWN_ATTENTION = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward,
+                  "flash_attention_2": flash_attention_2_forward}
+
+
 class Qwen2MoeAttention(nn.Module):
-    """Multi-head attention with q/k/v bias, grouped-query KV heads and RoPE."""
+    """Multi-head attention with q/k/v bias, grouped-query KV heads and RoPE; the attention itself is the function
+    `config._attn_implementation` names (transformers 5.x's registry, or ours on 4.x), eager when attention
+    weights are asked for."""
 
     def __init__(self, config: Qwen2MoeConfig, layer_idx: int) -> None:
         super().__init__()
@@ -133,6 +191,8 @@ class Qwen2MoeAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.qkv_bias)
@@ -140,7 +200,7 @@ class Qwen2MoeAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
                 attention_mask: Optional[torch.Tensor] = None, past_key_values: Optional[compat.Cache] = None,
-                output_attentions: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                output_attentions: bool = False, **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -150,37 +210,17 @@ class Qwen2MoeAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        dropout = self.attention_dropout if self.training else 0.0
-        implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        weights = None
-        if implementation == "flash_attention_2" and attention_mask is None and not output_attentions:
-            from flash_attn import flash_attn_func
-
-            # flash-attn wants [batch, seq, heads, dim]; its causal mask is bottom-right aligned, as a cache needs.
-            out = flash_attn_func(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout,
-                softmax_scale=self.scaling, causal=q_len > 1,
-            )
-        elif implementation == "eager" or output_attentions:
-            key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
-            scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            elif q_len > 1:
-                causal = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=scores.device).tril(
-                    key.shape[2] - q_len
-                )
-                scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-            weights = F.dropout(weights, p=dropout, training=self.training)
-            out = torch.matmul(weights, value).transpose(1, 2)
-        else:  # sdpa; also flash_attention_2 with padding, which flash_attn_func cannot mask
-            key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling,
-                is_causal=attention_mask is None and q_len > 1,
-            ).transpose(1, 2)
-        out = self.o_proj(out.reshape(batch, q_len, -1))
+        implementation = "eager" if output_attentions else (
+            getattr(self.config, "_attn_implementation", None) or "sdpa")
+        if compat.ALL_ATTENTION_FUNCTIONS is not None and implementation != "eager":  # 5.x: its registry
+            attention = compat.ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        else:  # 4.x (or eager): ours; an unknown name runs eager, as 4.x's models fall back
+            attention = _OWN_ATTENTION.get(implementation, eager_attention_forward)
+        out, weights = attention(
+            self, query, key, value, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
+        )
+        out = self.o_proj(out.reshape(batch, q_len, -1).contiguous())
         return out, weights
 
 
@@ -320,12 +360,14 @@ class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[compat.Cache] = None,
         output_attentions: bool = False,
+        **attention_kwargs: Any,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """-> (hidden_states, attention weights or None, router logits or None)."""
+        """-> (hidden_states, attention weights or None, router logits or None). attention_kwargs reach the
+        attention function (5.x: e.g. a paged cache and sequence offsets from continuous batching)."""
         residual = hidden_states
         hidden_states, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values,
-            output_attentions,
+            output_attentions, **attention_kwargs,
         )
         hidden_states = clamp_fp16(residual + hidden_states)
         residual = hidden_states
@@ -355,6 +397,8 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn_2 = True  # transformers 4.x
     _supports_flash_attn = True  # transformers 5.x
+    _supports_flex_attn = True  # 5.x, through its attention registry
+    _supports_attention_backend = True  # 5.x: attention is whatever function the registry holds
     _supports_cache_class = True
 
     def __init__(self, config: Qwen2MoeConfig, *inputs: Any, **kwargs: Any) -> None:
@@ -509,13 +553,22 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(batch, -1)
 
-        masks = {
-            kind: build_attention_mask(
-                attention_mask, batch, q_len, past_len, inputs_embeds.device,
-                sliding_window=config.sliding_window if kind == "sliding_attention" else None,
-            )
-            for kind in set(config.layer_types)
-        }
+        if isinstance(attention_mask, dict):  # {layer type: mask}, already prepared (transformers 5.x's generate)
+            masks = attention_mask
+        elif compat.IS_V5 and attention_mask is not None and attention_mask.dim() == 4:
+            # already in the attention function's form (5.x's continuous batching): every layer type uses it
+            masks = {kind: attention_mask for kind in set(config.layer_types)}
+        else:
+            check_attention_mask(attention_mask, batch, past_len + q_len)
+            masks = compat.attention_masks(config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        if masks is None:  # transformers 4.x: our boolean masks, for our attention functions
+            masks = {
+                kind: build_attention_mask(
+                    attention_mask, batch, q_len, past_len, inputs_embeds.device,
+                    sliding_window=config.sliding_window if kind == "sliding_attention" else None,
+                )
+                for kind in set(config.layer_types)
+            }
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -533,7 +586,7 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
             else:  # on 5.x the layer checkpoints itself when asked to
                 hidden_states, attn, router_logits = layer(
                     hidden_states, position_embeddings, mask, past_key_values=past_key_values,
-                    output_attentions=output_attentions,
+                    output_attentions=output_attentions, **kwargs,
                 )
             if output_attentions:
                 all_attentions += (attn,)
@@ -644,6 +697,7 @@ class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
             output_router_logits=output_router_logits,
             return_dict=True,
             cache_position=cache_position,
+            **{k: v for k, v in kwargs.items() if k != "num_logits_to_keep"},
         )
         hidden_states = outputs.last_hidden_state
         logits_to_keep = kwargs.get("num_logits_to_keep", logits_to_keep)  # the 4.4x name
