@@ -439,3 +439,33 @@ def test_continuous_batching_on_paged_attention_equals_generate():
     got = sorted(outputs.values(), key=lambda o: int(o.request_id.split("_")[-1]))
     assert [list(o.prompt_ids) for o in got] == prompts
     assert [list(o.generated_tokens) for o in got] == expected
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic"])
+@pytest.mark.parametrize("length", [10, 16, 40])
+def test_our_4_38_rope_scaling_equals_transformers(rope_type, length):
+    """The linear and dynamic RoPE written for 4.38 (compat.py) against transformers' own: 5.x's init functions
+    where installed, else 4.38's Llama rotary classes (the same math, before the RoPE registry)."""
+    from qwen2_moe_hf.modeling_qwen2_moe import Qwen2MoeRotaryEmbedding
+
+    config = _config(max_position_embeddings=16, rope_theta=10000.0,
+                     rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.5})
+    x = torch.zeros(1, dtype=torch.float32)
+    positions = torch.arange(length)[None]
+    if compat.IS_V5:
+        init = {"linear": compat._linear_rope, "dynamic": compat._dynamic_rope}[rope_type]
+        seq_len = length if rope_type == "dynamic" else None
+        ours, theirs = init(config, None, seq_len=seq_len), compat.ROPE_INIT_FUNCTIONS[rope_type](
+            config, None, seq_len=seq_len)
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=0)
+        assert ours[1] == theirs[1] == 1.0
+        return
+    from transformers.models.llama import modeling_llama
+
+    cls = {"linear": modeling_llama.LlamaLinearScalingRotaryEmbedding,
+           "dynamic": modeling_llama.LlamaDynamicNTKScalingRotaryEmbedding}[rope_type]
+    theirs = cls(config.head_dim, max_position_embeddings=16, base=10000.0, scaling_factor=2.5)
+    cos, sin = theirs(x, positions)
+    ours = Qwen2MoeRotaryEmbedding(config)(x, positions)
+    torch.testing.assert_close(ours[0], cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], sin, rtol=1e-5, atol=1e-6)
