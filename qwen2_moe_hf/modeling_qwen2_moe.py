@@ -420,6 +420,12 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
         return load_checkpoint(cls, lambda *a, **k: load(cls, *a, **k), pretrained_model_name_or_path, model_args,
                                kwargs)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self).embed_tokens  # a head's is its base model's
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        getattr(self, self.base_model_prefix, self).embed_tokens = value
+
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -496,12 +502,6 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         self.rotary_emb = Qwen2MoeRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -648,12 +648,6 @@ class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.embed_tokens = value
-
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
@@ -748,12 +742,6 @@ class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.embed_tokens = value
-
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -822,12 +810,6 @@ class Qwen2MoeForTokenClassification(Qwen2MoePreTrainedModel):
                                bias=getattr(config, "token_classification_bias", True))
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.embed_tokens = value
-
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -868,12 +850,6 @@ class Qwen2MoeForQuestionAnswering(Qwen2MoePreTrainedModel):
         self.model = Qwen2MoeModel(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.embed_tokens = value
 
     def forward(
         self,
