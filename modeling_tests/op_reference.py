@@ -15,9 +15,11 @@ from helpers import row_error  # noqa: F401  (the comparison every op test uses)
 
 
 def topk_softmax(logits, k, renormalize):
-    """route()'s order (larger probability first, ties by the lower id) with the weights left in float32."""
+    """route()'s order (larger fp32 logit first, NaN probabilities first, ties by the lower id) with the weights
+    left in float32."""
     probs = torch.softmax(logits.float(), dim=-1)
-    ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :k]
+    key = logits.float().masked_fill(probs.isnan(), float("inf"))
+    ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
     weights = probs.gather(-1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)

@@ -106,8 +106,8 @@ def test_topk_softmax(tokens, experts, data, seed, dtype, renormalize):
     (view,) = data.draw(views_of([logits]))
     weights, ids = ops.topk_softmax(view, k, renormalize)
     probs = torch.softmax(logits.float(), -1)
-    # The contract, independent of tie order: the k largest probabilities, descending, lower ids first among
-    # equals, weights the (renormalised) probabilities of those ids.
+    # The contract: the k largest logits, descending (so the k largest probabilities), lower ids first among equal
+    # logits, weights the (renormalised) probabilities of those ids.
     picked = probs.gather(1, ids) if tokens else probs[:, :k]
     want = picked / picked.sum(-1, keepdim=True) if renormalize else picked
     torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-7)
@@ -115,8 +115,10 @@ def test_topk_softmax(tokens, experts, data, seed, dtype, renormalize):
         rest = probs.scatter(1, ids, -1.0)
         assert (picked[:, -1:] >= rest.max(-1, keepdim=True).values).all()
         assert (picked[:, :-1] >= picked[:, 1:]).all()
-        ties = (picked[:, :-1] == picked[:, 1:]) & (ids[:, :-1] > ids[:, 1:])
-        assert not ties.any(), "equal probabilities must go to the lower expert id first"
+        chosen = logits.float().gather(1, ids)
+        assert (chosen[:, :-1] >= chosen[:, 1:]).all()
+        ties = (chosen[:, :-1] == chosen[:, 1:]) & (ids[:, :-1] > ids[:, 1:])
+        assert not ties.any(), "equal logits must go to the lower expert id first"
 
 
 @PROPERTY

@@ -4,7 +4,7 @@ experts that get no token, every token on one expert, a single token, and padded
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import qwen2_moe_hf
@@ -96,6 +96,10 @@ def _check(block, x, logits, case, backend, tol):
 @needs_fast
 @PROPERTY_SETTINGS
 @given(case=moe_case())
+# Found by this test in CI: the last row's logits 1e-6 apart rounded to equal probabilities in torch's softmax but
+# not in the C++ one, so the fused lane picked other experts than route(); ranking by logit fixed it.
+@example(case=dict(experts=7, top_k=2, hidden=8, inter=16, tokens=6, routing="random", shared=False, norm=False,
+                   padded_rows=0, last_row_scale=1e-6, seed=2))
 def test_backends_match_the_reference(case):
     block = _layer(case)
     x, logits = _inputs(case)

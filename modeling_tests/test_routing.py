@@ -20,9 +20,9 @@ HALF = [torch.bfloat16, torch.float16]
 
 
 def _fp32_routing(logits, k, renormalize):
-    # The documented rank: larger probability first, equal probabilities by the lower expert id.
+    # The documented rank: larger fp32 logit first (the exact probabilities' order), equal ones by the lower id.
     probs = torch.softmax(logits.float(), -1)
-    ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
+    ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]
     weights = probs.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -52,7 +52,7 @@ def test_topk_softmax_op_is_fp32_routing(dtype, renormalize):
     weights, ids = torch.ops.qwen2_moe_hf.topk_softmax(logits, 4, renormalize)
     # Its contract breaks ties by the lower expert id (bf16 logits tie often): the fp32 order with that rule.
     probs = torch.softmax(logits.float(), -1)
-    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :4]
+    order = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :4]
     want = probs.gather(1, order)
     want = want / want.sum(-1, keepdim=True) if renormalize else want
     assert torch.equal(ids, order) and weights.dtype == torch.float32
@@ -143,3 +143,16 @@ def test_bf16_routing_would_be_seen():
     fp32 = _fp32_routing(logits, 4, True)[0].to(torch.bfloat16)
     assert not torch.equal(weights_bf16, fp32)
     assert ref.row_error(weights_bf16, fp32) < 1e-2
+
+
+def test_logits_closer_than_the_probabilities_resolve_rank_by_logit():
+    """Logits closer than the probabilities' rounding (a row of tiny activations: here 6 distinct logits give 2
+    distinct probabilities) are ranked by logit by every routing implementation, not by id or an exp's rounding."""
+    logits = torch.tensor([[1e-8, 3e-8, 2e-8, 0.0, 2.5e-8, 3e-8, -1e-8]])
+    probs = torch.softmax(logits, -1)
+    assert len(set(probs[0].tolist())) < 6  # the premise: distinct logits round to equal probabilities
+    want = [[1, 5, 4, 2]]  # by logit; the equal pair 1, 5 by id
+    assert route(logits, 4, False)[1].tolist() == want
+    assert ref.topk_softmax(logits, 4, False)[1].tolist() == want
+    if CPU_OPS:
+        assert torch.ops.qwen2_moe_hf.topk_softmax(logits, 4, False)[1].tolist() == want

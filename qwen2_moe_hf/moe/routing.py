@@ -2,11 +2,13 @@
 
     route(router_logits [T, E], top_k, norm_topk_prob) -> (weights [T, top_k] in the logits' dtype, ids [T, top_k])
 
-Softmax over the experts in float32 (whatever the model dtype, as in the released model); experts ranked by
-probability, largest first; equal probabilities rank the lower expert id first; NaN ranks above every number (as
-torch.sort orders it: a token with a NaN logit has an all-NaN softmax, so its experts are 0..top_k-1 and its
-weights NaN); with norm_topk_prob the top_k weights are renormalised to sum to 1 (Qwen1.5-MoE: not). The weights
-are rounded once, at the end, to the logits' dtype.
+Softmax over the experts in float32 (whatever the model dtype, as in the released model). Experts are ranked by
+their float32 logit, largest first: the order of the exact probabilities, which rounding can make equal (a token
+whose logits differ by less than an ulp of the probabilities) where the logits still differ, so every
+implementation, whatever its exp, ranks alike. Equal logits rank the lower expert id first. A NaN probability ranks
+above every number (a token with a NaN logit has an all-NaN softmax, so its experts are 0..top_k-1 and its weights
+NaN; an infinite logit's probability is NaN too). The weights are the top_k probabilities, with norm_topk_prob
+renormalised to sum to 1 (Qwen1.5-MoE: not), rounded once, at the end, to the logits' dtype.
 
 The kernels that route (csrc/cpu/routing.h: the topk_softmax op and the cpu backend's fused layer;
 csrc/cuda/moe_ops.cu: topk_softmax) follow the same order; test_routing.py holds them to it.
@@ -18,10 +20,12 @@ import torch
 
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    # A stable sort, descending: equal probabilities keep the id order (lower first); torch.topk promises no order.
-    topk_weights, topk_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    topk_weights, topk_ids = topk_weights[..., :top_k].contiguous(), topk_ids[..., :top_k].contiguous()
+    logits = router_logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    # Rank by logit (NaN probabilities first); a stable sort keeps equal keys in id order: torch.topk promises none.
+    key = logits.masked_fill(probs.isnan(), float("inf"))
+    topk_ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :top_k].contiguous()
+    topk_weights = probs.gather(-1, topk_ids)
     if norm_topk_prob:
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
     return topk_weights.to(router_logits.dtype), topk_ids

@@ -1,7 +1,8 @@
 // The router's top-k on CPU, as qwen2_moe_hf.moe.routing.route defines it (the one definition every backend and
-// kernel follows): softmax over the experts in fp32; experts ranked by probability, largest first; equal
-// probabilities rank the lower expert id first; NaN ranks above every number (as torch.sort orders it; a row with a
-// NaN logit is all NaN after the softmax, so its ids are 0..k-1); optionally renormalised over the k picked.
+// kernel follows): softmax over the experts in fp32; experts ranked by fp32 logit, largest first (the exact
+// probabilities' order, which no rounding of exp can change); equal logits rank the lower expert id first; a NaN
+// probability ranks above every number (a row with a NaN logit is all NaN after the softmax, so its ids are
+// 0..k-1); optionally renormalised over the k picked.
 // Used by topk_softmax (moe_ops_cpu.cpp) and by the fused layer's routing (moe_ffn_cpu.cpp).
 #pragma once
 
@@ -12,11 +13,14 @@
 
 namespace qmoe {
 
-// Whether probability a (of expert ia) ranks before b (of expert ib).
+// The rank key of an expert: its logit, or +inf where its probability is NaN (NaN ranks first).
+inline float rank_key(float logit, float probability) {
+  return std::isnan(probability) ? std::numeric_limits<float>::infinity() : logit;
+}
+
+// Whether key a (of expert ia) ranks before key b (of expert ib). Keys are never NaN.
 inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) {
-  const bool na = std::isnan(a), nb = std::isnan(b);
-  if (na != nb) return na;
-  if (!na && a != b) return a > b;
+  if (a != b) return a > b;
   return ia < ib;
 }
 
@@ -36,7 +40,9 @@ inline void route_row(const float* logits, int64_t E, int64_t k, bool renormaliz
   for (int64_t j = 0; j < k; ++j) {
     int64_t best = -1;
     for (int64_t i = 0; i < E; ++i)
-      if (!taken[i] && (best < 0 || ranks_before(p[i], i, p[best], best))) best = i;
+      if (!taken[i] && (best < 0 || ranks_before(rank_key(logits[i], p[i]), i,
+                                                 rank_key(logits[best], p[best]), best)))
+        best = i;
     taken[best] = 1;
     ids[j] = best;
     picked += (weights[j] = p[best] / sum);

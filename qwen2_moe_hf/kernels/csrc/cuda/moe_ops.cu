@@ -28,12 +28,14 @@ at::Device cuda_device(const at::Tensor& t, const char* op, const char* name) {
 template <typename T>
 __device__ __forceinline__ float as_float(T v) { return static_cast<float>(v); }
 
-// The rank order of qwen2_moe_hf.moe.routing.route (csrc/cpu/routing.h): larger probability first; equal ones, the
-// lower expert id first; NaN before every number.
+// The rank order of qwen2_moe_hf.moe.routing.route (csrc/cpu/routing.h): larger fp32 logit first (the exact
+// probabilities' order); equal ones, the lower expert id first; a NaN probability before every number (key +inf).
+__device__ __forceinline__ float rank_key(float logit, float probability) {
+  return isnan(probability) ? INFINITY : logit;
+}
+
 __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
-  const bool na = isnan(a), nb = isnan(b);
-  if (na != nb) return na;
-  if (!na && a != b) return a > b;
+  if (a != b) return a > b;
   return ia < ib;
 }
 
@@ -60,21 +62,26 @@ __global__ void topk_softmax_kernel(const T* __restrict__ logits, float* __restr
   __syncwarp();
   float picked = 0.f;
   for (int j = 0; j < k; ++j) {
-    float best = -1.f;  // taken experts hold -1, below every probability
+    float best = 0.f;  // the best rank key so far (valid when best_i < E)
     int best_i = E;
-    for (int i = lane; i < E; i += kWarp)
-      if (best_i == E || ranks_before(p[i], i, best, best_i)) { best = p[i]; best_i = i; }
+    for (int i = lane; i < E; i += kWarp) {
+      if (p[i] == -1.f) continue;  // taken (probabilities are >= 0 or NaN)
+      const float key = rank_key(as_float(row[i]), p[i]);
+      if (best_i == E || ranks_before(key, i, best, best_i)) { best = key; best_i = i; }
+    }
     for (int o = kWarp / 2; o > 0; o /= 2) {
       const float ob = __shfl_xor_sync(0xffffffff, best, o);
       const int oi = __shfl_xor_sync(0xffffffff, best_i, o);
       if (oi < E && (best_i == E || ranks_before(ob, oi, best, best_i))) { best = ob; best_i = oi; }
     }
+    const float prob = p[best_i] / sum;  // every lane holds the same best_i (k <= E, so one is left)
     if (lane == 0) {
-      weights[t * k + j] = best / sum;
+      weights[t * k + j] = prob;
       ids[t * k + j] = best_i;
     }
-    picked += best / sum;
-    if (lane == best_i % kWarp && best_i < E) p[best_i] = -1.f;  // taken
+    picked += prob;
+    __syncwarp();
+    if (lane == best_i % kWarp) p[best_i] = -1.f;  // taken
     __syncwarp();
   }
   if (renormalize && lane == 0)
