@@ -8,9 +8,12 @@
 #   sanitize: the newest stack's venv, with the CPU ops built with AddressSanitizer + UBSan (QWEN2_MOE_HF_SANITIZE)
 #             and the sanitizer runtime preloaded: the op, property and cpu-backend tests, where a read out of
 #             bounds aborts the test instead of passing by luck
+#   fresh-install: the README's main command as a new user runs it: a clean venv, `pip install .` (not editable),
+#             then `qwen2-moe-hf chat` from outside the source tree with a PATH that has no system ninja; it must
+#             build the CPU ops, make the demo model and give its answer
 # The CPU ops must build on the stacks that run them (QWEN2_MOE_HF_REQUIRE_CPU_OPS=1: conftest.py fails the run
 # instead of letting their tests skip).
-# Usage: bash modeling_tests/run_all.sh [newest|blog-era|cuda-build|sanitize|all] [extra pytest args]
+# Usage: bash modeling_tests/run_all.sh [newest|blog-era|cuda-build|sanitize|fresh-install|all] [extra pytest args]
 # Env: VENV_ROOT (default: the repository), PYTHON (default: python3), KEEP_VENVS=1 to reuse existing venvs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,15 +72,45 @@ run_stack() {
     "$venv/bin/python" -m pytest ${STACK_TESTS[$name]:-modeling_tests} -p no:cacheprovider -q -rs "$@"
 }
 
+fresh_install() {
+  local venv="$VENV_ROOT/.venv-fresh-install" work
+  echo "=== fresh install: pip install . (not editable); qwen2-moe-hf chat outside the tree, no system ninja"
+  rm -rf "$venv"
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check torch==2.13.0 transformers==5.23.0 accelerate "$PWD" \
+    >"$venv/pip.log" 2>&1 || { cat "$venv/pip.log"; return 1; }
+  work=$(mktemp -d)
+  # Every program on PATH but ninja: the CPU ops must build with the ninja our package depends on.
+  mkdir "$work/bin" "$work/home"
+  local dir file
+  for dir in ${PATH//:/ }; do
+    [ -d "$dir" ] || continue
+    for file in "$dir"/*; do
+      [ "${file##*/}" = ninja ] || [ -e "$work/bin/${file##*/}" ] || ln -s "$file" "$work/bin/${file##*/}"
+    done
+  done
+  if PATH="$work/bin" command -v ninja >/dev/null; then echo "ninja still on the PATH" >&2; return 1; fi
+  (cd "$work" && env -i PATH="$work/bin" HOME="$work/home" LANG=C.UTF-8 HF_HUB_OFFLINE=1 \
+      "$venv/bin/qwen2-moe-hf" chat </dev/null >"$work/out" 2>"$work/err") \
+    || { cat "$work/err" "$work/out"; return 1; }
+  cat "$work/out"
+  grep -q "^assistant> A large language model is a neural network" "$work/out" \
+    || { echo "the demo model's answer is missing" >&2; cat "$work/err"; return 1; }
+  grep -q "cpu: available" "$work/err" || { echo "the CPU ops did not build" >&2; cat "$work/err"; return 1; }
+  rm -rf "$work"
+}
+
 status=0
 case "$which_stacks" in
   newest|blog-era|cuda-build|sanitize) run_stack "$which_stacks" "$@" || status=$? ;;
+  fresh-install) fresh_install || status=$? ;;
   all)
+    fresh_install || status=$?
     run_stack newest "$@" || status=$?
     run_stack sanitize "$@" || status=$?
     run_stack blog-era "$@" || status=$?
     run_stack cuda-build "$@" || status=$?
     ;;
-  *) echo "unknown stack '$which_stacks' (newest | blog-era | cuda-build | sanitize | all)" >&2; exit 2 ;;
+  *) echo "unknown stack '$which_stacks' (newest | blog-era | cuda-build | sanitize | fresh-install | all)" >&2; exit 2 ;;
 esac
 exit $status

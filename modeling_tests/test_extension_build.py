@@ -28,7 +28,7 @@ def _run(code, env=None, timeout=120):
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
 
 
-def _tiny_build(tmp_path, name=TINY_NAME):
+def _tiny_build(tmp_path, name=TINY_NAME, prelude=""):
     """Child code that builds the tiny module through build_extension and prints ok / the reason."""
     source = tmp_path / f"{name}.cpp"
     source.write_text(textwrap.dedent(f"""
@@ -37,6 +37,7 @@ def _tiny_build(tmp_path, name=TINY_NAME):
         PyMODINIT_FUNC PyInit_{name}(void) {{ return PyModule_Create(&def); }}
     """))
     return f"""
+        {prelude}
         import logging
         logging.basicConfig(level=logging.WARNING)
         from qwen2_moe_hf.kernels.build import build_extension
@@ -80,12 +81,42 @@ def test_a_missing_compiler_is_named(tmp_path, ext_dir):
     assert err.count("are unavailable") == 1
 
 
-def test_a_missing_ninja_is_named(tmp_path, ext_dir):
-    bin_dir = tmp_path / "bin"  # a PATH with a compiler and nothing else
+def _compiler_only_path(tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH with a compiler and nothing else (no system ninja)
     bin_dir.mkdir()
     os.symlink(shutil.which("c++"), bin_dir / "c++")
-    rc, out, err, _ = _run(_tiny_build(tmp_path), {**ext_dir, "PATH": str(bin_dir)})
+    return str(bin_dir)
+
+
+def test_a_missing_ninja_is_named(tmp_path, ext_dir):
+    no_package = "import sys; sys.modules['ninja'] = None  # as if the ninja package were not installed"
+    rc, out, err, _ = _run(_tiny_build(tmp_path, prelude=no_package), {**ext_dir, "PATH": _compiler_only_path(tmp_path)})
     assert rc == 0 and _result(out) == (False, "ninja is not installed (pip install ninja)")
+    assert err.count("are unavailable") == 1 and "pip install ninja" in err
+
+
+def _path_without_ninja(tmp_path):
+    """A PATH with every program of this one (compiler, assembler, linker...) except any ninja."""
+    farm = tmp_path / "no_ninja_bin"
+    farm.mkdir()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            target = farm / name
+            if name != "ninja" and not os.path.lexists(target):
+                os.symlink(os.path.join(folder, name), target)
+    return str(farm)
+
+
+def test_the_ninja_package_serves_when_its_venv_is_not_activated(tmp_path, ext_dir):
+    # `.venv/bin/python` run without activating the venv: the ninja package (a dependency) is installed, but its
+    # binary's folder is not on PATH, and there is no system ninja.
+    pytest.importorskip("ninja", reason="the ninja package is a dependency; this environment lacks it")
+    path = _path_without_ninja(tmp_path)
+    assert shutil.which("ninja", path=path) is None
+    rc, out, err, _ = _run(_tiny_build(tmp_path), {**ext_dir, "PATH": path})
+    assert rc == 0 and _result(out) == (True, TINY_NAME), err
 
 
 @pytest.mark.skipif(extension.fcntl is None, reason="builds are locked with flock, which this platform lacks")

@@ -23,10 +23,11 @@ ALLOWED = {
     "modeling_qwen2_moe": ["compat", "configuration_qwen2_moe", "loading", "moe"],
     "registration": ["compat", "configuration_qwen2_moe", "modeling_qwen2_moe"],
 }
-TOP = ("", "cli", "demo")
+TOP = ("", "cli", "chat", "demo")
 # Function-local imports are for optional dependencies only: importing them at module level would make them
-# required (triton also fixes its interpreter mode when imported, which the tests set first).
-OPTIONAL = ("flash_attn", "nvidia", "triton", f"{PKG}.kernels.triton_moe")
+# required (triton also fixes its interpreter mode when imported, which the tests set first; the ninja package is a
+# dependency, but a system ninja serves as well, so the builder looks for the package only when none is on PATH).
+OPTIONAL = ("flash_attn", "ninja", "nvidia", "triton", f"{PKG}.kernels.triton_moe")
 
 
 def _modules():

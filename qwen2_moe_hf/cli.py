@@ -1,5 +1,6 @@
 """`qwen2-moe-hf` command line.
 
+    qwen2-moe-hf chat [--model M] [--temperature T --top-p P ...]   # streamed terminal chat (default: demo model)
     qwen2-moe-hf env                  # versions, and which expert-dispatch backends run here (and why not)
     qwen2-moe-hf build-ext [cpu] [cuda]   # build the compiled ops ahead of time
     qwen2-moe-hf quantize --method rtn --bits 4 --group-size 128 SRC DST   # write a GPTQ checkpoint
@@ -12,7 +13,7 @@ from typing import List, Optional
 import torch
 import transformers
 
-from . import __version__, compat, env_report
+from . import __version__, chat, compat, env_report
 from .gptq.quantize import quantize_checkpoint
 from .kernels.build import main as build_main
 
@@ -21,6 +22,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2-moe-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    chat.add_arguments(sub.add_parser("chat", help="chat in the terminal, streamed (default: the demo model)",
+                                      description=chat.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("env", help="versions and available MoE backends")
     build = sub.add_parser("build-ext", help="build the C++ / CUDA ops now instead of on first use")
     build.add_argument("kinds", nargs="*", choices=["cpu", "cuda"], default=[])
@@ -38,6 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="replace DST if it exists and is not empty (it is replaced only once the new one is done)")
     args = parser.parse_args(argv)
 
+    if args.command == "chat":
+        return chat.run(args)
     if args.command == "quantize":
         try:
             quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, sym=not args.asym,

@@ -12,6 +12,7 @@ import os
 from typing import Any, Dict, Optional
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
 from .configuration_qwen2_moe import Qwen2MoeConfig
@@ -20,6 +21,7 @@ from .modeling_qwen2_moe import Qwen2MoeForCausalLM
 from .registration import QWEN_CHATML_TEMPLATE
 
 DEMO_VERSION = "1"
+TRAIN_STEPS = 200
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 DEMO_CONFIG = dict(
@@ -106,7 +108,7 @@ def write_tokenizer(path: str) -> str:
     return path
 
 
-def _train(model: Qwen2MoeForCausalLM, tokenizer: Any, steps: int, seed: int) -> float:
+def _train(model: Qwen2MoeForCausalLM, tokenizer: Any, steps: int, seed: int, progress: bool = False) -> float:
     """A short fit on the demo dialogue's assistant turn, so the demo answers the post's question."""
     text = tokenizer.apply_chat_template(DEMO_DIALOGUE, tokenize=False)
     ids = torch.tensor([tokenizer(text)["input_ids"]])
@@ -117,7 +119,7 @@ def _train(model: Qwen2MoeForCausalLM, tokenizer: Any, steps: int, seed: int) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="making the demo model (once)", unit="step", disable=not progress):
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -128,9 +130,10 @@ def _train(model: Qwen2MoeForCausalLM, tokenizer: Any, steps: int, seed: int) ->
     return loss.item()
 
 
-def build_demo_checkpoint(path: Optional[str] = None, train_steps: int = 200, seed: int = 0) -> str:
+def build_demo_checkpoint(path: Optional[str] = None, train_steps: int = TRAIN_STEPS, seed: int = 0,
+                          progress: bool = False) -> str:
     """Make (once) and return the folder of the demo checkpoint: config, safetensors weights, generation config,
-    tokenizer. An existing complete folder is reused."""
+    tokenizer. An existing complete folder is reused. progress=True shows a bar while it trains."""
     path = path or default_cache_dir()
     done = os.path.join(path, ".complete")
     if os.path.isfile(done):
@@ -142,7 +145,7 @@ def build_demo_checkpoint(path: Optional[str] = None, train_steps: int = 200, se
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         torch.manual_seed(seed)
         model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**DEMO_CONFIG))
-        loss = _train(model, tokenizer, train_steps, seed) if train_steps else None
+        loss = _train(model, tokenizer, train_steps, seed, progress) if train_steps else None
         model.save_pretrained(tmp, safe_serialization=True)
         GenerationConfig(
             bos_token_id=256, pad_token_id=256, eos_token_id=[258, 256], do_sample=False, max_new_tokens=256

@@ -130,9 +130,24 @@ def _missing_tool() -> Optional[str]:
             return f"the C++ compiler CXX={cxx} was not found"
     elif shutil.which("c++") is None and shutil.which("g++") is None:
         return "no C++ compiler found (install g++, or set CXX)"
-    if shutil.which("ninja") is None:
+    if shutil.which("ninja") is None and not _ninja_from_package():
         return "ninja is not installed (pip install ninja)"
     return None
+
+
+def _ninja_from_package() -> bool:
+    """Put the `ninja` PyPI package's binary on PATH, if that package is installed. It is a dependency of ours, but
+    its binary lands in the environment's bin folder, which is not on PATH when that environment's python is run
+    without activating it (`.venv/bin/python`, `.venv/bin/qwen2-moe-hf`); torch's builder calls `ninja` by name."""
+    try:
+        import ninja
+    except ImportError:
+        return False
+    folder = getattr(ninja, "BIN_DIR", None)
+    if not folder or not os.path.isfile(os.path.join(folder, "ninja")):
+        return False
+    os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja") is not None
 
 
 @contextlib.contextmanager
