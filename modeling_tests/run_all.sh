@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: builds the two supported stacks in fresh virtual environments and runs the suite in each.
-#   newest:   transformers 5.23.0, torch 2.13.0 (CPU), accelerate, triton (its kernels run under TRITON_INTERPRET=1)
+#   newest:   transformers 5.23.0, torch 2.13.0 (CPU), accelerate, triton (its kernels run under TRITON_INTERPRET=1),
+#             the current peft
 #   blog-era: transformers 4.38.2 (no qwen2_moe of its own), torch 2.13.0 (CPU), accelerate, and the GPTQ stack of
 #             its day (optimum 1.17.1 + auto-gptq 0.7.1 + peft 0.9.0): the int4 tests compare against auto-gptq
 #   cuda-build: torch 2.14.1 (a CUDA build, ~5.5 GB) + transformers 5.23.0: compiles the CUDA extension for
@@ -26,7 +27,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_ROOT/.torch_extensions
 [ "${KEEP_VENVS:-0}" = 1 ] || rm -rf "$TORCH_EXTENSIONS_DIR"
 
 declare -A STACK_PACKAGES=(
-  [newest]="torch==2.13.0 transformers==5.23.0 accelerate triton"
+  [newest]="torch==2.13.0 transformers==5.23.0 accelerate triton peft"
   [blog-era]="torch==2.13.0 transformers==4.38.2 accelerate optimum==1.17.1 auto-gptq==0.7.1 peft==0.9.0"
   [cuda-build]="torch==2.14.1 transformers==5.23.0 accelerate"
 )
