@@ -2,8 +2,9 @@
 # The test command: builds the two supported stacks in fresh virtual environments and runs the suite in each.
 #   newest:   transformers 5.23.0, torch 2.13.0 (CPU), accelerate, triton (its kernels run under TRITON_INTERPRET=1),
 #             the current peft
-#   blog-era: transformers 4.38.2 (no qwen2_moe of its own), torch 2.13.0 (CPU), accelerate, and the GPTQ stack of
-#             its day (optimum 1.17.1 + auto-gptq 0.7.1 + peft 0.9.0): the int4 tests compare against auto-gptq
+#   blog-era: transformers 4.38.2 (no qwen2_moe of its own), torch 2.13.0 (CPU), accelerate 0.27.2 (4.38's Trainer
+#             passes Accelerator arguments that accelerate 1.x removed), and the GPTQ stack of its day
+#             (optimum 1.17.1 + auto-gptq 0.7.1 + peft 0.9.0): the int4 tests compare against auto-gptq
 #   cuda-build: torch 2.14.1 (a CUDA build, ~5.5 GB) + transformers 5.23.0: compiles the CUDA extension for
 #             sm_80 + sm_90 with the nvcc on PATH and loads it (no GPU needed), then the GPU-free op tests
 #   sanitize: the newest stack's venv, with the CPU ops built with AddressSanitizer + UBSan (QWEN2_MOE_HF_SANITIZE)
@@ -28,7 +29,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_ROOT/.torch_extensions
 
 declare -A STACK_PACKAGES=(
   [newest]="torch==2.13.0 transformers==5.23.0 accelerate triton peft"
-  [blog-era]="torch==2.13.0 transformers==4.38.2 accelerate optimum==1.17.1 auto-gptq==0.7.1 peft==0.9.0"
+  [blog-era]="torch==2.13.0 transformers==4.38.2 accelerate==0.27.2 optimum==1.17.1 auto-gptq==0.7.1 peft==0.9.0"
   [cuda-build]="torch==2.14.1 transformers==5.23.0 accelerate"
 )
 STACK_PACKAGES[sanitize]=${STACK_PACKAGES[newest]}
