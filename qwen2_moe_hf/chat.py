@@ -87,12 +87,11 @@ class Chat:
         text = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
         inputs = self.tokenizer([text], return_tensors="pt").to(self.model.device)
         print("assistant> ", end="", flush=True, file=self.out)
-        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _Streamer(self.tokenizer, self.out, skip_prompt=True, skip_special_tokens=True)
         if self.seed is not None:
             torch.manual_seed(self.seed)
         start = time.perf_counter()
-        with _printing_to(self.out):
-            output = self.model.generate(**inputs, streamer=streamer, **self.generate_kwargs)
+        output = self.model.generate(**inputs, streamer=streamer, **self.generate_kwargs)
         elapsed = time.perf_counter() - start
         new_tokens = output[0, inputs["input_ids"].shape[1]:]
         answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -118,17 +117,15 @@ class Chat:
                 self.ask(line)
 
 
-class _printing_to:
-    """TextStreamer prints to sys.stdout: point it at the chat's output for the generate call."""
+class _Streamer(TextStreamer):
+    """transformers' TextStreamer, writing to the chat's output instead of sys.stdout."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, tokenizer: Any, out: TextIO, **kwargs: Any) -> None:
+        super().__init__(tokenizer, **kwargs)
         self.out = out
 
-    def __enter__(self) -> None:
-        self.saved, sys.stdout = sys.stdout, self.out
-
-    def __exit__(self, *exc: Any) -> None:
-        sys.stdout = self.saved
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        print(text, flush=True, end="" if not stream_end else None, file=self.out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -199,15 +199,15 @@ def rope_frequencies(config: Any, position_ids: torch.Tensor,
     if rope_type == "default":
         return _default_inv_freq(rope["rope_theta"], config.head_dim, device), 1.0
     init = ROPE_INIT_FUNCTIONS[rope_type]
-    inv_freq, scaling = init(config, device)
-    if rope_type in ("dynamic", "longrope"):
-        seq_len = int(position_ids.max()) + 1  # one host sync, as transformers' update does
-        if rope_type == "dynamic" and seq_len > config.max_position_embeddings:
-            inv_freq, scaling = init(config, device, seq_len=seq_len)
-        elif rope_type == "longrope":
-            original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
-            if seq_len > original:
-                inv_freq = init(config, device, seq_len=original + 1)[0]
+    # The dynamic types need the longest position: one host sync, as transformers' update does.
+    seq_len = int(position_ids.max()) + 1 if rope_type in ("dynamic", "longrope") else 0
+    if rope_type == "dynamic" and seq_len > config.max_position_embeddings:
+        inv_freq, scaling = init(config, device, seq_len=seq_len)
+    else:
+        inv_freq, scaling = init(config, device)
+        original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+        if rope_type == "longrope" and seq_len > original:
+            inv_freq = init(config, device, seq_len=original + 1)[0]  # the long factors; scaling stays the short one's
     return inv_freq.to(device=device, dtype=torch.float32), float(scaling)
 
 

@@ -55,9 +55,7 @@ class Qwen2MoeRotaryEmbedding(nn.Module):
 
     def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__()
-        self.config = config
-        self.dim = config.head_dim
-        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        self.config = config  # read on every call: a rope_parameters change takes effect at once
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = compat.rope_frequencies(self.config, position_ids, x.device)
