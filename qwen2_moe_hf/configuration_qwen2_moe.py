@@ -86,6 +86,46 @@ def check_field(name: str, value: Any) -> None:
 class Qwen2MoeConfig(PretrainedConfig):
     model_type = "qwen2_moe"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism on transformers 5.x (`from_pretrained(..., tp_plan="auto")` under torchrun), in OUR module
+    # names (docs/devices.md; 4.38 has no tensor parallelism: the load plan refuses tp_plan there). Attention: q/k/v
+    # colwise (each rank a subset of the heads; the attention reshapes with -1 heads), o rowwise (all-reduced). Every
+    # Linear of a SwiGLU MLP (a dense layer's, each routed expert's, the shared expert's): gate/up colwise, down
+    # rowwise, so each MLP call all-reduces its own output and returns the full result. The router (`mlp.gate`),
+    # `shared_expert_gate` and the norms stay replicated, so every rank routes every token to the same experts and
+    # the collectives line up; transformers adds `embed_tokens: embedding_rowwise`, and the causal LM its
+    # `lm_head: colwise_gather_output`.
+    # No partial sums can escape: the fast MoE backends read the experts' weight tensors directly, and a sharded
+    # weight is a DTensor, which moe/weights.py never hands to a kernel (kind None: "tensor subclasses"), so a
+    # sharded block always takes the torch reference path, which calls each expert's module (and its hooks).
+    # Exact up to the order of summation: one all-reduce of two halves per o_proj / down_proj call.
+    # `base_model_tp_plan` (below) takes the attention rules and those of the kinds of MLP the config has.
+    TP_PLAN_ATTENTION = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+    TP_PLAN_DENSE_MLP = {
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    TP_PLAN_MOE = {
+        "layers.*.mlp.experts.*.gate_proj": "colwise",
+        "layers.*.mlp.experts.*.up_proj": "colwise",
+        "layers.*.mlp.experts.*.down_proj": "rowwise",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+    }
+    # Pipeline stages (transformers 5.x), as its own qwen2_moe config: what each part of the base model takes and
+    # gives. transformers 5.23's pipeline parallelism does not read it yet, and the load plan refuses pp_size > 1
+    # (its stages stand in identities for the layers they drop, which return a tensor where ours return a tuple).
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     def __init__(
         self,
@@ -190,6 +230,14 @@ class Qwen2MoeConfig(PretrainedConfig):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.validate()  # again, with the fields the base class set
+
+    @property
+    def base_model_tp_plan(self) -> Dict[str, str]:
+        """The tensor-parallel plan for the layers this config has (a rule that matches nothing makes transformers
+        warn, and the released models have no dense layers)."""
+        moe = [self.is_moe_layer(i) for i in range(self.num_hidden_layers)]
+        return {**self.TP_PLAN_ATTENTION, **(self.TP_PLAN_DENSE_MLP if not all(moe) else {}),
+                **(self.TP_PLAN_MOE if any(moe) else {})}
 
     @classmethod
     def from_dict(

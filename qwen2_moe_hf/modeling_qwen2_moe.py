@@ -638,6 +638,9 @@ def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if compat.IS_V5 else ["lm_head.weight"]
+    # transformers 5.x's tensor / pipeline parallel plans for the head (the base model's are the config's).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__(config)

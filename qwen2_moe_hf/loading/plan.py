@@ -32,8 +32,9 @@ from accelerate import dispatch_model, infer_auto_device_map
 from accelerate.utils import get_balanced_memory
 from huggingface_hub import snapshot_download
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PretrainedConfig
-from transformers.utils import cached_file
+from transformers.utils import cached_file, logging as hf_logging
 
 from .. import compat
 from ..files import CONFIG_FILE, CheckpointError, SafetensorsFile, read_config_json, weight_files
@@ -49,6 +50,8 @@ _IGNORED_EXTRA = re.compile(r".*rotary_emb\.(original_)?inv_freq$")
 _TRANSFORMERS_ONLY = ("offload_folder", "offload_state_dict", "quantization_config", "load_in_8bit", "load_in_4bit",
                       "ignore_mismatched_sizes", "from_tf", "from_flax", "gguf_file", "state_dict", "variant",
                       "adapter_kwargs", "key_mapping", "tp_plan", "device_mesh")
+# transformers 5.x's tensor-parallel arguments (its loader shards full-precision checkpoints as it reads them).
+_DISTRIBUTED = ("tp_plan", "tp_size", "distributed_config", "device_mesh")
 
 
 def from_pretrained(cls: Type[nn.Module], transformers_load: Callable, pretrained: Union[str, os.PathLike],
@@ -59,9 +62,35 @@ def from_pretrained(cls: Type[nn.Module], transformers_load: Callable, pretraine
     if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
         read_config_json(folder)  # untrusted: not a JSON object, or a key given twice, raises naming the file
     quantization = _quantization(str(pretrained), kwargs) if not model_args else None
+    _check_distributed(kwargs, quantization)
     if quantization is not None:
         return _stream_load(cls, pretrained, kwargs, quantization)
     return _checked_transformers_load(cls, transformers_load, pretrained, model_args, kwargs)
+
+
+def _check_distributed(kwargs: Dict[str, Any], quantization: Optional[gptq_hooks.GPTQHooks]) -> None:
+    """Tensor parallelism (`tp_plan` and friends) is transformers 5.x's loader's, for full-precision checkpoints:
+    anywhere else, an error naming the argument (4.38 would fail on an unexpected keyword in the model's __init__,
+    the streaming loader on an unknown argument). Pipeline stages (pp_size > 1) are refused on every stack."""
+    asked = [k for k in _DISTRIBUTED if kwargs.get(k) is not None]
+    if not asked:
+        return
+    config = kwargs.get("distributed_config")
+    stages = config.get("pp_size") if isinstance(config, dict) else getattr(config, "pp_size", None)
+    if isinstance(stages, int) and stages > 1:
+        raise ValueError(f"from_pretrained(distributed_config=...): pp_size={stages}: pipeline parallelism is not "
+                         "supported (transformers' pipeline stages replace the decoder layers a stage does not own "
+                         "by identities that return a tensor, where ours return (hidden states, attention weights, "
+                         "router logits)); use tp_size, or device_map to spread the layers over devices "
+                         "(docs/devices.md)")
+    if not compat.IS_V5:
+        raise ValueError(f"from_pretrained({asked[0]}=...): tensor parallelism needs transformers 5.x (installed: "
+                         f"{compat.TRANSFORMERS_VERSION}); load the model in one process, with device_map to spread "
+                         "it over devices (docs/devices.md)")
+    if quantization is not None:
+        raise ValueError(f"from_pretrained({asked[0]}=...): GPTQ checkpoints load through qwen2_moe_hf's own loader, "
+                         "which does not shard across processes; load the model in one process (device_map), or "
+                         "serve it with vLLM or SGLang for tensor parallelism (docs/devices.md)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,6 +287,7 @@ def _stream_load(cls, pretrained, kwargs: Dict[str, Any], quantization: Optional
     attn_implementation = kwargs.pop("attn_implementation", None)
     allow_missing = kwargs.pop("allow_missing_weights", False)
     ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+    tqdm_class = kwargs.pop("tqdm_class", None) or tqdm  # 5.x's from_pretrained takes one (transformers serve does)
     for ignored in ("low_cpu_mem_usage", "trust_remote_code", "use_safetensors", "offload_folder",
                     "offload_state_dict", "_from_auto", "_from_pipeline", "_commit_hash", "quantization_config",
                     "key_mapping", "adapter_kwargs"):
@@ -283,8 +313,10 @@ def _stream_load(cls, pretrained, kwargs: Dict[str, Any], quantization: Optional
     key_of = key_mapping(model, files)
     quantized = quantization.swap_linears(model, files, key_of) if quantization is not None else {}
     devices = _placement(model, device_map, max_memory, dtype)
-    info = _load_tensors(model, files, key_of, quantized, quantization, devices, dtype,
-                         allow_missing or output_loading_info, ignore_mismatched, path)
+    with tqdm_class(total=len(files), desc="Loading weights", unit="tensor",
+                    disable=not hf_logging.is_progress_bar_enabled()) as bar:
+        info = _load_tensors(model, files, key_of, quantized, quantization, devices, dtype,
+                             allow_missing or output_loading_info, ignore_mismatched, path, bar.update)
     _finish(model, folder, devices, device_map)
     if quantization is None:
         compat.set_config_dtype(model.config, dtype)
@@ -298,10 +330,14 @@ def _placement(model: nn.Module, device_map, max_memory, dtype: torch.dtype) -> 
     """{module name prefix: device} ("" = the whole model)."""
     if device_map is None:
         return {"": torch.device("cpu")}
+    asked = f"device_map={device_map!r}" if isinstance(device_map, str) else "device_map"
+    if device_map == "disk":
+        device_map = {"": "disk"}  # refused below, by name
     if isinstance(device_map, (int, torch.device)) or (
             isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")):
         return {"": torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)}
     if isinstance(device_map, str):
+        asked += f" with max_memory={max_memory!r}" if max_memory is not None else ""
         no_split = model._no_split_modules
         if device_map != "sequential" and torch.cuda.is_available():
             max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
@@ -311,8 +347,9 @@ def _placement(model: nn.Module, device_map, max_memory, dtype: torch.dtype) -> 
     devices = {}
     for name, device in device_map.items():
         if device == "disk":
-            raise ValueError(f"device_map puts {name or 'the model'!r} on disk: GPTQ layers cannot be offloaded to "
-                             "disk; allow more memory (max_memory) or choose a smaller model")
+            raise ValueError(f"{asked} puts {name or 'the model'!r} on disk: GPTQ layers cannot be offloaded to "
+                             "disk (offload_folder is for full-precision checkpoints); place every module on a "
+                             "device or 'cpu', allow more memory (max_memory) or choose a smaller model")
         devices[name] = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
     return devices
 
@@ -330,18 +367,23 @@ def _device_of(name: str, devices: Dict[str, torch.device]) -> torch.device:
 
 def _load_tensors(model: nn.Module, files, key_of, quantized: Dict[str, str],
                   quantization: Optional[gptq_hooks.GPTQHooks], devices, dtype: torch.dtype,
-                  allow_missing: bool = False, ignore_mismatched: bool = False, path: str = "") -> Dict[str, list]:
+                  allow_missing: bool = False, ignore_mismatched: bool = False, path: str = "",
+                  advance: Callable[[int], Any] = lambda n: None) -> Dict[str, list]:
+    """Every tensor of `files` into `model`; advance(n) after each n tensors read (a progress bar's update)."""
     loaded, expected, mismatched = set(), {}, []
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         expected[key_of(name)] = name
     quantized_prefixes = set(quantized.values())
     for module_name, ckpt in quantized.items():  # each quantized layer's tensors together, by its hooks
         module = model.get_submodule(module_name)
-        loaded |= quantization.load_layer(module, ckpt, files, _device_of(module_name, devices), dtype)
+        layer_keys = quantization.load_layer(module, ckpt, files, _device_of(module_name, devices), dtype)
+        loaded |= layer_keys
+        advance(len(layer_keys))
     unexpected = []
     for key, handle in files.items():
         if key in loaded or key.rsplit(".", 1)[0] in quantized_prefixes:
             continue
+        advance(1)
         name = expected.get(key)
         if name is None:
             if not _IGNORED_EXTRA.match(key):

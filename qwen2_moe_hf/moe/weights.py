@@ -17,8 +17,8 @@ keep every tensor and address, and need nothing.
 A projection is read as
   dense: a plain `nn.Linear` without bias (its `weight`, [out, in]);
   int4:  an `Int4Projection` (gptq.GPTQLinear implements it) without bias: its GPTQ tensors;
-anything else (a wrapper, a bias, a quantization we do not know) leaves the layer to the reference backend, which
-calls the modules themselves.
+anything else (a wrapper, a bias, a quantization we do not know, a tensor subclass such as a tensor-parallel DTensor)
+leaves the layer to the reference backend, which calls the modules themselves.
 """
 
 import abc
@@ -35,6 +35,7 @@ from ..kernels.build import loaded_cpu_module
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _get_projections = operator.itemgetter(*PROJECTIONS)
+_PLAIN = (torch.Tensor, nn.Parameter)  # what the kernels read: a tensor's own storage
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,13 @@ def prepare(container: nn.Module, shared_module: Optional[nn.Module] = None,
     if shared and all(_kind(p) == kind for p in shared[0]):
         w.shared = tuple(read(w, p) for p in shared[0])
     tensors = w.projection_tensors()
+    if any(type(t) not in _PLAIN for t in tensors):
+        # A DTensor (transformers' tensor parallelism shards a weight into one) or another tensor subclass: the
+        # kernels would read the local storage (a shard: partial sums) or none at all. Only the modules' own
+        # forwards, with whatever hooks sharded them, compute these layers.
+        kinds = sorted({type(t).__name__ for t in tensors if type(t) not in _PLAIN})
+        w.reason = f"expert weights are tensor subclasses ({', '.join(kinds)}: sharded by tensor parallelism?)"
+        return w
     devices = {t.device for t in tensors}
     if kind == "dense":
         dtypes = {t.dtype for t in tensors}
