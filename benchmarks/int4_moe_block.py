@@ -5,35 +5,29 @@ int4 weights + scales + zeros read once / copy bandwidth measured in every round
 
     python benchmarks/int4_moe_block.py [--tokens 1 16 256] [--threads 2] [--repeats 7]
 
-All variants run interleaved in one process; medians are reported.
+All variants run interleaved in one process; medians are reported. The probes, the int4 block and the round-robin
+are qwen2_moe_hf/bench.py's (`qwen2-moe-hf bench` prints int4 beside bf16, the built-in and decode).
 """
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_block import SHAPE, CleanCaches, CopyProbe, timed  # noqa: E402
-
-import qwen2_moe_hf  # noqa: E402,F401
-from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock  # noqa: E402
-from qwen2_moe_hf.gptq.format import GPTQSpec  # noqa: E402
-from qwen2_moe_hf.gptq.quantize import quantize_linears_  # noqa: E402
-from qwen2_moe_hf.moe import route  # noqa: E402
-
-PROJ = ("gate_proj", "up_proj", "down_proj")
-
-
-def int4_block(bf16_block, spec):
-    block = copy.deepcopy(bf16_block).float()
-    names = [f"experts.{e}.{p}" for e in range(len(block.experts)) for p in PROJ]
-    names += [f"shared_expert.{p}" for p in PROJ]
-    quantize_linears_(block, names, spec)
-    return block.to(torch.bfloat16)  # the router and shared_expert_gate compute in bf16; int4 buffers stay
+from qwen2_moe_hf.bench import (
+    INT4,
+    SHAPE,
+    CleanCaches,
+    CopyProbe,
+    Variant,
+    int4_block,
+    int4_bytes,
+    interleave,
+    new_block,
+    timed,
+)
+from qwen2_moe_hf.moe import route
 
 
 def autogptq_block(int4, spec):
@@ -53,14 +47,6 @@ def autogptq_block(int4, spec):
     return block
 
 
-def int4_bytes(config, hit, group):
-    def linear(k, n):
-        return k * n // 2 + (k // group) * n * 2 + (k // group) * n // 2
-
-    h, i, s = config.hidden_size, config.moe_intermediate_size, config.shared_expert_intermediate_size
-    return hit * (2 * linear(h, i) + linear(i, h)) + 2 * linear(h, s) + linear(s, h) + (config.num_experts + 1) * h * 2
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 256])
@@ -76,13 +62,9 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} threads; copy bandwidth at start "
           f"{max(copy_probe() for _ in range(3)) / 1e9:.1f} GB/s (read+write)")
 
-    config = Qwen2MoeConfig(**SHAPE)
-    spec = GPTQSpec(bits=4, group_size=128, sym=True)
-    bf16 = Qwen2MoeSparseMoeBlock(config)
-    with torch.no_grad():
-        for p in bf16.parameters():
-            p.normal_(0, 0.02)
-    bf16 = bf16.to(torch.bfloat16).eval()
+    spec = INT4  # group 128, sym, like the released checkpoint
+    bf16 = new_block(SHAPE, torch.bfloat16)
+    config = bf16.config
     int4 = int4_block(bf16, spec).eval()
     variants = {"ours bf16 [cpu]": (bf16, torch.bfloat16), "ours int4 (bf16 act)": (int4, torch.bfloat16),
                 "ours int4 (fp16 act)": (copy.deepcopy(int4).to(torch.float16), torch.float16)}
@@ -99,19 +81,14 @@ def main():
         _, ids = route(bf16.gate(x.to(torch.bfloat16).reshape(-1, config.hidden_size)), config.num_experts_per_tok,
                        config.norm_topk_prob)
         weight_bytes = int4_bytes(config, ids.unique().numel(), spec.group_size)
-        inputs = {name: x.to(dtype) for name, (_, dtype) in variants.items()}
-        run = {n: v for n, v in variants.items() if not (n.startswith("auto-gptq") and tokens > args.autogptq_max_tokens)}
-        times = {name: [] for name in run}
-        copy_bws = []
+        run = [Variant(name, lambda block=block, xd=x.to(dtype): timed(lambda: block(xd)))
+               for name, (block, dtype) in variants.items()
+               if not (name.startswith("auto-gptq") and tokens > args.autogptq_max_tokens)]
         with torch.no_grad():
-            for name, (block, _) in run.items():
-                block(inputs[name])  # warm-up (builds the CPU ops on first use)
-            for _ in range(args.repeats):
-                copy_bws.append(copy_probe())
-                for name, (block, _) in run.items():
-                    clean_caches()
-                    times[name].append(timed(lambda: block(inputs[name])))
-        floor = weight_bytes / statistics.median(copy_bws)
+            for v in run:
+                v.measure()  # warm-up (builds the CPU ops on first use)
+            times, probed = interleave(run, args.repeats, clean_caches, {"copy": copy_probe})
+        floor = weight_bytes / statistics.median(probed["copy"])
         med = {n: statistics.median(times[n]) if n in times else float("nan") for n in variants}
         ours = med["ours int4 (bf16 act)"]
         agptq = med.get("auto-gptq QuantLinear per expert (fp16)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: builds the two supported stacks in fresh virtual environments and runs the suite in each.
-#   newest:   transformers 5.23.0, torch 2.13.0 (CPU), accelerate, triton (its kernels run under TRITON_INTERPRET=1),
+#   newest:   transformers[serving] 5.23.0 (transformers serve + the openai client), torch 2.13.0 (CPU), accelerate,
+#             triton (its kernels run under TRITON_INTERPRET=1),
 #             the current peft
 #   blog-era: transformers 4.38.2 (no qwen2_moe of its own), torch 2.13.0 (CPU), accelerate 0.27.2 (4.38's Trainer
 #             passes Accelerator arguments that accelerate 1.x removed), and the GPTQ stack of its day
@@ -28,7 +29,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_ROOT/.torch_extensions
 [ "${KEEP_VENVS:-0}" = 1 ] || rm -rf "$TORCH_EXTENSIONS_DIR"
 
 declare -A STACK_PACKAGES=(
-  [newest]="torch==2.13.0 transformers==5.23.0 accelerate triton peft"
+  [newest]="torch==2.13.0 transformers[serving]==5.23.0 accelerate triton peft matplotlib"
   [blog-era]="torch==2.13.0 transformers==4.38.2 accelerate==0.27.2 optimum==1.17.1 auto-gptq==0.7.1 peft==0.9.0"
   [cuda-build]="torch==2.14.1 transformers==5.23.0 accelerate"
 )

@@ -469,3 +469,36 @@ def test_our_4_38_rope_scaling_equals_transformers(rope_type, length):
     ours = Qwen2MoeRotaryEmbedding(config)(x, positions)
     torch.testing.assert_close(ours[0], cos, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], sin, rtol=1e-5, atol=1e-6)
+
+
+def test_plugin_warnings_follow_transformers_verbosity(caplog):
+    """`transformers.logging.set_verbosity_error()` silences our warnings too; the default verbosity keeps them."""
+    from transformers.utils import logging as hf_logging
+
+    plugin = logging.getLogger("qwen2_moe_hf")
+    before = hf_logging.get_verbosity()
+    try:
+        with caplog.at_level(logging.WARNING, logger="qwen2_moe_hf"):
+            hf_logging.set_verbosity_warning()
+            plugin.warning("shown at transformers' default verbosity")
+            hf_logging.set_verbosity_error()
+            plugin.warning("hidden once transformers is told to show errors only")
+            plugin.error("errors still shown")
+    finally:
+        hf_logging.set_verbosity(before)
+    messages = [r.getMessage() for r in caplog.records if r.name == "qwen2_moe_hf"]
+    assert messages == ["shown at transformers' default verbosity", "errors still shown"]
+
+
+def test_loading_progress_bar_follows_transformers_switch(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    path = helpers.save_checkpoint(helpers.build_model("gqa"), str(tmp_path / "ckpt"))
+    AutoModelForCausalLM.from_pretrained(path)
+    assert "Loading weights" in capsys.readouterr().err
+    hf_logging.disable_progress_bar()
+    try:
+        AutoModelForCausalLM.from_pretrained(path)
+    finally:
+        hf_logging.enable_progress_bar()
+    assert "Loading weights" not in capsys.readouterr().err

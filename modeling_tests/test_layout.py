@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 PKG = "qwen2_moe_hf"
 
 # What each part may import from the package (a prefix matches the module and its submodules). The top-level
-# entry points (__init__, cli, demo) may import anything.
+# entry points (__init__, cli, chat, demo, and the tools bench, serve, lora) may import anything.
 ALLOWED = {
     "kernels": ["kernels"],
     "moe": ["moe", "kernels"],
@@ -23,11 +23,14 @@ ALLOWED = {
     "modeling_qwen2_moe": ["compat", "configuration_qwen2_moe", "loading", "moe"],
     "registration": ["compat", "configuration_qwen2_moe", "modeling_qwen2_moe"],
 }
-TOP = ("", "cli", "chat", "demo")
+TOP = ("", "cli", "chat", "demo", "bench", "serve", "lora")
 # Function-local imports are for optional dependencies only: importing them at module level would make them
 # required (triton also fixes its interpreter mode when imported, which the tests set first; the ninja package is a
 # dependency, but a system ninja serves as well, so the builder looks for the package only when none is on PATH).
-OPTIONAL = ("flash_attn", "ninja", "nvidia", "triton", f"{PKG}.kernels.triton_moe")
+# The tools' own optional dependencies: peft (lora), matplotlib (bench --plot), transformers' server and its click
+# (serve, 5.x only), transformers' built-in qwen2_moe (bench's comparison, 5.x only).
+OPTIONAL = ("flash_attn", "ninja", "nvidia", "triton", f"{PKG}.kernels.triton_moe", "peft", "matplotlib", "click",
+            "transformers.cli", "transformers.models.qwen2_moe")
 
 
 def _modules():

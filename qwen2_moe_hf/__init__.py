@@ -4,6 +4,7 @@
 post's `AutoModelForCausalLM.from_pretrained(...)` / `AutoTokenizer.from_pretrained(...)` code works unchanged.
 """
 
+from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
 from .modeling_qwen2_moe import (
     Qwen2MoeForCausalLM,
@@ -20,6 +21,7 @@ from .registration import QWEN_CHATML_TEMPLATE, register
 
 __version__ = "0.1.0"
 
+compat.plugin_logger()  # our warnings follow transformers' verbosity
 register()
 
 __all__ = [

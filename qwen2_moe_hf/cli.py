@@ -1,7 +1,9 @@
 """`qwen2-moe-hf` command line.
 
     qwen2-moe-hf chat [--model M] [--temperature T --top-p P ...]   # streamed terminal chat (default: demo model)
+    qwen2-moe-hf serve --model M [transformers serve options]   # OpenAI-compatible server (transformers 5.x)
     qwen2-moe-hf env                  # versions, and which expert-dispatch backends run here (and why not)
+    qwen2-moe-hf bench [--quick] [--plot F.png] [--json F]   # MoE block and decode speed on this machine
     qwen2-moe-hf build-ext [cpu] [cuda]   # build the compiled ops ahead of time
     qwen2-moe-hf quantize --method rtn --bits 4 --group-size 128 SRC DST   # write a GPTQ checkpoint
 """
@@ -13,7 +15,8 @@ from typing import List, Optional
 import torch
 import transformers
 
-from . import __version__, chat, compat, env_report
+from . import __version__, chat, compat, env_report, serve
+from . import bench
 from .gptq.quantize import quantize_checkpoint
 from .kernels.build import main as build_main
 
@@ -25,7 +28,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     chat.add_arguments(sub.add_parser("chat", help="chat in the terminal, streamed (default: the demo model)",
                                       description=chat.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    serve.add_arguments(sub.add_parser("serve", help="transformers serve (OpenAI-compatible) with this plugin's "
+                                                      "classes; other options go to it", add_help=False,
+                                       description=serve.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("env", help="versions and available MoE backends")
+    bench.add_arguments(sub.add_parser("bench", help="MoE block and decode speed here, bf16 and int4, vs the built-in "
+                                                     "and the memory floor", description=bench.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     build = sub.add_parser("build-ext", help="build the C++ / CUDA ops now instead of on first use")
     build.add_argument("kinds", nargs="*", choices=["cpu", "cuda"], default=[])
     quant = sub.add_parser("quantize", help="quantize a full-precision qwen2_moe checkpoint to GPTQ (AutoGPTQ layout)")
@@ -40,10 +50,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     quant.add_argument("--no-progress", action="store_true")
     quant.add_argument("--overwrite", action="store_true",
                        help="replace DST if it exists and is not empty (it is replaced only once the new one is done)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return serve.run(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.command == "chat":
         return chat.run(args)
+    if args.command == "bench":
+        return bench.run(args)
     if args.command == "quantize":
         try:
             quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, sym=not args.asym,

@@ -153,6 +153,23 @@ def prepare_inputs_for_generation(
     return model_inputs
 
 
+class _TransformersVerbosity(logging.Filter):
+    """Drops our records below transformers' verbosity when the user made transformers quieter than WARNING
+    (`transformers.logging.set_verbosity_error()`, TRANSFORMERS_VERBOSITY=error): one switch silences both."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        quiet = transformers.utils.logging.get_verbosity()
+        return quiet <= logging.WARNING or record.levelno >= quiet
+
+
+def plugin_logger() -> logging.Logger:
+    """The "qwen2_moe_hf" logger every module of ours writes to, following transformers' verbosity."""
+    logger = logging.getLogger("qwen2_moe_hf")
+    if not any(isinstance(f, _TransformersVerbosity) for f in logger.filters):
+        logger.addFilter(_TransformersVerbosity())
+    return logger
+
+
 def transformers_loading_logger() -> logging.Logger:
     """The logger transformers' from_pretrained warns on (newly initialised and mismatched weights)."""
     return transformers.utils.logging.get_logger("transformers.modeling_utils")

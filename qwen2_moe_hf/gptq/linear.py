@@ -46,6 +46,15 @@ class GPTQLinear(nn.Module, Int4Projection):
         # A buffer even when absent (None), so that a bias set later goes where the MoE backends look.
         self.register_buffer("bias", torch.zeros(out_features, dtype=scales_dtype, device=device) if bias else None)
 
+    # AutoGPTQ's names for the sizes: PEFT reads them to size LoRA adapters on a quantized layer (qwen2_moe_hf.lora).
+    @property
+    def infeatures(self) -> int:
+        return self.in_features
+
+    @property
+    def outfeatures(self) -> int:
+        return self.out_features
+
     def extra_repr(self) -> str:
         group = "none" if self.group_size == -1 else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
