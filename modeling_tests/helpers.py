@@ -3,8 +3,14 @@ checkpoints, and the reference outputs recorded from transformers 5.23's built-i
 
 import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import zlib
 
+import pytest
 import torch
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
@@ -215,3 +221,38 @@ class Scaled(torch.nn.Module):
 
     def forward(self, h):
         return 3 * self.base(h)
+
+
+@contextlib.contextmanager
+def running_server(model, log_path, env=None, cwd=None, extra_args=()):
+    """`qwen2-moe-hf serve --model MODEL` on a free loopback port, started and waited for (its /health answers);
+    yields its base URL and stops it after. A server that dies or does not come up in 4 minutes fails the test
+    with the end of its log."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "qwen2_moe_hf.cli", "serve", "--model", model, "--host", "127.0.0.1",
+            "--port", str(port), "--device", "cpu", *extra_args]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                with open(log_path) as f:
+                    pytest.fail(f"the server did not start (exit {proc.poll()}):\n{f.read()[-4000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

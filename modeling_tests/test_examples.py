@@ -2,16 +2,15 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from qwen2_moe_hf import serve
 from qwen2_moe_hf.demo import build_demo_checkpoint
+
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,44 +96,14 @@ def test_serve_client_example_parses_its_arguments():
     assert out.startswith("usage: serve_client.py") and "--base-url" in out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(serve.serve_available() is not None,
                     reason=f"no transformers serve here: {serve.serve_available()}")
 def test_serve_client_example_against_qwen2_moe_hf_serve(demo_cache, tmp_path):
     pytest.importorskip("openai", reason="the openai client is not installed (the newest stack installs it)")
     cache, env = demo_cache
     path = build_demo_checkpoint(os.path.join(cache, "demo-v1"))
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "qwen2_moe_hf.cli", "serve", "--model", path, "--host",
-                                   "127.0.0.1", "--port", str(port), "--device", "cpu"], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the server did not start (exit {server.poll()}):\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        out = _run(["examples/serve_client.py", path, "--base-url", f"http://127.0.0.1:{port}/v1",
-                    "--max-tokens", "64"], env)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with helpers.running_server(path, tmp_path / "serve.log", env=env, cwd=ROOT) as url:
+        out = _run(["examples/serve_client.py", path, "--base-url", url, "--max-tokens", "64"], env)
     whole, _, streamed = out.partition("--- streamed:\n")
     assert whole.startswith("--- whole:\nA large language model is a neural network"), out
     assert streamed.startswith("A large language model is a neural network"), out

@@ -9,11 +9,7 @@ random model, which says nothing about the serving path."""
 import concurrent.futures
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -91,12 +87,6 @@ def hub_cache(tmp_path_factory):
     return cache
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[("full", False), ("gptq", False), ("full", True), ("gptq", True)],
                 ids=["full-precision", "gptq-int4", "full-precision-continuous-batching",
                      "gptq-int4-continuous-batching"])
@@ -104,35 +94,11 @@ def server(request, hub_cache, tmp_path_factory):
     if serve.serve_available() is not None:
         pytest.skip(f"no transformers serve here: {serve.serve_available()}")
     kind, batching = request.param
-    port = _free_port()
     env = dict(os.environ, HF_HUB_CACHE=hub_cache, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    args = ["--dtype", "float32"] + (["--continuous-batching"] if batching else [])
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    args = [sys.executable, "-m", "qwen2_moe_hf.cli", "serve", "--model", REPO_IDS[kind], "--host", "127.0.0.1",
-            "--port", str(port), "--device", "cpu", "--dtype", "float32"]
-    if batching:
-        args.append("--continuous-batching")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the server did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield kind, client, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with helpers.running_server(REPO_IDS[kind], log, env=env, extra_args=args) as url:
+        yield kind, openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120), log
 
 
 @pytest.fixture(scope="module")
