@@ -15,6 +15,11 @@
    and the built-in), against the bandwidth ceiling of reading the active weights once per token.
 
 Paste its tables into docs/benchmarks.md.
+
+    python benchmarks/gpu_suite.py --tune triton_configs.json
+
+only re-tunes the Triton kernels' tile table on this GPU (qwen2_moe_hf/kernels/triton_moe.py `tune`) and writes it
+as JSON, which the launchers read when env QWEN2_MOE_HF_TRITON_CONFIGS names it.
 """
 
 import argparse
@@ -233,10 +238,19 @@ def main():
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 256, 1024, 4096])
     parser.add_argument("--decode-layers", type=int, default=24)
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--tune", metavar="JSON", help="only re-tune the Triton tile table on this GPU (kernels/"
+                        "triton_moe.py tune), write it to JSON; use it with QWEN2_MOE_HF_TRITON_CONFIGS=JSON")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_suite.py needs a CUDA GPU")
     print(torch.cuda.get_device_name(), "| torch", torch.__version__)
+    if args.tune:
+        from qwen2_moe_hf.kernels.triton_moe import tune
+
+        table = tune(args.tune)
+        print(f"wrote {args.tune}: {table}\nuse it: QWEN2_MOE_HF_TRITON_CONFIGS={args.tune}; then recompile the "
+              f"report: python -m qwen2_moe_hf.kernels.triton_aot --all")
+        return
     build_and_test(args.skip_tests)
     bw, rate = copy_bandwidth(), matmul_rate()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")

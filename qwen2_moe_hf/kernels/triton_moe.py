@@ -4,9 +4,13 @@ One family for the routed experts, in vLLM's fused-MoE shape, where dense and GP
 a weight tile is loaded (`_weight_tile`, a `tl.constexpr` INT4 choice):
   align (csrc moe_align: slots sorted by expert, padded to BLOCK_M) ->
   GEMM1: act[slot] = silu(x[token] @ W_gate[e]^T) * (x[token] @ W_up[e]^T)      (SiLU*up fused, one kernel)
-  GEMM2: y[slot]   = weight[slot] * (act[slot] @ W_down[e]^T)                   (routing weight fused)
-  combine: out[t] = sum_j y[t*k + j]
-and a decode path for a few tokens that skips the sort: one program per (slot, output tile).
+  GEMM2: y[slot]   = weight[slot] * (act[slot] @ W_down[e]^T)                   (routing weight fused, fp32)
+  combine: out[t] = sum_j y[t*k + j]                                             (one kernel: fp32 sum, one cast)
+and a decode path for a few tokens that skips the sort: one program per (slot, output tile), the same combine.
+
+Tiles, warps and stages come from kernels/triton_configs.py (our table, by GPU generation, dtype class and slots
+per expert); kernels/triton_aot.py compiles every configuration the launchers can pick to cubin for sm_80 and
+sm_90 and reports registers, spills and shared memory (docs/dispatch.md).
 
 Expert weights stay where the model keeps them (the hub's layout, one tensor per expert and projection): the
 kernels read them through a table of base addresses, int64 [3 projections (gate, up, down), 4 parts, E experts],
@@ -14,8 +18,15 @@ built once per layer (`expert_tables`) and kept by the layer's prepared weights.
 [out, in] weight); GPTQ uses qweight, qzeros, scales, g_idx, read as (gptq/format.py)
   W[n, k] = scales[g, n] * (q[k, n] - (zero[g, n] + zero_offset)),  g = g_idx[k]
 dequantized per tile in registers (fp32), never in memory. Also here: one GPTQ Linear (`gptq_linear_triton`).
+
+The weighted top-k sum: GEMM2 multiplies each row by its routing weight in fp32 in its epilogue (vLLM's
+MUL_ROUTED_WEIGHT) and writes the weighted rows [T*k, H]; `_combine` adds each token's k rows in slot order in fp32
+and rounds once. Not atomics into an fp32 [T, H] output: those need a zeroing pass before and a cast after (three
+launches against two here), and their order of additions, hence the last bit of every output, would change from
+run to run; this project's combines are deterministic (the CPU op's and the CUDA moe_combine's too).
 """
 
+import time as _time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -23,13 +34,22 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_configs as configs
+
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 PACK = 8  # 4-bit values per int32
+ALIGN = 16  # bytes: every expert tensor's address (the kernels tell Triton so)
 Int4Linear = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # qweight, qzeros, scales, g_idx
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device helpers
+#
+# Shared conventions: the weight pointers of an expert are read once, before the K loop (so Triton's pipeliner sees
+# loop-invariant bases and can stage the weight tiles in shared memory); weight columns past N are clamped
+# (`cols % N`: real memory, results masked at the store) so weight loads need no N mask; K masks only exist when K
+# is not a multiple of BLOCK_K (a constexpr test: H and I are constexpr); rows of padding slots read slot 0's
+# (token 0's) data and are masked at the store.
 
 
 @triton.jit
@@ -44,35 +64,65 @@ def block_slots(sorted_slots, block_experts, num_slots, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _dequant_tile(qw, qz, sc, gi, ks, cols, k_ok, n_ok, N, ZERO_OFFSET: tl.constexpr):
-    """W^T[ks, cols] as fp32 [BLOCK_K, BLOCK_N] from one Linear's GPTQ tensors (N: its out_features)."""
-    mask = k_ok[:, None] & n_ok[None, :]
-    g = tl.load(gi + ks, mask=k_ok, other=0)
-    # Each int32 is loaded once per row it holds (8 times): the repeats hit cache, and the tile stays 2-D.
-    packed = tl.load(qw + (ks // 8)[:, None] * N + cols[None, :], mask=mask, other=0)
-    q = (packed >> ((ks % 8) * 4)[:, None]) & 0xF
-    zp = tl.load(qz + g[:, None] * (N // 8) + (cols // 8)[None, :], mask=mask, other=0)
-    zero = ((zp >> ((cols % 8) * 4)[None, :]) & 0xF) + ZERO_OFFSET  # nibble masked before the offset, as format.py
-    scale = tl.load(sc + g[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    return (q - zero).to(tl.float32) * scale  # masked entries: scale 0 -> weight 0
+def _linear_ptrs(table, linear: tl.constexpr, expert, num_experts, INT4: tl.constexpr, W_DTYPE: tl.constexpr):
+    """Base pointers of projection `linear` (0 gate, 1 up, 2 down) of `expert`: (qweight, qzeros, scales, g_idx)
+    for int4, the [N, K] weight four times for dense."""
+    # Every address is 16-byte aligned (expert_tables checks it). Saying so lets Triton vectorize the weight loads
+    # and pipeline them through shared memory (num_stages): a pointer made from an integer carries no alignment, and
+    # without this the weight tiles were loaded element by element into registers (and spilled; docs/dispatch.md).
+    row = table + linear * 4 * num_experts + expert
+    if INT4:
+        qw = tl.multiple_of(tl.load(row).to(tl.pointer_type(tl.int32)), 16)
+        qz = tl.multiple_of(tl.load(row + num_experts).to(tl.pointer_type(tl.int32)), 16)
+        sc = tl.multiple_of(tl.load(row + 2 * num_experts).to(tl.pointer_type(W_DTYPE)), 16)
+        gi = tl.multiple_of(tl.load(row + 3 * num_experts).to(tl.pointer_type(tl.int32)), 16)
+        return qw, qz, sc, gi
+    else:
+        w = tl.multiple_of(tl.load(row).to(tl.pointer_type(W_DTYPE)), 16)
+        return w, w, w, w
 
 
 @triton.jit
-def _weight_tile(table, linear, expert, num_experts, ks, cols, k_ok, n_ok, N, K,
-                 INT4: tl.constexpr, ZERO_OFFSET: tl.constexpr, W_DTYPE: tl.constexpr):
-    """W^T[ks, cols] ([BLOCK_K, BLOCK_N]) of projection `linear` (0 gate, 1 up, 2 down: Linear(K -> N)) of
-    `expert`: the only place where dense and 4-bit weights differ. Dense: the [N, K] weight in W_DTYPE; int4:
-    dequantized to fp32 (W_DTYPE is then the scales' dtype)."""
-    row = table + linear * 4 * num_experts + expert
-    if INT4:
-        qw = tl.load(row).to(tl.pointer_type(tl.int32))
-        qz = tl.load(row + num_experts).to(tl.pointer_type(tl.int32))
-        sc = tl.load(row + 2 * num_experts).to(tl.pointer_type(W_DTYPE))
-        gi = tl.load(row + 3 * num_experts).to(tl.pointer_type(tl.int32))
-        return _dequant_tile(qw, qz, sc, gi, ks, cols, k_ok, n_ok, N, ZERO_OFFSET)
+def _dequant_tile(qw, qz, sc, gi, ks, cols, k_ok, N, ZERO_OFFSET: tl.constexpr, MASK_K: tl.constexpr):
+    """W^T[ks, cols] as fp32 [BLOCK_K, BLOCK_N] from one Linear's GPTQ tensors (N: its out_features; cols < N)."""
+    if MASK_K:
+        g = tl.load(gi + ks, mask=k_ok, other=0)
+        # Each int32 is loaded once per row it holds (8 times): the repeats hit cache, and the tile stays 2-D.
+        packed = tl.load(qw + (ks // 8)[:, None] * N + cols[None, :], mask=k_ok[:, None], other=0)
     else:
-        w = tl.load(row).to(tl.pointer_type(W_DTYPE))
-        return tl.load(w + cols[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        g = tl.load(gi + ks)
+        packed = tl.load(qw + (ks // 8)[:, None] * N + cols[None, :])
+    q = (packed >> ((ks % 8) * 4)[:, None]) & 0xF
+    zp = tl.load(qz + g[:, None] * (N // 8) + (cols // 8)[None, :])  # g is a real group (0 where masked)
+    zero = ((zp >> ((cols % 8) * 4)[None, :]) & 0xF) + ZERO_OFFSET  # nibble masked before the offset, as format.py
+    if MASK_K:
+        scale = tl.load(sc + g[:, None] * N + cols[None, :], mask=k_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        scale = tl.load(sc + g[:, None] * N + cols[None, :]).to(tl.float32)
+    return (q - zero).to(tl.float32) * scale  # rows past K: scale 0 -> weight 0
+
+
+@triton.jit
+def _weight_tile(w, qz, sc, gi, ks, cols, k_ok, N, K, INT4: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                 MASK_K: tl.constexpr):
+    """W^T[ks, cols] ([BLOCK_K, BLOCK_N]) of a Linear(K -> N) from `_linear_ptrs`: the only place where dense and
+    4-bit weights differ. Dense: the [N, K] weight's own dtype; int4: dequantized to fp32. cols < N."""
+    if INT4:
+        return _dequant_tile(w, qz, sc, gi, ks, cols, k_ok, N, ZERO_OFFSET, MASK_K)
+    else:
+        if MASK_K:
+            return tl.load(w + cols[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.0)
+        else:
+            return tl.load(w + cols[None, :] * K + ks[:, None])
+
+
+@triton.jit
+def _rows_tile(ptr, rows, ks, k_ok, K: tl.constexpr, MASK_K: tl.constexpr):
+    """ptr[rows, ks] ([BLOCK_M, BLOCK_K]) of a row-major [*, K] tensor; rows are all real (safe) indices."""
+    if MASK_K:
+        return tl.load(ptr + rows[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptr + rows[:, None] * K + ks[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,14 +143,17 @@ def _gemm1(
     tokens = safe // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < I
+    wcols = cols % I
+    gq, gz, gs, gg = _linear_ptrs(table, 0, expert, num_experts, INT4, W_DTYPE)
+    uq, uz, us, ug = _linear_ptrs(table, 1, expert, num_experts, INT4, W_DTYPE)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        a = tl.load(x_ptr + tokens[:, None] * H + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        wg = _weight_tile(table, 0, expert, num_experts, ks, cols, k_ok, n_ok, I, H, INT4, ZERO_OFFSET, W_DTYPE)
-        wu = _weight_tile(table, 1, expert, num_experts, ks, cols, k_ok, n_ok, I, H, INT4, ZERO_OFFSET, W_DTYPE)
+        a = _rows_tile(x_ptr, tokens, ks, k_ok, H, H % BLOCK_K != 0)
+        wg = _weight_tile(gq, gz, gs, gg, ks, wcols, k_ok, I, H, INT4, ZERO_OFFSET, H % BLOCK_K != 0)
+        wu = _weight_tile(uq, uz, us, ug, ks, wcols, k_ok, I, H, INT4, ZERO_OFFSET, H % BLOCK_K != 0)
         acc_g = tl.dot(a, wg.to(x_ptr.dtype.element_ty), acc_g, input_precision=DOT_PRECISION)
         acc_u = tl.dot(a, wu.to(x_ptr.dtype.element_ty), acc_u, input_precision=DOT_PRECISION)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -121,15 +174,18 @@ def _gemm2(
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < H
+    wcols = cols % H
+    dq, dz, ds, dg = _linear_ptrs(table, 2, expert, num_experts, INT4, W_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < I
-        a = tl.load(act_ptr + safe[:, None] * I + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w = _weight_tile(table, 2, expert, num_experts, ks, cols, k_ok, n_ok, H, I, INT4, ZERO_OFFSET, W_DTYPE)
+        a = _rows_tile(act_ptr, safe, ks, k_ok, I, I % BLOCK_K != 0)
+        w = _weight_tile(dq, dz, ds, dg, ks, wcols, k_ok, H, I, INT4, ZERO_OFFSET, I % BLOCK_K != 0)
         acc = tl.dot(a, w.to(act_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
-    acc = acc * tl.load(weights_ptr + safe, mask=valid, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + safe[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+    # The routing weight, in fp32 on the fp32 accumulator (MUL_ROUTED_WEIGHT); `_combine` sums the k rows.
+    acc = acc * tl.load(weights_ptr + safe).to(tl.float32)[:, None]
+    tl.store(y_ptr + slots[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & n_ok[None, :])
 
 
@@ -150,14 +206,20 @@ def _decode_gemm1(
     token = slot // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < I
+    wcols = cols % I
+    gq, gz, gs, gg = _linear_ptrs(table, 0, expert, num_experts, INT4, W_DTYPE)
+    uq, uz, us, ug = _linear_ptrs(table, 1, expert, num_experts, INT4, W_DTYPE)
     acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        a = tl.load(x_ptr + token * H + ks, mask=k_ok, other=0.0).to(tl.float32)
-        wg = _weight_tile(table, 0, expert, num_experts, ks, cols, k_ok, n_ok, I, H, INT4, ZERO_OFFSET, W_DTYPE)
-        wu = _weight_tile(table, 1, expert, num_experts, ks, cols, k_ok, n_ok, I, H, INT4, ZERO_OFFSET, W_DTYPE)
+        if H % BLOCK_K != 0:
+            a = tl.load(x_ptr + token * H + ks, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            a = tl.load(x_ptr + token * H + ks).to(tl.float32)
+        wg = _weight_tile(gq, gz, gs, gg, ks, wcols, k_ok, I, H, INT4, ZERO_OFFSET, H % BLOCK_K != 0)
+        wu = _weight_tile(uq, uz, us, ug, ks, wcols, k_ok, I, H, INT4, ZERO_OFFSET, H % BLOCK_K != 0)
         acc_g += tl.sum(wg.to(tl.float32) * a[:, None], axis=0)
         acc_u += tl.sum(wu.to(tl.float32) * a[:, None], axis=0)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -175,15 +237,37 @@ def _decode_gemm2(
     expert = tl.load(ids_ptr + slot)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < H
+    wcols = cols % H
+    dq, dz, ds, dg = _linear_ptrs(table, 2, expert, num_experts, INT4, W_DTYPE)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < I
-        a = tl.load(act_ptr + slot * I + ks, mask=k_ok, other=0.0).to(tl.float32)
-        w = _weight_tile(table, 2, expert, num_experts, ks, cols, k_ok, n_ok, H, I, INT4, ZERO_OFFSET, W_DTYPE)
+        if I % BLOCK_K != 0:
+            a = tl.load(act_ptr + slot * I + ks, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            a = tl.load(act_ptr + slot * I + ks).to(tl.float32)
+        w = _weight_tile(dq, dz, ds, dg, ks, wcols, k_ok, H, I, INT4, ZERO_OFFSET, I % BLOCK_K != 0)
         acc += tl.sum(w.to(tl.float32) * a[:, None], axis=0)
     acc = acc * tl.load(weights_ptr + slot).to(tl.float32)
     tl.store(y_ptr + slot * H + cols, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The weighted sum over the top-k slots
+
+
+@triton.jit
+def _combine(y_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t, cols] = sum_j y[t * TOP_K + j, cols] (rows already weighted), in fp32 in slot order, rounded once."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    base = y_ptr + token.to(tl.int64) * (TOP_K * H)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(base + j * H + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,17 +284,19 @@ def _int4_linear(
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    safe_rows = tl.where(row_ok, rows, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
+    wcols = cols % N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):  # K is not a constexpr here (one compile for every layer): K always masked
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _dequant_tile(qw, qz, sc, gi, ks, cols, k_ok, n_ok, N, ZERO_OFFSET)
+        a = tl.load(x_ptr + safe_rows[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0.0)
+        w = _dequant_tile(qw, qz, sc, gi, ks, wcols, k_ok, N, ZERO_OFFSET, True)
         acc = tl.dot(a, w.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + wcols).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -266,13 +352,34 @@ def _check_blocks(block_n: int, block_k: int) -> None:
         raise ValueError(f"block_k {block_k} / block_n {block_n}: powers of two expected, block_k a multiple of 8")
 
 
+def device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """The CUDA capability the launchers pick tiles for; None off CUDA (the interpreter: triton_configs reads the
+    sm90 table then)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _override(tile: configs.Tile, block_n: Optional[int], block_k: Optional[int]) -> configs.Tile:
+    tile = configs.Tile(block_n or tile.block_n, block_k or tile.block_k, tile.num_warps, tile.num_stages)
+    _check_blocks(tile.block_n, tile.block_k)
+    return tile
+
+
+def _launch_opts(tile: configs.Tile) -> dict:
+    return dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
 def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                        g_idx: torch.Tensor, bits: int = 4, zero_offset: int = 1, bias: Optional[torch.Tensor] = None,
-                       *, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                       *, block_n: Optional[int] = None, block_k: Optional[int] = None,
+                       config: Optional[configs.LinearConfig] = None,
+                       capability: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with W the dequantized 4-bit GPTQ weight, dequantized tile by tile inside the kernel.
 
     x [..., K] fp16 / bf16 / fp32 on the tensors' device -> y [..., N] in x's dtype (fp32 accumulation). g_idx may
     be in any order (act-order); its values are trusted to lie in [0, groups) (not checked: that would sync).
+    Tiles: triton_configs.pick_linear by the device's capability (or `capability`), x's dtype and the rows;
+    `config` forces one, block_n / block_k override its tile.
     """
     if bits != 4:
         raise ValueError(f"bits: the Triton GPTQ kernels read 4-bit weights only, got bits={bits!r}")
@@ -285,17 +392,20 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
         raise ValueError(f"x: last dimension {x.shape[-1]}, expected in_features {k} (qweight has {k // PACK} rows)")
     if bias is not None and (tuple(bias.shape) != (n,) or bias.device != x.device):
         raise ValueError(f"bias: shape {tuple(bias.shape)} on {bias.device}, expected ({n},) on {x.device}")
-    _check_blocks(block_n, block_k)
+    if block_n is not None or block_k is not None:
+        _check_blocks(block_n or 64, block_k or 64)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64  # tl.dot needs >= 16 rows; decode wastes the rest
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        cap = capability if capability is not None else device_capability(x.device)
+        cfg = config or configs.pick_linear(cap, str(x.dtype), m)
+        tile = _override(cfg.tile, block_n, block_k)
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, tile.block_n))
         _int4_linear[grid](
             x2, qweight, qzeros, scales, g_idx, bias.contiguous() if bias is not None else y, y, m, n, k,
             ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            BLOCK_M=cfg.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, **_launch_opts(tile))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -362,6 +472,12 @@ def expert_tables(gate: Sequence[Union[torch.Tensor, Int4Linear]], up: Sequence[
     if down_shape != expected_down:
         raise ValueError(f"down: shapes {down_shape}, expected {expected_down} for Linear({inter} -> {hidden})")
     parts = [[list(entry) if int4 else [entry] for entry in entries] for entries in lists]
+    for name, entries in zip(names, parts):
+        for e, p in enumerate(entries):
+            for t in p:
+                if t.data_ptr() % ALIGN:
+                    raise ValueError(f"{name}[{e}]: data not {ALIGN}-byte aligned (a view at an odd offset?); the "
+                                     f"kernels assume aligned weights: pass a .clone()")
     addresses = [[[(p[j].data_ptr() if j < len(p) else 0) for p in entries] for j in range(4)] for entries in parts]
     tensors = tuple(t for entries in parts for p in entries for t in p)
     return ExpertTables(torch.tensor(addresses, dtype=torch.int64, device=device), num_experts, hidden, inter, int4,
@@ -402,10 +518,16 @@ def align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Tuple
 
 def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, tables: ExpertTables, *,
                    decode_max_tokens: int = 4, block_m: Optional[int] = None, block_n: Optional[int] = None,
-                   block_k: Optional[int] = None) -> torch.Tensor:
+                   block_k: Optional[int] = None,
+                   config: Optional[Union[configs.SortedConfig, configs.DecodeConfig]] = None,
+                   capability: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """The weighted sum over each token's top-k routed experts (no shared expert): x [T, H] -> [T, H] in x's dtype.
 
-    Tiles: dense 16 x 32 x 32; int4 64-wide N and K tiles, and rows per block following the slots per expert."""
+    Up to `decode_max_tokens` tokens take the decode path (a GEMV per slot, no sort), more the sorted path (align,
+    grouped GEMM1, GEMM2); both end in `_combine`. Tiles, warps and stages: triton_configs.pick_decode /
+    pick_sorted by the device's capability (or `capability`), the dtype class and the slots per expert. `config`
+    (a SortedConfig or DecodeConfig, for the path it names) forces one; block_m / block_n / block_k override its
+    fields (for both GEMMs)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in TL_DTYPES:
         raise ValueError("x: expected a 2-D [tokens, hidden] float16, bfloat16 or float32 tensor")
     T, H = x.shape
@@ -419,37 +541,203 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         raise ValueError(f"x: dtype {x.dtype}, but the expert weights are {tables.w_dtype}")
     if tables.table.device != x.device:
         raise ValueError(f"x: on {x.device}, but the expert weights are on {tables.table.device}")
-    block_n = block_n or (64 if tables.int4 else 32)
-    block_k = block_k or (64 if tables.int4 else 32)
-    _check_blocks(block_n, block_k)
+    if block_n is not None or block_k is not None:
+        _check_blocks(block_n or 64, block_k or 64)
+    if block_m is not None:
+        configs.check_block_m(block_m)
     k, I, E = topk_ids.shape[1], tables.inter, tables.num_experts
     if T == 0:
         return torch.zeros_like(x)
+    cap = capability if capability is not None else device_capability(x.device)
     x = x.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
-    y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
+    y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)  # weighted rows, summed by _combine
     consts = dict(H=H, I=I, INT4=tables.int4, ZERO_OFFSET=tables.zero_offset, W_DTYPE=TL_DTYPES[tables.w_dtype])
     if T <= decode_max_tokens:
+        cfg = config if isinstance(config, configs.DecodeConfig) else configs.pick_decode(cap, str(x.dtype),
+                                                                                          tables.int4)
+        t1, t2 = _override(cfg.gemv1, block_n, block_k), _override(cfg.gemv2, block_n, block_k)
         ids = topk_ids.reshape(-1).contiguous()
-        _decode_gemm1[(T * k, triton.cdiv(I, block_n))](
-            x, tables.table, ids, act, E, TOP_K=k, BLOCK_N=block_n, BLOCK_K=block_k, **consts)
-        _decode_gemm2[(T * k, triton.cdiv(H, block_n))](
-            act, tables.table, ids, weights, y, E, BLOCK_N=block_n, BLOCK_K=block_k, **consts)
+        _decode_gemm1[(T * k, triton.cdiv(I, t1.block_n))](
+            x, tables.table, ids, act, E, TOP_K=k, BLOCK_N=t1.block_n, BLOCK_K=t1.block_k, **consts,
+            **_launch_opts(t1))
+        _decode_gemm2[(T * k, triton.cdiv(H, t2.block_n))](
+            act, tables.table, ids, weights, y, E, BLOCK_N=t2.block_n, BLOCK_K=t2.block_k, **consts,
+            **_launch_opts(t2))
     else:
-        if block_m is None:
-            if tables.int4:  # rows per block ~ slots per expert: small blocks waste less padding at low counts
-                per_expert = T * k / E
-                block_m = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
-            else:
-                block_m = 16
-        sorted_slots, block_experts = align(topk_ids, E, block_m)
+        cfg = config if isinstance(config, configs.SortedConfig) else configs.pick_sorted(
+            cap, str(x.dtype), tables.int4, T, k, E)
+        bm = block_m or cfg.block_m
+        t1, t2 = _override(cfg.gemm1, block_n, block_k), _override(cfg.gemm2, block_n, block_k)
+        sorted_slots, block_experts = align(topk_ids, E, bm)
         grid_m = block_experts.numel()
         precision = dot_precision(x.dtype)
-        _gemm1[(grid_m, triton.cdiv(I, block_n))](
+        _gemm1[(grid_m, triton.cdiv(I, t1.block_n))](
             x, tables.table, act, sorted_slots, block_experts, T * k, E, TOP_K=k, DOT_PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **consts)
-        _gemm2[(grid_m, triton.cdiv(H, block_n))](
+            BLOCK_M=bm, BLOCK_N=t1.block_n, BLOCK_K=t1.block_k, **consts, **_launch_opts(t1))
+        _gemm2[(grid_m, triton.cdiv(H, t2.block_n))](
             act, tables.table, weights, y, sorted_slots, block_experts, T * k, E, DOT_PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **consts)
-    return y.view(T, k, H).float().sum(1).to(x.dtype)
+            BLOCK_M=bm, BLOCK_N=t2.block_n, BLOCK_K=t2.block_k, **consts, **_launch_opts(t2))
+    return combine(y, T, k)
+
+
+def combine(y: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    """[tokens * top_k, H] weighted rows -> [tokens, H] in y's dtype: fp32 sum in slot order, one rounding."""
+    H = y.shape[1]
+    out = torch.empty(tokens, H, dtype=y.dtype, device=y.device)
+    tile = configs.COMBINE
+    _combine[(tokens, triton.cdiv(H, tile.block_n))](y, out, H=H, TOP_K=top_k, BLOCK_H=tile.block_n,
+                                                     **_launch_opts(tile))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tuning (on a GPU: benchmarks/gpu_suite.py --tune)
+
+
+def kernel_launchers(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, tables: ExpertTables, *,
+                     block_m: int = 16) -> dict:
+    """One callable per kernel of the family, each launching just that kernel on these inputs with a given
+    `triton_configs.Tile` and returning what Triton's launch returns (the compiled kernel, with n_regs / n_spills
+    on a GPU): {"gemm1", "gemm2" (sorted path, rows aligned to block_m), "gemv1", "gemv2" (decode path),
+    "combine"}, and "buffers": GEMM1 / GEMV1 write act_out, GEMM2 / GEMV2 read act_in (placeholder activations:
+    timing only) and write y, the combine reads y and writes out. Allocated once."""
+    T, H = x.shape
+    k, I, E = topk_ids.shape[1], tables.inter, tables.num_experts
+    x = x.contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    ids = topk_ids.reshape(-1).contiguous()
+    act = torch.randn(T * k, I, device=x.device).to(x.dtype) * 0.1
+    y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    consts = dict(H=H, I=I, INT4=tables.int4, ZERO_OFFSET=tables.zero_offset, W_DTYPE=TL_DTYPES[tables.w_dtype])
+    sorted_slots, block_experts = align(topk_ids, E, block_m)
+    grid_m = block_experts.numel()
+    precision = dot_precision(x.dtype)
+    scratch = torch.empty_like(act)
+
+    def gemm1(tile):
+        return _gemm1[(grid_m, triton.cdiv(I, tile.block_n))](
+            x, tables.table, scratch, sorted_slots, block_experts, T * k, E, TOP_K=k, DOT_PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, **consts, **_launch_opts(tile))
+
+    def gemm2(tile):
+        return _gemm2[(grid_m, triton.cdiv(H, tile.block_n))](
+            act, tables.table, weights, y, sorted_slots, block_experts, T * k, E, DOT_PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, **consts, **_launch_opts(tile))
+
+    def gemv1(tile):
+        return _decode_gemm1[(T * k, triton.cdiv(I, tile.block_n))](
+            x, tables.table, ids, scratch, E, TOP_K=k, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, **consts,
+            **_launch_opts(tile))
+
+    def gemv2(tile):
+        return _decode_gemm2[(T * k, triton.cdiv(H, tile.block_n))](
+            act, tables.table, ids, weights, y, E, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, **consts,
+            **_launch_opts(tile))
+
+    def combine_(tile):
+        return _combine[(T, triton.cdiv(H, tile.block_n))](y, out, H=H, TOP_K=k, BLOCK_H=tile.block_n,
+                                                           **_launch_opts(tile))
+
+    return dict(gemm1=gemm1, gemm2=gemm2, gemv1=gemv1, gemv2=gemv2, combine=combine_,
+                buffers=dict(act_out=scratch, act_in=act, y=y, out=out))
+
+
+def _random_int4_linear(k: int, n: int, group: int, device, scales_dtype=torch.float16) -> Int4Linear:
+    g = torch.Generator(device="cpu").manual_seed(k * 31 + n)
+    groups = k // group
+    qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // PACK, n), dtype=torch.int32, generator=g)
+    qzeros = torch.full((groups, n // PACK), 0x77777777, dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=g) * 0.01 + 0.001).to(scales_dtype)
+    g_idx = torch.arange(k, dtype=torch.int32) // group
+    return tuple(t.to(device) for t in (qweight, qzeros, scales, g_idx))
+
+
+def tune(path: str, *, tokens: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+         hidden: int = 2048, inter: int = 1408, num_experts: int = 60, top_k: int = 4, group: int = 128,
+         classes: Sequence[str] = ("16bit", "int4"), linear_rows: Sequence[int] = (1, 16, 64, 256, 1024),
+         decode_max_tokens: int = 4, repeats: int = 10, log=print) -> dict:
+    """Time the candidate tiles (triton_configs.candidates) of every kernel on this GPU, at this layer shape, for
+    bf16 activations with dense ("16bit") and 4-bit ("int4") experts, and write the table they pick
+    (triton_configs.write_table) to `path`, the JSON file env QWEN2_MOE_HF_TRITON_CONFIGS can name. Candidates that
+    spill registers or do not fit shared memory are skipped. Only this GPU's generation changes; fp32 (not a
+    performance path) keeps the built-in entries. Returns the JSON written."""
+    device = torch.device("cuda")
+    capability = torch.cuda.get_device_capability(device)
+    gen = configs.generation(capability)
+    timings = []
+    start = _time.perf_counter()
+
+    def measure(fn):
+        kernel = fn()  # compiles; the returned kernel knows its spills once loaded
+        torch.cuda.synchronize()
+        if getattr(kernel, "n_spills", 0):
+            return None
+        for _ in range(2):
+            fn()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / repeats
+
+    def attempt(fn):
+        try:
+            return measure(fn)
+        except Exception as e:  # noqa: BLE001  (OutOfResources and compile failures: not a candidate here)
+            log(f"  skipped: {type(e).__name__}: {str(e)[:120]}")
+            return None
+
+    gen_ = torch.Generator(device="cpu").manual_seed(0)
+    for cls in classes:
+        int4 = cls == "int4"
+        dtype = torch.bfloat16
+        if int4:
+            bank = [[_random_int4_linear(*shape, group, device) for _ in range(num_experts)]
+                    for shape in ((hidden, inter), (hidden, inter), (inter, hidden))]
+        else:
+            bank = [[(torch.randn(*shape, generator=gen_) / shape[1] ** 0.5).to(device, dtype)
+                     for _ in range(num_experts)] for shape in ((inter, hidden), (inter, hidden), (hidden, inter))]
+        tables = expert_tables(*bank, int4=int4, zero_offset=1 if int4 else 0, device=device)
+        for t in tokens:
+            x = torch.randn(t, hidden, generator=gen_).to(device, dtype)
+            logits = torch.randn(t, num_experts, generator=gen_)
+            w, ids = torch.softmax(logits, -1).topk(top_k, -1)
+            ids, w = ids.to(device), w.to(device, dtype)
+            slots = configs.slots_per_expert(t, top_k, num_experts)
+            if t <= decode_max_tokens:
+                launch = kernel_launchers(x, ids, w, tables)
+                for kernel in ("gemv1", "gemv2"):
+                    for _, tile in configs.candidates(kernel, cls):
+                        ms = attempt(lambda: launch[kernel](tile))
+                        if ms is not None:
+                            timings.append(configs.Timing(kernel, gen, cls, t, 0, tile, ms))
+                continue
+            for block_m in sorted({m for m, _ in configs.candidates("gemm1", cls)}):
+                launch = kernel_launchers(x, ids, w, tables, block_m=block_m)
+                for kernel in ("gemm1", "gemm2"):
+                    for m, tile in configs.candidates(kernel, cls):
+                        if m == block_m:
+                            ms = attempt(lambda: launch[kernel](tile))
+                            if ms is not None:
+                                timings.append(configs.Timing(kernel, gen, cls, slots, block_m, tile, ms))
+            log(f"{cls} {t} tokens: {len(timings)} timings, {_time.perf_counter() - start:.0f} s")
+        del bank, tables
+        torch.cuda.empty_cache()
+    for rows in linear_rows:
+        lin = _random_int4_linear(hidden, hidden, group, device)
+        x = torch.randn(rows, hidden, generator=gen_).to(device, torch.bfloat16)
+        for block_m, tile in configs.candidates("int4_linear", "int4"):
+            cfg = configs.LinearConfig(block_m, tile)
+            ms = attempt(lambda: gptq_linear_triton(x, *lin, config=cfg))
+            if ms is not None:
+                timings.append(configs.Timing("int4_linear", gen, "int4", rows, block_m, tile, ms))
+        log(f"int4_linear {rows} rows: {len(timings)} timings, {_time.perf_counter() - start:.0f} s")
+    meta = dict(device=torch.cuda.get_device_name(device), capability=list(capability), triton=triton.__version__,
+                torch=torch.__version__, shape=dict(hidden=hidden, inter=inter, experts=num_experts, top_k=top_k),
+                seconds=round(_time.perf_counter() - start))
+    return configs.write_table(timings, path, meta=meta)

@@ -35,8 +35,11 @@ def supports(weights: ExpertWeights, device: torch.device, dtype: torch.dtype) -
         return f"expert weights on {weights.device}, inputs on {device}"
     if weights.kind == "dense" and weights.dtype != dtype:
         return f"expert weights in {weights.dtype}, inputs in {dtype}"
-    if not all(t.is_contiguous() for t in weights.projection_tensors()):
+    tensors = weights.projection_tensors()
+    if not all(t.is_contiguous() for t in tensors):
         return "expert weights are not contiguous"
+    if any(t.data_ptr() % 16 for t in tensors):  # the kernels tell Triton every weight address is 16-byte aligned
+        return "expert weights are not 16-byte aligned (views at odd offsets)"
     return None
 
 
