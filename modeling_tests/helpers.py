@@ -256,3 +256,40 @@ def running_server(model, log_path, env=None, cwd=None, extra_args=()):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# The device each built-in backend runs on (any other registered backend: the CPU).
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def backend_device(name):
+    """The device a backend takes its inputs on: cuda for the GPU backends, else the CPU."""
+    return torch.device("cuda") if name in GPU_BACKENDS else torch.device("cpu")
+
+
+def backend_skip_reason(name):
+    """None when the backend runs here, else why not, as "<name>: <why>" (env_report()'s reason)."""
+    from qwen2_moe_hf.moe.backends import registry
+
+    ok, why = registry.backend(name).available()
+    return None if ok else f"{name}: {why}"
+
+
+def backend_params(exclude=("torch",), skip=None):
+    """Every registered backend (the registry's full list, not only those that run here) but `exclude`, as
+    pytest params that skip with the backend's own reason where it cannot run. `skip`: {name: reason} for backends
+    the test does not apply to."""
+    from qwen2_moe_hf.moe.backends import registry
+
+    params = []
+    for name in registry.available_backends():
+        if name in exclude:
+            continue
+        why = (skip or {}).get(name) or backend_skip_reason(name)
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(why is not None, reason=why or "")))
+    return params
+
+
+def on_device(device, *objects):
+    """Each tensor or module moved to `device` (None stays None): a module in place, as nn.Module.to does."""
+    return tuple(None if o is None else o.to(device) for o in objects)

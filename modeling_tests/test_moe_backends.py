@@ -1,5 +1,8 @@
-"""Every expert-dispatch backend that runs here against the torch reference (the oracle), on random inputs across
-odd shapes and dtypes, plus the registry's rules and training through the MoE block."""
+"""Every registered expert-dispatch backend against the torch reference (the oracle), on random inputs across odd
+shapes and dtypes, plus the registry's rules and training through the MoE block. Each backend's cases are collected
+everywhere and skip, with the backend's own reason, where it cannot run; a case puts the block and its inputs on the
+backend's device (helpers.backend_device) and compares the results, back on the CPU, with the reference computed
+there."""
 
 import copy
 import logging
@@ -18,6 +21,8 @@ from qwen2_moe_hf.moe.backends import registry
 import helpers
 
 FAST = [name for name, state in qwen2_moe_hf.env_report().items() if state == "available" and name != "torch"]
+# Every registered backend but the reference, each skipping with its own reason where it cannot run.
+BACKENDS = helpers.backend_params()
 # Per row: fp32 sums in another order; bf16/fp16 are compared with the reference run in fp32 on the same (rounded)
 # weights, so the bound is the low-precision rounding of the inputs.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -42,31 +47,33 @@ def _assert_close(got, expected, dtype, what):
     assert err <= TOL[dtype], f"{what}: per-row relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
-needs_fast = pytest.mark.skipif(not FAST, reason=f"no optimized backend runs here: {qwen2_moe_hf.env_report()}")
-
-
-@needs_fast
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 3, 17, 64])
 @pytest.mark.parametrize("whole_block", [True, False])
 def test_backend_matches_reference(backend, dtype, tokens, whole_block):
     """The whole block (router, routed and shared experts: a fused lane where the backend has one) or its routed
-    experts alone, against the reference in fp32 on the same rounded weights and routing."""
-    block = _block(seed=tokens).to(dtype)
-    block.config.moe_backend = backend
+    experts alone, on the backend's device, against the reference in fp32 on the CPU on the same rounded weights
+    and routing."""
+    ref_block = _block(seed=tokens).to(dtype)
     x = torch.randn(1, tokens, 45).to(dtype)
+    device = helpers.backend_device(backend)
+    block, x_dev = helpers.on_device(device, copy.deepcopy(ref_block), x)
+    block.config.moe_backend = backend
     if whole_block:
         with torch.no_grad():
-            got, logits = block(x, return_router_logits=True)
-        _assert_close(got.reshape(-1, 45), helpers.block_reference(block, x, logits), dtype, f"{backend} block")
+            got, logits = block(x_dev, return_router_logits=True)
+        assert got.device.type == device.type
+        _assert_close(got.reshape(-1, 45).cpu(), helpers.block_reference(ref_block, x, logits.cpu()), dtype,
+                      f"{backend} block")
     else:
-        got, (weights, ids) = helpers.routed(block, x, backend)
-        _assert_close(got, _routed_reference_fp32(block, x, weights, ids), dtype, f"{backend} routed")
+        got, (weights, ids) = helpers.routed(block, x_dev, backend)
+        assert got.device.type == device.type
+        _assert_close(got.cpu(), _routed_reference_fp32(ref_block, x, weights.cpu(), ids.cpu()), dtype,
+                      f"{backend} routed")
 
 
-@needs_fast
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["all_on_one_expert", "ties", "one_token", "idle_experts", "many_rows",
                                   "rows_for_sgemm"])
 def test_backend_routing_corner_cases(backend, case):
@@ -83,12 +90,14 @@ def test_backend_routing_corner_cases(backend, case):
             block.gate.weight.zero_()
     elif case == "idle_experts":  # only experts 0 and 8 get tokens
         ids = torch.tensor([[0, 8]] * tokens)
-    got, (weights, ids) = helpers.routed(block, x, backend, topk_ids=ids)
-    expected, _ = helpers.routed(block, x, "torch", topk_ids=ids)
-    _assert_close(got, expected, torch.float32, f"{backend} {case}")
+    device = helpers.backend_device(backend)
+    on_backend, x_dev, ids_dev = helpers.on_device(device, copy.deepcopy(block), x, ids)
+    got, (_, used_ids) = helpers.routed(on_backend, x_dev, backend, topk_ids=ids_dev)
+    expected, _ = helpers.routed(block, x, "torch", topk_ids=used_ids.cpu())
+    _assert_close(got.cpu(), expected, torch.float32, f"{backend} {case}")
 
 
-@pytest.mark.skipif("cpu" not in FAST, reason=f"the cpu backend does not run here: {qwen2_moe_hf.env_report()}")
+@pytest.mark.skipif("cpu" not in FAST, reason=str(helpers.backend_skip_reason("cpu")))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("hidden", [46, 45])
 @pytest.mark.parametrize("rows", [5, 8, 9, 16, 17, 40])
@@ -114,16 +123,17 @@ def test_cpu_op_row_regimes(dtype, hidden, rows):
     _assert_close(got, want, dtype, f"cpu {dtype} hidden={hidden} rows={rows}")
 
 
-@needs_fast
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_handles_nan_inputs_without_crashing(backend):
-    block = _block()
-    block.config.moe_backend = backend
+    device = helpers.backend_device(backend)
     x = torch.randn(1, 4, 45)
     x[0, 1, 3] = float("nan")
+    block, x, ids = helpers.on_device(device, _block(), x, torch.tensor([[0, 1, 2]] * 4))
+    block.config.moe_backend = backend
     with torch.no_grad():
-        got = block(x)[0]
-        routed, _ = helpers.routed(block, x, backend, topk_ids=torch.tensor([[0, 1, 2]] * 4))
+        got = block(x)[0].cpu()
+        routed, _ = helpers.routed(block, x, backend, topk_ids=ids)
+        routed = routed.cpu()
     for out in (got, routed):
         assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
 
@@ -169,17 +179,19 @@ def test_from_pretrained_moe_backend_and_env(tmp_path):
     assert out.returncode != 0 and "unknown backend 'nope'" in out.stderr
 
 
-@pytest.mark.parametrize("backend", ["torch", *FAST])
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
 def test_gradients_equal_the_reference(backend):
-    """With autograd on, every backend gives the reference's gradients (fast ones hand such calls to it)."""
+    """With autograd on, every backend gives the reference's gradients (fast ones hand such calls to it): both
+    run on the backend's device, compared on the CPU."""
     grads = []
+    device = helpers.backend_device(backend)
     inputs = torch.randn(2, 5, 45)
     for name in ("torch", backend):
-        block = _block(seed=5)
+        block, x = helpers.on_device(device, _block(seed=5), inputs.clone())
         block.config.moe_backend = name
-        x = inputs.clone().requires_grad_(True)
+        x.requires_grad_(True)
         block(x).pow(2).sum().backward()
-        grads.append([x.grad] + [p.grad for p in block.parameters()])
+        grads.append([x.grad.cpu()] + [p.grad.cpu() for p in block.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 

@@ -34,6 +34,9 @@ def experts_cuda(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     tokens, k = top_k_index.shape
     sorted_slots, _, offsets = torch.ops.qwen2_moe_hf.moe_align(top_k_index, weights.num_experts, 1)
     bounds = offsets.tolist()
+    if bounds[-1] != tokens * k:  # the CUDA moe_align leaves out-of-range ids out; the reference raises on them
+        raise RuntimeError(f"experts_cuda: {tokens * k - bounds[-1]} expert ids out of range [0, "
+                           f"{weights.num_experts})")
     slots = sorted_slots[: bounds[-1]].long()
     gathered = hidden_states[slots // k]
     per_slot = hidden_states.new_zeros(tokens * k, hidden_states.shape[1])
