@@ -16,7 +16,7 @@ import statistics
 import torch
 
 import qwen2_moe_hf
-from qwen2_moe_hf.bench import (  # noqa: F401  (builtin_block: gpu_suite.py takes it from here)
+from qwen2_moe_hf.bench import (
     SHAPE,
     CleanCaches,
     CopyProbe,
@@ -78,7 +78,7 @@ def main():
                 blocks[f"builtin[{impl}]"] = (builtin, lambda impl=impl: setattr(hf_config, "_experts_implementation",
                                                                                  impl))
 
-        header = (f"| tokens | copy GB/s | matmul GFLOP/s | floor ms | experts hit | " + " | ".join(blocks)
+        header = ("| tokens | copy GB/s | matmul GFLOP/s | floor ms | experts hit | " + " | ".join(blocks)
                   + " | ours best / floor | builtin best / ours best |")
         print(header)
         print("|" + "---|" * (header.count("|") - 1))

@@ -17,7 +17,6 @@ data. The tables are markdown, for docs/benchmarks.md; the benchmarks/ scripts u
 """
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -28,7 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import transformers
@@ -40,6 +39,7 @@ from . import __version__, compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
 from .gptq.format import GPTQSpec
 from .gptq.quantize import quantize_linears_
+from .loading.plan import default_dtype
 from .modeling_qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeSparseMoeBlock
 from .moe import env_report, route
 
@@ -204,17 +204,6 @@ def warm_up(variants: Sequence[Variant], clean: Optional[Callable[[], None]] = N
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models and the bytes they must read
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Build modules directly in `dtype` (a real-shape layer is 2 GB in fp32; no need to make it to cast it)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def randomize_(module: nn.Module, std: float = 0.02) -> nn.Module:

@@ -263,7 +263,8 @@ def _full_precision_dtype(value: Any, config: Any) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside are made in `dtype` (no fp32 copy first: a real-shape layer is 2 GB in fp32)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -308,7 +309,7 @@ def _stream_load(cls, pretrained, kwargs: Dict[str, Any], quantization: Optional
              else _full_precision_dtype(dtype, config))
 
     files = weight_files(folder)
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype):
         model = cls(config)
     key_of = key_mapping(model, files)
     quantized = quantization.swap_linears(model, files, key_of) if quantization is not None else {}
