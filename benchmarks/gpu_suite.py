@@ -193,9 +193,6 @@ def gpu_backends(run, inject_fault):
                 else:
                     backends[name] = "needs a GPU, or TRITON_INTERPRET=1 on the dry run"
                 continue
-            if name == "cuda":
-                backends[name] = state
-                continue
         elif name == "cpu":
             continue
         backends[name] = None if state == "available" else state
@@ -206,7 +203,7 @@ def gpu_backends(run, inject_fault):
 
 
 def unsupported(name, block, device, dtype):
-    """Why backend `name` declines this MoE block (e.g. cuda: dense experts only), or None: a layer it declines is
+    """Why backend `name` declines this MoE block (e.g. triton: bf16 under the interpreter), or None: a layer it declines is
     "n/a" in the tables, not a parity failure (named explicitly, it would raise)."""
     from qwen2_moe_hf.moe.backends.registry import backend
 

@@ -259,7 +259,7 @@ def running_server(model, log_path, env=None, cwd=None, extra_args=()):
 
 
 # The device each built-in backend runs on (any other registered backend: the CPU).
-GPU_BACKENDS = ("cuda", "triton")
+GPU_BACKENDS = ("triton",)
 
 
 def backend_device(name):

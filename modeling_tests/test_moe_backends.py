@@ -142,6 +142,8 @@ def test_registry_rules(monkeypatch, caplog):
     block = _block()
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         requested_backend("nope")
+    with pytest.raises(ValueError, match="moe_backend: the 'cuda' backend was removed .* use 'triton'"):
+        requested_backend("cuda")  # a config saved when it existed gets told what replaced it
     monkeypatch.setenv(registry.ENV_BACKEND, "torch")
     assert requested_backend(None) == "torch"
     assert requested_backend("cpu") == "cpu"  # the model's own setting wins over the environment

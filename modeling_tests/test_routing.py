@@ -45,6 +45,31 @@ def test_route_is_fp32_routing(dtype, renormalize):
 
 
 @needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_route_through_the_op_equals_route_in_torch(dtype, renormalize, monkeypatch):
+    """On a GPU with the extension built, route() is the topk_softmax op (calls without gradients). Here its CPU
+    twin stands in for it: the same ids, the same weights in the logits' dtype (to the op's fp32 exp: 1e-6)."""
+    from qwen2_moe_hf.moe import routing
+
+    logits = _logits(dtype)
+    want = routing.route_torch(logits, 4, renormalize)
+    monkeypatch.setattr(routing, "_op_routes", lambda t: True)
+    got = route(logits, 4, renormalize)
+    assert torch.equal(got[1], want[1]) and got[0].dtype == dtype
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6 if dtype == torch.float32 else None,
+                               atol=1e-8 if dtype == torch.float32 else None)
+
+
+def test_route_takes_the_op_only_on_cuda_and_without_gradients():
+    from qwen2_moe_hf.moe import routing
+
+    logits = torch.randn(3, 8)
+    assert not routing._op_routes(logits)  # CPU: the torch ops (the fused CPU layer routes on its own)
+    assert not routing._op_routes(torch.randn(3, 8, device="meta"))
+
+
+@needs_ops
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_topk_softmax_op_is_fp32_routing(dtype, renormalize):

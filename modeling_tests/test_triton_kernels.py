@@ -94,6 +94,78 @@ def test_align_matches_the_cpu_op_contract():
     assert torch.equal(sorted_slots.cpu(), ref_slots) and torch.equal(block_experts.cpu(), ref_blocks)
 
 
+def _tables(bank):
+    return triton_moe.expert_tables([e.gate_proj.weight for e in bank], [e.up_proj.weight for e in bank],
+                                    [e.down_proj.weight for e in bank], int4=False)
+
+
+@pytest.mark.parametrize("path", ["decode", "sorted"])
+@pytest.mark.parametrize("bad", [-1, 6, 2 ** 40])
+def test_out_of_range_expert_ids_are_refused_before_any_launch(path, bad, monkeypatch):
+    kw = dict(decode_max_tokens=64 if path == "decode" else 0)
+    bank, x, ids, weights = _case(9, experts=6, k=2, hidden=32, inter=24, dtype=torch.float32)
+    ids = ids.clone()
+    ids[4, 1] = bad
+    launched = []
+    for name in ("_decode_gemm1", "_gemm1", "_combine"):
+        monkeypatch.setattr(triton_moe, name, _Recorder(launched, getattr(triton_moe, name)))
+    with pytest.raises(ValueError, match=r"^topk_ids: 1 expert id\(s\) outside \[0, 6\), e\.g\. " + str(bad)):
+        triton_moe.routed_experts(x, ids, weights, _tables(bank), **kw)
+    assert not launched
+
+
+class _Recorder:
+    def __init__(self, log, kernel):
+        self.log, self.kernel = log, kernel
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("path", ["decode", "sorted"])
+def test_unchecked_out_of_range_ids_add_nothing_and_read_nothing_past_the_table(path, monkeypatch):
+    """check_ids=False (as under torch.compile / CUDA graphs): the kernels clamp the id for the table and the combine
+    leaves the slot out; the sorted path's align leaves it out as the CUDA moe_align does (align_torch here: the CPU
+    twin raises instead)."""
+    kw = dict(decode_max_tokens=64 if path == "decode" else 0)
+    monkeypatch.setattr(triton_moe, "align", triton_moe.align_torch)
+    bank, x, ids, weights = _case(11, experts=6, k=3, hidden=32, inter=24, dtype=torch.float32, seed=3)
+    ids = ids.clone()
+    ids[2, 0], ids[5, 2], ids[9, 1] = -3, 6, 1000
+    got = triton_moe.routed_experts(x, ids, weights, _tables(bank), check_ids=False, **kw)
+    kept = (ids >= 0) & (ids < 6)
+    with torch.no_grad():
+        ref = experts_forward_reference(x.float(), torch.where(kept, ids, 0), torch.where(kept, weights, 0).float(),
+                                        bank.float())
+    assert row_error(got, ref) <= TOL[torch.float32]
+
+
+def test_align_torch_leaves_out_of_range_ids_out():
+    ids = torch.tensor([[0, 7], [-1, 2], [2, 0], [3, 99]])
+    sorted_slots, block_experts = triton_moe.align_torch(ids, 4, 4)
+    slots = ids.numel()
+    real = sorted_slots[sorted_slots < slots].tolist()
+    assert real == [0, 5, 3, 4, 6]  # every in-range slot once, by expert (0, 0, 2, 2, 3), the others nowhere
+    assert block_experts.tolist()[:4] == [0, 2, 3, -1]
+
+
+def test_routed_experts_checks_its_index_arguments():
+    bank, x, ids, weights = _case(3, experts=3, k=2, hidden=32, inter=24, dtype=torch.float32)
+    tables = _tables(bank)
+    with pytest.raises(ValueError, match=r"^topk_ids: expected an int64 or int32 tensor"):
+        triton_moe.routed_experts(x, ids.float(), weights, tables)
+    with pytest.raises(ValueError, match=r"^topk_ids: shape \(2, 2\), expected \[3, top_k\] \(one row per row"):
+        triton_moe.routed_experts(x, ids[:2], weights[:2], tables)
+    with pytest.raises(ValueError, match=r"^topk_weights: expected a floating-point tensor"):
+        triton_moe.routed_experts(x, ids, ids, tables)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match=r"^topk_ids: on meta, but x is on cpu"):
+            triton_moe.routed_experts(x, ids.to("meta"), weights, tables)
+    ref = triton_moe.routed_experts(x, ids, weights, tables)
+    assert torch.equal(triton_moe.routed_experts(x, ids.int(), weights, tables), ref)  # int32 ids too
+
+
 def test_dense_tables_check_their_weights():
     bank, x, ids, weights = _case(3, experts=3, k=2, hidden=32, inter=24, dtype=torch.float32)
     gate, up, down = ([getattr(e, p).weight for e in bank] for p in ("gate_proj", "up_proj", "down_proj"))
@@ -287,7 +359,8 @@ def test_combine_sums_in_fp32_in_slot_order_and_rounds_once(dtype):
     y[0::k] = 3e4 if dtype == torch.float16 else 3e30  # cancels against the next slot: rounding order matters
     y[1::k] = -y[0::k]
     y = y.to(DEVICE, dtype)
-    got = triton_moe.combine(y, tokens, k)
+    ids = torch.zeros(tokens, k, dtype=torch.long, device=DEVICE)
+    got = triton_moe.combine(y, ids, 1)
     rows = y.view(tokens, k, hidden).float()
     want = rows[:, 0]
     for j in range(1, k):

@@ -113,7 +113,7 @@ def _torch_tag() -> str:
 
 
 _FALLBACK = {"cpu": "the MoE layers and GPTQ linears run on the torch path instead (correct, slower)",
-             "cuda": "the cuda MoE backend is unavailable; the triton or torch backend runs instead"}
+             "cuda": "GPU routing and Triton's align use torch ops instead (correct, a few more launches)"}
 
 
 def _unavailable(kind: str, why: str) -> Tuple[bool, str, None]:

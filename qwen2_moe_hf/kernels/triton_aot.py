@@ -129,7 +129,7 @@ def _source(v: Variant):
         consts = dict(ZERO_OFFSET=1, HAS_BIAS=True, DOT_PRECISION=precision, BLOCK_M=v.block_m, BLOCK_N=t.block_n,
                       BLOCK_K=t.block_k)
     elif v.kernel == "combine":
-        fn, sig = tm._combine, dict(y_ptr=x, out_ptr=x)
+        fn, sig = tm._combine, dict(y_ptr=x, ids_ptr="*i64", out_ptr=x, num_experts="i32")
         consts = dict(H=shape["H"], TOP_K=shape["TOP_K"], BLOCK_H=t.block_n)
     else:
         raise ValueError(f"unknown kernel {v.kernel!r}")

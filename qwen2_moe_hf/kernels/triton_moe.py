@@ -64,6 +64,13 @@ def block_slots(sorted_slots, block_experts, num_slots, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _safe_expert(expert, num_experts):
+    """An expert id fit to index the address table: out-of-range ids read expert 0's weights, never memory past the
+    table, and `_combine` leaves their rows out (routed_experts raises on them first unless told not to check)."""
+    return tl.where((expert >= 0) & (expert < num_experts), expert, 0)
+
+
+@triton.jit
 def _linear_ptrs(table, linear: tl.constexpr, expert, num_experts, INT4: tl.constexpr, W_DTYPE: tl.constexpr):
     """Base pointers of projection `linear` (0 gate, 1 up, 2 down) of `expert`: (qweight, qzeros, scales, g_idx)
     for int4, the [N, K] weight four times for dense."""
@@ -202,7 +209,7 @@ def _decode_gemm1(
     # One program per (slot, tile of I): a vector-matrix product, so no tl.dot padding to 16 rows.
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(ids_ptr + slot)
+    expert = _safe_expert(tl.load(ids_ptr + slot), num_experts)
     token = slot // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < I
@@ -234,7 +241,7 @@ def _decode_gemm2(
 ):
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(ids_ptr + slot)
+    expert = _safe_expert(tl.load(ids_ptr + slot), num_experts)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < H
     wcols = cols % H
@@ -258,15 +265,20 @@ def _decode_gemm2(
 
 
 @triton.jit
-def _combine(y_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t, cols] = sum_j y[t * TOP_K + j, cols] (rows already weighted), in fp32 in slot order, rounded once."""
+def _combine(y_ptr, ids_ptr, out_ptr, num_experts, H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t, cols] = sum_j y[t * TOP_K + j, cols] (rows already weighted), in fp32 in slot order, rounded once.
+    Slots whose expert id is out of range add nothing: the sorted path never wrote their rows (moe_align leaves
+    such ids out), the decode path wrote expert 0's."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     base = y_ptr + token.to(tl.int64) * (TOP_K * H)
     for j in tl.static_range(TOP_K):
-        acc += tl.load(base + j * H + cols, mask=ok, other=0.0).to(tl.float32)
+        expert = tl.load(ids_ptr + token * TOP_K + j)
+        real = (expert >= 0) & (expert < num_experts)
+        row = tl.load(base + j * H + cols, mask=ok, other=0.0).to(tl.float32)  # in y either way (unwritten rows)
+        acc += tl.where(real, row, 0.0)  # a select: whatever an unwritten row holds (NaN too) cannot reach acc
     tl.store(out_ptr + token.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -495,21 +507,29 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Tuple[torch
 
 
 def align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """moe_align in plain torch ops (any device, no host sync)."""
+    """moe_align in plain torch ops (any device, no host sync). Like the CUDA op, it leaves ids outside
+    [0, num_experts) out (they go to an extra bucket past the last expert, whose slots are written nowhere)."""
     slots = topk_ids.numel()
-    flat = topk_ids.reshape(-1)
+    flat = topk_ids.reshape(-1).long()
     device = flat.device
+    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[: num_experts + 1]
     padded = (counts + block_m - 1) // block_m * block_m
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    padded[num_experts] = 0
+    offsets = torch.zeros(num_experts + 2, dtype=torch.long, device=device)
     offsets[1:] = torch.cumsum(padded, 0)
-    starts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    starts = torch.zeros(num_experts + 2, dtype=torch.long, device=device)
     starts[1:] = torch.cumsum(counts, 0)
     max_blocks = -(-(slots + num_experts * (block_m - 1)) // block_m)
-    sorted_slots = torch.full((max_blocks * block_m,), slots, dtype=torch.int32, device=device)
+    # One spare element at the end takes the writes of left-out slots, then is cut off.
+    sorted_slots = torch.full((max_blocks * block_m + 1,), slots, dtype=torch.int32, device=device)
     expert_of = flat[order]
-    sorted_slots[offsets[expert_of] + torch.arange(slots, device=device) - starts[expert_of]] = order.to(torch.int32)
+    dest = offsets[expert_of] + torch.arange(slots, device=device) - starts[expert_of]
+    dest = torch.where(expert_of < num_experts, dest, max_blocks * block_m)
+    sorted_slots[dest] = order.to(torch.int32)
+    sorted_slots = sorted_slots[: max_blocks * block_m]
+    offsets = offsets[: num_experts + 1]
     block_of = torch.arange(max_blocks, device=device) * block_m
     block_experts = torch.searchsorted(offsets[1:], block_of, right=True).to(torch.int32)
     block_experts[block_of >= offsets[-1]] = -1
@@ -520,23 +540,35 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
                    decode_max_tokens: int = 4, block_m: Optional[int] = None, block_n: Optional[int] = None,
                    block_k: Optional[int] = None,
                    config: Optional[Union[configs.SortedConfig, configs.DecodeConfig]] = None,
-                   capability: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                   capability: Optional[Tuple[int, int]] = None, check_ids: bool = True) -> torch.Tensor:
     """The weighted sum over each token's top-k routed experts (no shared expert): x [T, H] -> [T, H] in x's dtype.
 
     Up to `decode_max_tokens` tokens take the decode path (a GEMV per slot, no sort), more the sorted path (align,
     grouped GEMM1, GEMM2); both end in `_combine`. Tiles, warps and stages: triton_configs.pick_decode /
     pick_sorted by the device's capability (or `capability`), the dtype class and the slots per expert. `config`
     (a SortedConfig or DecodeConfig, for the path it names) forces one; block_m / block_n / block_k override its
-    fields (for both GEMMs)."""
+    fields (for both GEMMs).
+
+    Every argument is checked before any launch (types, shapes, devices, dtypes). Expert ids outside [0, E): with
+    `check_ids` (the default) a ValueError, at the cost of one host sync, skipped under torch.compile and CUDA-graph
+    capture; either way the kernels never index past the address table with them, and their slots add nothing."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in TL_DTYPES:
         raise ValueError("x: expected a 2-D [tokens, hidden] float16, bfloat16 or float32 tensor")
     T, H = x.shape
     if H != tables.hidden:
         raise ValueError(f"x: hidden size {H}, but the experts take {tables.hidden} inputs")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError("topk_ids: expected an int64 or int32 tensor of expert ids, got "
+                         f"{topk_ids.dtype if isinstance(topk_ids, torch.Tensor) else type(topk_ids).__name__}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids: shape {tuple(topk_ids.shape)}, expected [{T}, top_k]")
+        raise ValueError(f"topk_ids: shape {tuple(topk_ids.shape)}, expected [{T}, top_k] (one row per row of x)")
+    if not isinstance(topk_weights, torch.Tensor) or not topk_weights.dtype.is_floating_point:
+        raise ValueError("topk_weights: expected a floating-point tensor")
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"topk_weights: shape {tuple(topk_weights.shape)}, expected {tuple(topk_ids.shape)}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
     if not tables.int4 and tables.w_dtype != x.dtype:
         raise ValueError(f"x: dtype {x.dtype}, but the expert weights are {tables.w_dtype}")
     if tables.table.device != x.device:
@@ -548,17 +580,20 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     k, I, E = topk_ids.shape[1], tables.inter, tables.num_experts
     if T == 0:
         return torch.zeros_like(x)
+    if check_ids and not _capturing(x.device):
+        check_expert_ids(topk_ids, E)
+    topk_ids = topk_ids.long()
     cap = capability if capability is not None else device_capability(x.device)
     x = x.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
     y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)  # weighted rows, summed by _combine
     consts = dict(H=H, I=I, INT4=tables.int4, ZERO_OFFSET=tables.zero_offset, W_DTYPE=TL_DTYPES[tables.w_dtype])
+    ids = topk_ids.reshape(-1).contiguous()
     if T <= decode_max_tokens:
         cfg = config if isinstance(config, configs.DecodeConfig) else configs.pick_decode(cap, str(x.dtype),
                                                                                           tables.int4)
         t1, t2 = _override(cfg.gemv1, block_n, block_k), _override(cfg.gemv2, block_n, block_k)
-        ids = topk_ids.reshape(-1).contiguous()
         _decode_gemm1[(T * k, triton.cdiv(I, t1.block_n))](
             x, tables.table, ids, act, E, TOP_K=k, BLOCK_N=t1.block_n, BLOCK_K=t1.block_k, **consts,
             **_launch_opts(t1))
@@ -579,16 +614,31 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         _gemm2[(grid_m, triton.cdiv(H, t2.block_n))](
             act, tables.table, weights, y, sorted_slots, block_experts, T * k, E, DOT_PRECISION=precision,
             BLOCK_M=bm, BLOCK_N=t2.block_n, BLOCK_K=t2.block_k, **consts, **_launch_opts(t2))
-    return combine(y, T, k)
+    return combine(y, topk_ids, E)
 
 
-def combine(y: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
-    """[tokens * top_k, H] weighted rows -> [tokens, H] in y's dtype: fp32 sum in slot order, one rounding."""
+def _capturing(device: torch.device) -> bool:
+    """Whether a host sync is impossible here: tracing by torch.compile or capture of a CUDA graph."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def check_expert_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """ValueError naming topk_ids when an id lies outside [0, num_experts) (one host sync on a GPU)."""
+    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    if bool(bad.any()):
+        value = int(topk_ids[bad][0])
+        raise ValueError(f"topk_ids: {int(bad.sum())} expert id(s) outside [0, {num_experts}), e.g. {value}")
+
+
+def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[tokens * top_k, H] weighted rows -> [tokens, H] in y's dtype: fp32 sum in slot order, one rounding; the
+    rows of slots whose id in topk_ids [tokens, top_k] is outside [0, num_experts) are left out."""
     H = y.shape[1]
+    tokens, top_k = topk_ids.shape
     out = torch.empty(tokens, H, dtype=y.dtype, device=y.device)
     tile = configs.COMBINE
-    _combine[(tokens, triton.cdiv(H, tile.block_n))](y, out, H=H, TOP_K=top_k, BLOCK_H=tile.block_n,
-                                                     **_launch_opts(tile))
+    _combine[(tokens, triton.cdiv(H, tile.block_n))](y, topk_ids.contiguous(), out, num_experts, H=H, TOP_K=top_k,
+                                                     BLOCK_H=tile.block_n, **_launch_opts(tile))
     return out
 
 
@@ -638,7 +688,7 @@ def kernel_launchers(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
             **_launch_opts(tile))
 
     def combine_(tile):
-        return _combine[(T, triton.cdiv(H, tile.block_n))](y, out, H=H, TOP_K=k, BLOCK_H=tile.block_n,
+        return _combine[(T, triton.cdiv(H, tile.block_n))](y, ids, out, E, H=H, TOP_K=k, BLOCK_H=tile.block_n,
                                                            **_launch_opts(tile))
 
     return dict(gemm1=gemm1, gemm2=gemm2, gemv1=gemv1, gemv2=gemv2, combine=combine_,

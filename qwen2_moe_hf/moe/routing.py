@@ -11,7 +11,9 @@ NaN; an infinite logit's probability is NaN too). The weights are the top_k prob
 renormalised to sum to 1 (Qwen1.5-MoE: not), rounded once, at the end, to the logits' dtype.
 
 The kernels that route (csrc/cpu/routing.h: the topk_softmax op and the cpu backend's fused layer;
-csrc/cuda/moe_ops.cu: topk_softmax) follow the same order; test_routing.py holds them to it.
+csrc/cuda/moe_ops.cu: topk_softmax) follow the same order; test_routing.py holds them to it. On a GPU, route()
+itself runs as the CUDA topk_softmax op when the extension is built (one kernel instead of softmax, sort and
+gather), for calls that need no gradient; it falls back to the torch ops below otherwise.
 """
 
 from typing import Tuple
@@ -19,7 +21,24 @@ from typing import Tuple
 import torch
 
 
+def _op_routes(router_logits: torch.Tensor) -> bool:
+    """Whether the compiled topk_softmax op computes this call: a CUDA kernel registered for the logits' device,
+    and no gradient to carry (the op has no backward)."""
+    return (router_logits.is_cuda and router_logits.dim() == 2
+            and not (torch.is_grad_enabled() and router_logits.requires_grad)
+            and torch._C._dispatch_has_kernel_for_dispatch_key("qwen2_moe_hf::topk_softmax", "CUDA"))
+
+
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _op_routes(router_logits):
+        weights, ids = torch.ops.qwen2_moe_hf.topk_softmax(router_logits, top_k, norm_topk_prob)
+        return weights.to(router_logits.dtype), ids
+    return route_torch(router_logits, top_k, norm_topk_prob)
+
+
+def route_torch(router_logits: torch.Tensor, top_k: int,
+                norm_topk_prob: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """route() in torch ops: any device, differentiable."""
     logits = router_logits.float()
     probs = torch.softmax(logits, dim=-1)
     # Rank by logit (NaN probabilities first); a stable sort keeps equal keys in id order: torch.topk promises none.

@@ -1,6 +1,6 @@
 """The built-in MoE backends, registered by name (registry.py has the contract)."""
 
-from . import cpu, cuda, reference, triton
+from . import cpu, reference, triton
 from .registry import (
     ENV_BACKEND,
     Backend,
@@ -19,7 +19,6 @@ register_backend(Backend("torch", reference.experts_torch, reference.supports, r
 register_backend(Backend("cpu", cpu.experts_cpu, cpu.supports, cpu.available, priority=50,
                          fused_layer=cpu.fused_layer))
 register_backend(Backend("triton", triton.experts_triton, triton.supports, triton.available, priority=20))
-register_backend(Backend("cuda", cuda.experts_cuda, cuda.supports, cuda.available, priority=30))
 
 __all__ = ["ENV_BACKEND", "Backend", "available_backends", "backend", "env_report", "register_backend",
            "requested_backend", "resolve", "select", "unregister_backend"]

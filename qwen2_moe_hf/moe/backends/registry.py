@@ -53,6 +53,12 @@ class Backend:
     fused_layer: Optional[FusedLayerFn] = None
 
 
+# Names that were backends once, with what to use instead.
+REMOVED: Dict[str, str] = {
+    "cuda": "the 'cuda' backend was removed (it looped over the experts in Python with a host sync per layer); "
+            "use 'triton' (dense and int4 experts on a GPU) or 'auto'",
+}
+
 _BACKENDS: Dict[str, Backend] = {}
 _ordered: List[Backend] = []  # by priority, derived by register_backend / unregister_backend
 _version = [0]  # bumped by every change to the registry: layers resolved before it resolve again
@@ -96,6 +102,8 @@ def env_report() -> Dict[str, str]:
 def requested_backend(config_value: Optional[str] = None) -> str:
     """The backend name in force: the model's config, else the environment, else auto."""
     name = config_value or os.environ.get(ENV_BACKEND) or "auto"
+    if name in REMOVED and name not in _BACKENDS:
+        raise ValueError(f"moe_backend: {REMOVED[name]}")
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(f"moe_backend: unknown backend {name!r}; known: auto, {', '.join(available_backends())}")
     return name
