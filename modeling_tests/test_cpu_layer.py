@@ -71,6 +71,49 @@ def test_fused_lane_matches_the_reference(dtype, norm, shape):
     _assert_close(out.reshape(-1, 40), helpers.block_reference(block, x, logits), dtype, f"{dtype} {norm} {shape}")
 
 
+@pytest.fixture
+def native_bf16_rows():
+    """Sets the rows from which the CPU op sends bf16 expert GEMMs to oneDNN (0: never), restoring this CPU's
+    default after the test. oneDNN's bf16 matmul runs on every x86 CPU (emulated without AVX-512 BF16 / AMX), so
+    both paths are tested on any machine."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    yield module.set_native_bf16_rows
+    module.set_native_bf16_rows(-1)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (1, 40)])
+def test_bf16_expert_gemms_through_onednn_match_the_reference(rows, shape, native_bf16_rows):
+    """rows 0: our widening kernels only; 1: every bf16 job through at::mm (oneDNN: AMX / AVX-512 BF16 where the CPU
+    has them); 3: jobs of 3+ rows only (a mixed layer). Fused lane and registered op, odd sizes (hidden 40, 24)."""
+    native_bf16_rows(rows)
+    block = _block(torch.bfloat16, seed=5)
+    x = torch.randn(*shape, 40).to(torch.bfloat16)
+    with torch.no_grad():
+        (out, logits), events = _profiled(lambda: block(x, return_router_logits=True))
+        weights, ids = route(logits, block.top_k, block.norm_topk_prob)
+        op = block.experts(x.reshape(-1, 40), ids, weights)
+    assert LAYER_EVENT in events
+    assert ("aten::mm" in events) == (rows == 1 or (rows == 3 and shape[0] * shape[1] >= 3)), sorted(events)
+    _assert_close(out.reshape(-1, 40), helpers.block_reference(block, x, logits), torch.bfloat16, f"{rows} {shape}")
+    ref = reference.experts_forward_reference(x.reshape(-1, 40).float(), ids, weights.float(),
+                                              copy.deepcopy(block.experts).float())
+    _assert_close(op, ref, torch.bfloat16, f"op {rows} {shape}")
+
+
+def test_native_bf16_rows_default_follows_the_cpu(native_bf16_rows):
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    caps = torch._C._cpu._get_cpu_capability()
+    want = 4 if caps.get("amx_bf16") else 16 if caps.get("avx512_bf16") else 0
+    native_bf16_rows(-1)
+    assert cpu_module().native_bf16_rows() == want
+    with pytest.raises(RuntimeError, match="rows must be >= 0"):
+        native_bf16_rows(-2)
+
+
 def test_fused_lane_equals_the_general_way():
     """The lane and the general way (router as a module, route(), the registered op, the shared expert as modules)
     compute the same thing."""

@@ -8,6 +8,9 @@
 //            4 rows at a time, read in place (xt_pair_block); fp16 widened 6 rows at a time into an L1 buffer; fp32
 //            used in place. Each tile prefetches the next one's weights while it computes;
 //   larger: the whole weight is widened once and MKL's sgemm takes it.
+// On CPUs with native bf16 arithmetic (AMX, AVX-512 BF16), bf16 jobs from native_bf16_rows() rows up go to
+// oneDNN's bf16 matmul instead (at::mm on the weights in place): the kernels above are fp32 FMAs on AVX2 registers
+// and compute-bound there, oneDNN's are not.
 //
 // Entry points: the ops moe_ffn_cpu / moe_ffn_int4_cpu (from the router's top-k; schemas in
 // qwen2_moe_hf/kernels/ops.py) and the pybind moe_layer (the whole layer, router included, for the cpu backend's
@@ -30,6 +33,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -66,6 +70,37 @@ constexpr int64_t kSgemmRows = 768;
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item (64 rows x K=2048 bf16 = 256 KiB of weights).
 constexpr int64_t kTileN = 64;
+
+// bf16 jobs with at least this many rows go to oneDNN's bf16 matmul (through at::mm) on CPUs with native bf16
+// arithmetic, where it outruns the widening kernels below (they do fp32 FMAs on AVX2 registers). 0: never.
+// Chosen once per process from the CPU (native_bf16_rows_default); settable for tests and benchmarks.
+//   AMX-BF16: 4 (measured on the 2-vCPU AMX Xeon, whole real-shape block, interleaved: from 4 rows up at::mm
+//             is at least as fast as the widening kernels; at 1 row per expert it is 1.4x slower, at ~17 rows per
+//             expert (256 tokens) 3.1x faster: 112 vs 350 ms).
+//   AVX-512 BF16 without AMX: 16 (oneDNN's vdpbf16ps kernels; on such a Xeon transformers' oneDNN path beat ours
+//             1.4x at ~17 rows per expert; the exact crossover is unmeasured).
+//   otherwise: 0 (AVX2-only: oneDNN's bf16 GEMM is emulated, ~20 GFLOP/s).
+std::atomic<int64_t> g_native_bf16_rows{-1};
+
+int64_t native_bf16_rows_default() {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* key) {
+    auto it = caps.find(key);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  if (has("amx_bf16") && at::cpu::init_amx()) return 4;
+  if (has("avx512_bf16")) return 16;
+  return 0;
+}
+
+int64_t native_bf16_rows() {
+  int64_t rows = g_native_bf16_rows.load(std::memory_order_relaxed);
+  if (rows < 0) {
+    rows = native_bf16_rows_default();
+    g_native_bf16_rows.store(rows, std::memory_order_relaxed);
+  }
+  return rows;
+}
 
 
 #ifdef QMOE_AVX2
@@ -409,8 +444,15 @@ void run_jobs(const std::vector<Job>& jobs) {
   std::vector<const Job*> tiled;
   std::vector<int64_t> first_item{0};
   constexpr bool kIsFloat = std::is_same<T, float>::value;
+  const int64_t native_rows = std::is_same<T, BFloat16>::value ? native_bf16_rows() : 0;
   for (const Job& job : jobs) {
-    if (job.M >= kSgemmRows) {
+    if (native_rows > 0 && job.M >= native_rows) {
+      // oneDNN (AMX / AVX-512 BF16) on the weights in place; x is rounded to bf16 as the torch path rounds it.
+      at::Tensor xm = at::from_blob(const_cast<float*>(job.x), {job.M, job.K}, f32).to(at::kBFloat16);
+      at::Tensor w = at::from_blob(const_cast<void*>(job.w), {job.N, job.K}, f32.dtype(at::kBFloat16));
+      at::Tensor ym = at::from_blob(job.y, {job.M, job.N}, {job.ldy, 1}, f32);
+      ym.copy_(at::mm(xm, w.t()));
+    } else if (job.M >= kSgemmRows) {
       // Widen the weights once (bf16/fp16), then let MKL do a proper GEMM (itself multi-threaded).
       at::Tensor w32;
       if (kIsFloat) {
@@ -959,6 +1001,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<at::Tensor>, int64_t, bool, int64_t>(), py::arg("tensors"), py::arg("experts"),
            py::arg("int4"), py::arg("zero_offset"));
   qwen2_moe_hf::register_identity_watch(m);
+  m.def("native_bf16_rows", &native_bf16_rows,
+        "Rows per expert from which bf16 expert GEMMs go to oneDNN (0: never): the CPU's default unless set.");
+  m.def("set_native_bf16_rows", [](int64_t rows) {
+    TORCH_CHECK(rows >= -1, "set_native_bf16_rows: rows must be >= 0 (or -1: this CPU's default), got ", rows);
+    g_native_bf16_rows.store(rows == -1 ? native_bf16_rows_default() : rows);
+  }, py::arg("rows"));
   m.def("moe_layer", [](const at::Tensor& x, const at::Tensor& router_weight, int64_t top_k, bool renormalize,
                         const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
     RECORD_FUNCTION("qwen2_moe_hf::moe_layer", std::vector<c10::IValue>({x}));
