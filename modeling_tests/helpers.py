@@ -293,3 +293,25 @@ def backend_params(exclude=("torch",), skip=None):
 def on_device(device, *objects):
     """Each tensor or module moved to `device` (None stays None): a module in place, as nn.Module.to does."""
     return tuple(None if o is None else o.to(device) for o in objects)
+
+
+@contextlib.contextmanager
+def own_cpu_kernels():
+    """The CPU ops on our own kernels only, whatever the CPU: no oneDNN bf16 matmul (native_bf16.h) and no int8
+    activations for the int4 GEMM (int4_vnni.h). Those paths round intermediate values (as the torch path does);
+    tests of the ops' one-rounding contract run without them, and the paths have tests of their own."""
+    from qwen2_moe_hf.kernels.build import cpu_module, load_cpu_ops
+
+    if not load_cpu_ops()[0]:
+        yield
+        return
+    module = cpu_module()
+    module.set_native_bf16_rows(0)
+    module.set_native_int4_rows(0)
+    module.set_int4_vnni(False)
+    try:
+        yield
+    finally:
+        module.set_native_bf16_rows(-1)
+        module.set_native_int4_rows(-1)
+        module.set_int4_vnni(True)

@@ -22,7 +22,7 @@ from qwen2_moe_hf.files import CheckpointError
 from qwen2_moe_hf.gptq import format as gptq_format
 from qwen2_moe_hf.gptq.format import GPTQFormatError, GPTQSpec
 from qwen2_moe_hf.gptq.linear import GPTQLinear
-from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
+from qwen2_moe_hf.gptq.quantize import quantize_checkpoint, quantize_linears_
 from qwen2_moe_hf.kernels.build import load_cpu_ops
 
 import helpers
@@ -212,6 +212,94 @@ def test_cpu_int4_linear_matches_dequantized(group_size, sym, zero_offset, act_o
             monkeypatch.delenv("QWEN2_MOE_HF_GPTQ_KERNEL")
         assert got.dtype == dtype and got.shape == (2, tokens, 72)
         assert rel(got, want) < TOL[dtype], (tokens, rel(got, want))
+
+
+@pytest.fixture
+def native_int4_rows():
+    """Sets the rows from which the CPU int4 GEMM dequantizes to bf16 and hands the product to oneDNN (0: never),
+    restoring this CPU's default after the test (oneDNN's bf16 matmul runs on any x86 CPU, emulated without
+    AVX-512 BF16 / AMX)."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    yield module.set_native_int4_rows
+    module.set_native_int4_rows(-1)
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("rows", [0, 1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_int4_through_onednn_matches_dequantized(rows, dtype, native_int4_rows):
+    """The oneDNN path (W dequantized, rounded to bf16, at::mm) takes bf16 activations only: fp32 and fp16 inputs
+    keep our kernels whatever the setting (rounding them to bf16 would cost their precision). Act-order g_idx and
+    an odd out-features count included."""
+    native_int4_rows(rows)
+    layer = _random_layer(256, 72, 64, False, 1, True, bias=True)
+    for tokens in (1, 3, 17):
+        x = torch.randn(2, tokens, 256).to(dtype)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = layer(x)
+        want = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float())
+        onednn = "aten::mm" in {e.name for e in prof.events()}
+        assert onednn == (dtype == torch.bfloat16 and rows > 0 and 2 * tokens >= rows), (tokens, onednn)
+        assert got.dtype == dtype and rel(got, want) < TOL[dtype], (tokens, rel(got, want))
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("group_size,zero_offset,act_order", [(32, 1, False), (128, 0, False), (-1, 1, False),
+                                                              (32, 1, True)])
+def test_cpu_int4_vnni_matches_dequantized(group_size, zero_offset, act_order):
+    """bf16 activations, 1-7 rows: on an AVX-512 VNNI build the int4 GEMM quantizes x to int8 per group run and uses
+    integer dot products (int4_vnni.h); within the bf16 bound of every GPTQ path, NaN rows stay NaN, and the float
+    path (switched back on here) still agrees. Act-order weights never take it (they have no group runs)."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    layer = _random_layer(256, 72, group_size, False, zero_offset, act_order, bias=False)  # 72 = 4 x 16 + 8 columns
+    try:
+        for tokens in (1, 3, 7):  # 1-4 rows a pass, and a pass of 3 after 4
+            x = torch.randn(tokens, 256).to(torch.bfloat16)
+            x[min(1, tokens - 1), 7] = float("nan") if tokens == 3 else x[0, 7]
+            want = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32))
+            got = {}
+            for vnni in (True, False):
+                module.set_int4_vnni(vnni)
+                with torch.no_grad():
+                    got[vnni] = layer(x).float()
+            for y in got.values():
+                finite = torch.isfinite(want).all(1)
+                assert torch.equal(torch.isnan(y).all(1), ~finite), tokens
+                assert rel(y[finite], want[finite]) < TOL[torch.bfloat16], (tokens, rel(y[finite], want[finite]))
+            module.set_int4_vnni(True)
+            path = module.int4_path(tokens, 256, not act_order, True)
+            assert path == ("vnni" if module.int4_vnni_compiled() and not act_order else "rows"), (tokens, path)
+    finally:
+        module.set_int4_vnni(True)
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_cpu_int4_moe_layer_through_onednn_matches_the_reference(rows, native_int4_rows):
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+
+    native_int4_rows(rows)
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
+        hidden_size=128, num_attention_heads=1, num_key_value_heads=1, head_dim=8, num_experts=5,
+        num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=64))
+    block = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), 4).eval()
+    names = [f"{mlp}.{proj}" for mlp in [*(f"experts.{e}" for e in range(5)), "shared_expert"]
+             for proj in ("gate_proj", "up_proj", "down_proj")]
+    block = quantize_linears_(block, names, GPTQSpec(bits=4, group_size=32, sym=True)).to(torch.bfloat16)
+    block.config.moe_backend = "cpu"
+    gen = torch.Generator().manual_seed(2)
+    for tokens in (1, 6, 23):
+        x = torch.randn(tokens, 128, generator=gen).to(torch.bfloat16)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got, logits = block(x[None], return_router_logits=True)
+        # The shared expert's jobs have `tokens` rows, the routed experts' at most `tokens` each.
+        assert ("aten::mm" in {e.name for e in prof.events()}) == (rows > 0 and tokens >= rows), (tokens, rows)
+        want = helpers.block_reference(block, x[None], logits)
+        assert rel(got.reshape(-1, 128).float(), want.float()) < TOL[torch.bfloat16], (tokens, rows)
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")

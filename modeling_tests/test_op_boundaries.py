@@ -507,7 +507,40 @@ def test_every_compiled_entry_point_is_in_the_table():
 
     if load_cpu_ops()[0]:
         functions = {n for n in dir(cpu_module()) if not n.startswith("_")}
-        assert functions == {"IdentityWatch", "LayerPack", "moe_layer"}, functions
+        switches = {*PATH_SWITCHES, *(s for s in PATH_SWITCHES.values() if s)}
+        assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *switches}, functions
+
+
+# The module's switches of its ISA-dependent paths (native_bf16.h, int4_vnni.h): getter -> setter.
+PATH_SWITCHES = {"native_bf16_rows": "set_native_bf16_rows", "native_int4_rows": "set_native_int4_rows",
+                 "int4_vnni": "set_int4_vnni", "int4_vnni_compiled": None, "int4_path": None}
+
+
+def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
+    from qwen2_moe_hf.kernels.build import cpu_module, load_cpu_ops
+
+    if not load_cpu_ops()[0]:
+        pytest.skip("CPU ops unavailable")
+    module = cpu_module()
+    for getter in ("native_bf16_rows", "native_int4_rows"):
+        setter = getattr(module, PATH_SWITCHES[getter])
+        default = getattr(module, getter)()
+        try:
+            for bad, error in ((-2, RuntimeError), ("4", TypeError), (None, TypeError), (1.5, TypeError)):
+                with pytest.raises(error):
+                    setter(bad)
+                assert getattr(module, getter)() == default  # a refused value changes nothing
+            setter(7)
+            assert getattr(module, getter)() == 7
+        finally:
+            setter(-1)
+        assert getattr(module, getter)() == default
+    with pytest.raises(TypeError):
+        module.set_int4_vnni("yes")
+    module.set_int4_vnni(False)
+    assert module.int4_vnni() is False
+    module.set_int4_vnni(True)
+    assert module.int4_vnni() == module.int4_vnni_compiled()
 
 
 _WATCH_CHILD = r"""

@@ -54,7 +54,7 @@ QUICK_SHAPE: Dict[str, Any] = dict(hidden_size=256, num_experts=8, num_experts_p
 PROJ = ("gate_proj", "up_proj", "down_proj")
 INT4 = GPTQSpec(bits=4, group_size=128, sym=True)  # as in the released GPTQ-Int4 checkpoint
 BUILTIN_IMPLS = ("eager", "grouped_mm", "batched_mm")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 PLOT_EXTRA = "pip install qwen2_moe_hf[plot]"
 DROP_FACTOR = 20  # a variant whose warm call is this many times the fastest one's is left out of the rounds
 BUILTIN_KEEP = 1.5  # built-in implementations within this factor of the fastest one's warm call are all measured
@@ -418,8 +418,19 @@ def machine_info() -> Dict[str, Any]:
         "qwen2_moe_hf": __version__, "commit": git_commit(), "torch": torch.__version__,
         "transformers": transformers.__version__, "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa": flags,
-        "backends": env_report(),
+        "backends": env_report(), "cpu_ops": cpu_ops_paths(),
     }
+
+
+def cpu_ops_paths() -> Optional[Dict[str, Any]]:
+    """Which build of the CPU ops runs and which of its ISA-dependent paths are on (None without the ops)."""
+    from .kernels.build import cpu_build, cpu_module, load_cpu_ops
+
+    if not load_cpu_ops()[0]:
+        return None
+    module = cpu_module()
+    return {"build": cpu_build()[0], "onednn_bf16_rows": module.native_bf16_rows(),
+            "onednn_int4_rows": module.native_int4_rows(), "int4_vnni": module.int4_vnni()}
 
 
 def header(info: Dict[str, Any]) -> str:
@@ -429,7 +440,16 @@ def header(info: Dict[str, Any]) -> str:
     return (f"{info['date']} | qwen2_moe_hf {info['qwen2_moe_hf']}{commit} | torch {info['torch']} | "
             f"transformers {info['transformers']}\n"
             f"CPU: {info['cpu']}, {info['threads']} threads | ISA: {have} (absent: {lack}) | "
-            f"torch CPU capability {info['cpu_capability']}")
+            f"torch CPU capability {info['cpu_capability']}" + _ops_line(info.get("cpu_ops")))
+
+
+def _ops_line(ops: Optional[Dict[str, Any]]) -> str:
+    if not ops:
+        return "\nCPU ops: not built (the torch path runs)"
+    def rows(n: int) -> str:
+        return f"from {n} rows" if n else "off"
+    return (f"\nCPU ops: {ops['build']} | oneDNN bf16 GEMMs {rows(ops['onednn_bf16_rows'])} | oneDNN int4 GEMMs "
+            f"{rows(ops['onednn_int4_rows'])} | int4 VNNI dot products {'on' if ops['int4_vnni'] else 'off'}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                             .contiguous();
   const int64_t M = x.size(0), N = w.N;
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N);  // K = 0 gives zeros
+  qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N,  // K = 0 gives zeros
+                    /*bf16=*/x.scalar_type() == at::kBFloat16);
   if (bias.has_value() && bias->defined()) {
     qmoe::TensorArg(*bias, op, "bias", cpu).floating().sizes({N}, "qweight");
     out.add_(bias->to(at::kFloat));

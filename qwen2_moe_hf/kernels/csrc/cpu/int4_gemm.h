@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "native_bf16.h"
 #include "vec.h"
 
 namespace qmoe {
@@ -205,6 +206,12 @@ struct Int4Weight {
   }
 };
 
+}  // namespace qmoe
+
+#include "int4_vnni.h"  // needs Int4Weight
+
+namespace qmoe {
+
 namespace int4_detail {
 
 template <typename S, int MR>
@@ -281,15 +288,29 @@ void general(const Int4Weight& w, const float* x, int64_t ldx, int64_t n0, int64
 
 template <typename S>
 void rows(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const float* xsum, int64_t n0, int64_t n1,
-          float* y, int64_t ldy) {
+          float* y, int64_t ldy, bool vnni) {
   const S* scales = static_cast<const S*>(w.scales);
   const int64_t R = w.num_runs();
-  std::vector<float> acc(kInt4RowsPerPass * (n1 - n0));
+  std::vector<float> acc(vnni ? 0 : kInt4RowsPerPass * (n1 - n0));
+  std::vector<int32_t> iacc;
   for (int64_t m0 = 0; m0 < M; m0 += kInt4RowsPerPass) {
     const float* xm = x + m0 * ldx;
     float* ym = y + m0 * ldy;
-    const float* sm = xsum + m0 * R;
     const int64_t mr = std::min<int64_t>(kInt4RowsPerPass, M - m0);
+#ifdef QMOE_VNNI
+    if (vnni && R > 0) {
+      if (iacc.empty()) iacc.resize(2 * kInt4RowsPerPass * (n1 - n0));
+      switch (mr) {
+        case 4: grouped_vnni<S, 4>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data()); break;
+        case 3: grouped_vnni<S, 3>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data()); break;
+        case 2: grouped_vnni<S, 2>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data()); break;
+        default: grouped_vnni<S, 1>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data());
+      }
+      continue;
+    }
+#endif
+    (void)vnni;
+    const float* sm = xsum + m0 * R;
     if (R > 0) {
       switch (mr) {
         case 4: grouped<S, 4>(w, scales, xm, ldx, sm, n0, n1, ym, ldy, acc.data()); break;
@@ -428,6 +449,15 @@ inline void int4_sgemm(const Int4Weight& w, const float* x, int64_t M, float* y,
   at::mm_out(ym, xm, wt);
 }
 
+// y = x @ W^T for many rows on a CPU with native bf16 matmul: W^T dequantized to fp32 (in parallel over K), rounded
+// to bf16, then oneDNN's bf16 matmul (AMX). The rounding of W is bf16's, below the 4-bit grid's own.
+inline void int4_native_mm(const Int4Weight& w, const float* x, int64_t M, float* y, int64_t ldy) {
+  at::Tensor wt = at::empty({w.K, w.N}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = wt.data_ptr<float>();
+  at::parallel_for(0, w.K / 8, 16, [&](int64_t b, int64_t e) { int4_dequantize_t(w, 8 * b, 8 * e, dst + 8 * b * w.N); });
+  native_bf16_mm(x, M, w.K, wt.to(at::kBFloat16), /*transposed=*/false, y, w.N, ldy);
+}
+
 // y[m, n] = sum_k x[m, k] W[n, k] for m < M, n in [n0, n1) (multiples of 8) by dequantized tiles of 16 columns
 // (8 for a last odd block); x fp32 with row stride ldx, y fp32 with row stride ldy (overwritten).
 inline void int4_tiles(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
@@ -449,27 +479,54 @@ inline void int4_tiles(const Int4Weight& w, const float* x, int64_t M, int64_t l
 
 // y[m, n] = sum_k x[m, k] W[n, k] for m < M, n in [n0, n1) (multiples of 8); x fp32 with row stride ldx,
 // xsum = w.row_sums(x, M, ldx), y fp32 with row stride ldy (overwritten).
+// vnni: integer dot products on int8-quantized x (int4_vnni.h; bf16 activations, grouped weights only).
 inline void int4_rows_times_weight(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const float* xsum,
-                                   int64_t n0, int64_t n1, float* y, int64_t ldy) {
+                                   int64_t n0, int64_t n1, float* y, int64_t ldy, bool vnni = false) {
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.f);
   switch (w.scale_type) {
-    case at::kFloat: return int4_detail::rows<float>(w, x, M, ldx, xsum, n0, n1, y, ldy);
-    case at::kBFloat16: return int4_detail::rows<BFloat16>(w, x, M, ldx, xsum, n0, n1, y, ldy);
-    default: return int4_detail::rows<Half>(w, x, M, ldx, xsum, n0, n1, y, ldy);
+    case at::kFloat: return int4_detail::rows<float>(w, x, M, ldx, xsum, n0, n1, y, ldy, vnni);
+    case at::kBFloat16: return int4_detail::rows<BFloat16>(w, x, M, ldx, xsum, n0, n1, y, ldy, vnni);
+    default: return int4_detail::rows<Half>(w, x, M, ldx, xsum, n0, n1, y, ldy, vnni);
   }
 }
 
-// y = x @ W^T (x [M, K] contiguous fp32, y fp32 with row stride ldy), by the path for M, on all threads. Column
-// slices are contiguous, one per thread: each walks qweight's rows front to back.
-inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y, int64_t ldy) {
+// The ways int4_matmul computes a product, by rows of x (M), in the order it tries them.
+enum class Int4Path { kOneDnn, kSgemm, kTiles, kVnni, kRows };
+
+inline const char* int4_path_name(Int4Path p) {
+  switch (p) {
+    case Int4Path::kOneDnn: return "onednn";
+    case Int4Path::kSgemm: return "sgemm";
+    case Int4Path::kTiles: return "tiles";
+    case Int4Path::kVnni: return "vnni";
+    default: return "rows";
+  }
+}
+
+// The path for M rows of x against a weight with K inputs (grouped: g_idx = k // G runs); bf16: x came from bf16
+// activations, so the paths that round x (oneDNN's bf16 matmul, VNNI's int8 planes) may take it.
+inline Int4Path int4_path(int64_t M, int64_t K, bool grouped, bool bf16) {
+  const int64_t native = bf16 ? native_rows(NativeKind::kInt4Weights) : 0;
+  if (native > 0 && M >= native) return Int4Path::kOneDnn;
+  if (M >= kInt4SgemmRows) return Int4Path::kSgemm;
+  if (M >= (K > 4096 ? kInt4TileRowsLongK : kInt4TileRows)) return Int4Path::kTiles;
+  if (kHaveVnni && bf16 && grouped && vnni_enabled().load()) return Int4Path::kVnni;
+  return Int4Path::kRows;
+}
+
+// y = x @ W^T (x [M, K] contiguous fp32, y fp32 with row stride ldy), by the path for M (int4_path), on all
+// threads. Column slices are contiguous, one per thread: each walks qweight's rows front to back.
+inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y, int64_t ldy, bool bf16 = false) {
   if (M <= 0 || w.N <= 0) return;
   if (w.K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy, y + m * ldy + w.N, 0.f);
     return;
   }
-  if (M >= kInt4SgemmRows) return int4_sgemm(w, x, M, y, ldy);
-  const bool tiles = M >= (w.K > 4096 ? kInt4TileRowsLongK : kInt4TileRows);
-  const std::vector<float> sums = tiles ? std::vector<float>() : w.row_sums(x, M, w.K);
+  const Int4Path path = int4_path(M, w.K, !w.runs.empty(), bf16);
+  if (path == Int4Path::kOneDnn) return int4_native_mm(w, x, M, y, ldy);
+  if (path == Int4Path::kSgemm) return int4_sgemm(w, x, M, y, ldy);
+  const bool tiles = path == Int4Path::kTiles, vnni = path == Int4Path::kVnni;
+  const std::vector<float> sums = tiles || vnni ? std::vector<float>() : w.row_sums(x, M, w.K);
   const int64_t unit = tiles ? 16 : 8;  // columns per block: a tile, or one packed int32's
   const int64_t blocks = (w.N + unit - 1) / unit;
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
@@ -477,7 +534,7 @@ inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y
     for (int64_t s = begin; s < end; ++s) {
       const int64_t n0 = unit * (blocks * s / slices), n1 = std::min(w.N, unit * (blocks * (s + 1) / slices));
       if (tiles) int4_tiles(w, x, M, w.K, n0, n1, y, ldy);
-      else int4_rows_times_weight(w, x, M, w.K, sums.data(), n0, n1, y, ldy);
+      else int4_rows_times_weight(w, x, M, w.K, sums.data(), n0, n1, y, ldy, vnni);
     }
   });
 }

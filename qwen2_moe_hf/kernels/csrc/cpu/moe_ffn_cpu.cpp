@@ -33,7 +33,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -50,6 +49,7 @@
 #include "../common/checks.h"
 #include "identity_watch.h"
 #include "int4_gemm.h"
+#include "native_bf16.h"
 #include "routing.h"
 #include "vec.h"
 
@@ -71,36 +71,6 @@ constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item (64 rows x K=2048 bf16 = 256 KiB of weights).
 constexpr int64_t kTileN = 64;
 
-// bf16 jobs with at least this many rows go to oneDNN's bf16 matmul (through at::mm) on CPUs with native bf16
-// arithmetic, where it outruns the widening kernels below (they do fp32 FMAs on AVX2 registers). 0: never.
-// Chosen once per process from the CPU (native_bf16_rows_default); settable for tests and benchmarks.
-//   AMX-BF16: 4 (measured on the 2-vCPU AMX Xeon, whole real-shape block, interleaved: from 4 rows up at::mm
-//             is at least as fast as the widening kernels; at 1 row per expert it is 1.4x slower, at ~17 rows per
-//             expert (256 tokens) 3.1x faster: 112 vs 350 ms).
-//   AVX-512 BF16 without AMX: 16 (oneDNN's vdpbf16ps kernels; on such a Xeon transformers' oneDNN path beat ours
-//             1.4x at ~17 rows per expert; the exact crossover is unmeasured).
-//   otherwise: 0 (AVX2-only: oneDNN's bf16 GEMM is emulated, ~20 GFLOP/s).
-std::atomic<int64_t> g_native_bf16_rows{-1};
-
-int64_t native_bf16_rows_default() {
-  const auto caps = at::cpu::get_cpu_capabilities();
-  auto has = [&](const char* key) {
-    auto it = caps.find(key);
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  };
-  if (has("amx_bf16") && at::cpu::init_amx()) return 4;
-  if (has("avx512_bf16")) return 16;
-  return 0;
-}
-
-int64_t native_bf16_rows() {
-  int64_t rows = g_native_bf16_rows.load(std::memory_order_relaxed);
-  if (rows < 0) {
-    rows = native_bf16_rows_default();
-    g_native_bf16_rows.store(rows, std::memory_order_relaxed);
-  }
-  return rows;
-}
 
 
 #ifdef QMOE_AVX2
@@ -438,20 +408,20 @@ struct Job {
 
 // Runs all jobs (one weight dtype) in one parallel region over (job, tile of N): few synchronisations, and both
 // threads busy even when a single expert has a token. Jobs with many rows use sgemm instead.
+// native: whether bf16 jobs may go to oneDNN (the activations are bf16, so rounding x to bf16 loses nothing the
+// torch path keeps).
 template <typename T>
-void run_jobs(const std::vector<Job>& jobs) {
+void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   std::vector<const Job*> tiled;
   std::vector<int64_t> first_item{0};
   constexpr bool kIsFloat = std::is_same<T, float>::value;
-  const int64_t native_rows = std::is_same<T, BFloat16>::value ? native_bf16_rows() : 0;
+  const int64_t native = std::is_same<T, BFloat16>::value && native_ok ? native_rows(NativeKind::kBf16Weights) : 0;
   for (const Job& job : jobs) {
-    if (native_rows > 0 && job.M >= native_rows) {
-      // oneDNN (AMX / AVX-512 BF16) on the weights in place; x is rounded to bf16 as the torch path rounds it.
-      at::Tensor xm = at::from_blob(const_cast<float*>(job.x), {job.M, job.K}, f32).to(at::kBFloat16);
+    if (native > 0 && job.M >= native) {
+      // oneDNN (AMX / AVX-512 BF16) on the weights in place.
       at::Tensor w = at::from_blob(const_cast<void*>(job.w), {job.N, job.K}, f32.dtype(at::kBFloat16));
-      at::Tensor ym = at::from_blob(job.y, {job.M, job.N}, {job.ldy, 1}, f32);
-      ym.copy_(at::mm(xm, w.t()));
+      native_bf16_mm(job.x, job.M, job.K, w, /*transposed=*/true, job.y, job.N, job.ldy);
     } else if (job.M >= kSgemmRows) {
       // Widen the weights once (bf16/fp16), then let MKL do a proper GEMM (itself multi-threaded).
       at::Tensor w32;
@@ -524,23 +494,25 @@ void run_jobs(const std::vector<Job>& jobs) {
 // Int4 jobs, one after another, each split into one contiguous column slice per thread (int4_matmul): every
 // thread then walks the longest possible row segments of qweight. (One region over tiles of all jobs, as run_jobs
 // does, measured 1.5x slower for a decode step: 5.0 vs 3.4 ms, shorter segments and threads on different matrices.)
-void run_int4_jobs(const std::vector<const Job*>& jobs) {
-  for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy);
+void run_int4_jobs(const std::vector<const Job*>& jobs, bool native_ok) {
+  for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy, native_ok);
 }
 
-void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs) {
+// x_dtype: the layer's activations' dtype; only bf16 activations may take oneDNN's bf16 matmul (native_bf16.h).
+void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs, at::ScalarType x_dtype) {
+  const bool native_ok = x_dtype == at::kBFloat16;
   std::vector<const Job*> int4;
   std::vector<Job> dense;
   for (const Job& job : jobs) {
     if (job.M == 0) continue;
     if (job.q != nullptr) int4.push_back(&job); else dense.push_back(job);
   }
-  if (!int4.empty()) run_int4_jobs(int4);
+  if (!int4.empty()) run_int4_jobs(int4, native_ok);
   if (dense.empty()) return;
   switch (dtype) {
-    case at::kFloat: return run_jobs<float>(dense);
-    case at::kBFloat16: return run_jobs<BFloat16>(dense);
-    case at::kHalf: return run_jobs<Half>(dense);
+    case at::kFloat: return run_jobs<float>(dense, native_ok);
+    case at::kBFloat16: return run_jobs<BFloat16>(dense, native_ok);
+    case at::kHalf: return run_jobs<Half>(dense, native_ok);
     default: TORCH_CHECK(false, "moe_ffn_cpu: weights must be float32, bfloat16 or float16, got ", dtype);
   }
 }
@@ -726,10 +698,10 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const Layer
       shared_scale[t] = 1.f / (1.f + std::exp(-dot));
     }
   }
-  run_jobs_any(lw.dense_dtype, gemm1);
+  run_jobs_any(lw.dense_dtype, gemm1, x.scalar_type());
   silu_mul(gu, P, I, act);
   if (S > 0) silu_mul(sgu, T, S, sact);
-  run_jobs_any(lw.dense_dtype, gemm2);
+  run_jobs_any(lw.dense_dtype, gemm2, x.scalar_type());
 
   // Combine: per token, its k slots in order, then the gated shared expert; rounded once to x's dtype.
   at::Tensor out = at::empty({T, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -1001,12 +973,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<at::Tensor>, int64_t, bool, int64_t>(), py::arg("tensors"), py::arg("experts"),
            py::arg("int4"), py::arg("zero_offset"));
   qwen2_moe_hf::register_identity_watch(m);
-  m.def("native_bf16_rows", &native_bf16_rows,
-        "Rows per expert from which bf16 expert GEMMs go to oneDNN (0: never): the CPU's default unless set.");
-  m.def("set_native_bf16_rows", [](int64_t rows) {
-    TORCH_CHECK(rows >= -1, "set_native_bf16_rows: rows must be >= 0 (or -1: this CPU's default), got ", rows);
-    g_native_bf16_rows.store(rows == -1 ? native_bf16_rows_default() : rows);
-  }, py::arg("rows"));
+  m.def("native_bf16_rows", [] { return native_rows(NativeKind::kBf16Weights); },
+        "Rows per job from which bf16 weight GEMMs go to oneDNN (0: never): the CPU's default unless set.");
+  m.def("set_native_bf16_rows", [](int64_t rows) { set_native_rows(NativeKind::kBf16Weights, rows); },
+        py::arg("rows"));
+  m.def("int4_vnni", [] { return kHaveVnni && vnni_enabled().load(); },
+        "Whether bf16 activations meet GPTQ 4-bit weights in VNNI integer dot products (int4_vnni.h) for few rows.");
+  m.def("set_int4_vnni", [](bool on) { vnni_enabled().store(on); }, py::arg("on"),
+        "Switch the VNNI path off (False) or back on (True; it runs only where the build has it).");
+  m.def("int4_vnni_compiled", [] { return kHaveVnni; });
+  m.def("int4_path", [](int64_t rows, int64_t in_features, bool grouped, bool bf16) {
+    return std::string(int4_path_name(int4_path(rows, in_features, grouped, bf16)));
+  }, py::arg("rows"), py::arg("in_features"), py::arg("grouped"), py::arg("bf16"),
+        "The path the int4 GEMM takes for these rows of x: onednn, sgemm, tiles, vnni or rows.");
+  m.def("native_int4_rows", [] { return native_rows(NativeKind::kInt4Weights); },
+        "Rows per job from which GPTQ 4-bit GEMMs are dequantized to bf16 and go to oneDNN (0: never).");
+  m.def("set_native_int4_rows", [](int64_t rows) { set_native_rows(NativeKind::kInt4Weights, rows); },
+        py::arg("rows"));
   m.def("moe_layer", [](const at::Tensor& x, const at::Tensor& router_weight, int64_t top_k, bool renormalize,
                         const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
     RECORD_FUNCTION("qwen2_moe_hf::moe_layer", std::vector<c10::IValue>({x}));

@@ -1,0 +1,190 @@
+// The GPTQ 4-bit GEMM for a few rows of bf16 activations on CPUs with AVX-512 VNNI: integer dot products, as
+// llama.cpp's Q4 x Q8 kernels do, instead of widening every weight to fp32 (int4_gemm.h's `grouped`, which is
+// compute-bound: ~26 vector ops per 64 weights on AVX2, ~4x its memory floor at one row).
+//
+// Per one-group run of packed rows (g_idx = k // G) and per row of x, with x in two int8 planes
+//   x ~ sx * (hi + lo / 254),  sx = max|x| / 127 over the run,  hi = round(x / sx),  lo = round(254 (x / sx - hi))
+//   y[n] += scales[g, n] * sx * (sum_k q[k, n] (hi[k] + lo[k] / 254) - (z[g, n] + zero_offset) * sum_k x[k] / sx)
+// with the sums over q from vpdpbusd: one packed int32 holds inputs 8r..8r+7 of a column as nibbles, so
+//   q & 0x0F0F0F0F        = bytes (q0, q2, q4, q6), dotted with the broadcast bytes (x0, x2, x4, x6)
+//   (q >> 4) & 0x0F0F0F0F = bytes (q1, q3, q5, q7), dotted with (x1, x3, x5, x7)
+// 16 columns x 8 inputs: 3 ops to unpack, 2 vpdpbusd per plane, the int32 accumulators' loads and stores. The zero
+// correction uses the same quantized x, so the error is sum_k (q - z) (x - x~): below bf16's own rounding of the
+// output with the second plane (measured: the same relative error as the float path, 1.7e-3 at the real shape).
+// fp32 / fp16 activations never come here. A NaN or infinity in a run of x makes that run's contribution NaN.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define QMOE_VNNI 1
+#endif
+
+namespace qmoe {
+
+// Whether int4_matmul may take this path (compiled in, and not switched off: tests run both paths here).
+inline std::atomic<bool>& vnni_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+#ifdef QMOE_VNNI
+constexpr bool kHaveVnni = true;
+
+namespace int4_vnni_detail {
+
+inline __m512 scales16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 scales16(const at::BFloat16* p, __mmask16 k) {
+  const __m256i v = _mm256_maskz_loadu_epi16(k, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 scales16(const at::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+
+// The zeros of columns n .. n+15 (two qzeros words), as float, plus the format's offset.
+inline __m512 zeros16(const int32_t* zrow, int64_t n, __mmask16 k, float offset) {
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const int32_t hi = k > 0xFF ? zrow[n / 8 + 1] : 0;
+  const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(zrow[n / 8])),
+                                           _mm256_set1_epi32(hi), 1);
+  const __m512i z = _mm512_and_si512(_mm512_srlv_epi32(words, shifts), _mm512_set1_epi32(15));
+  return _mm512_add_ps(_mm512_cvtepi32_ps(z), _mm512_set1_ps(offset));
+}
+
+inline __mmask16 cols_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+}  // namespace int4_vnni_detail
+
+// One run of one x row as two int8 planes (hi, lo: len values each), its scale sx (NaN when the run holds a NaN
+// or an infinity) and sum(hi + lo / 254). Vectorized: the scalar version (std::nearbyint per value, a libm call)
+// cost more than the GEMM it feeds at one row.
+inline void quantize_run(const float* x, int64_t len, int8_t* hi, int8_t* lo, float& sx, float& xsum) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m512 vmax = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(int4_vnni_detail::cols_mask(len - k), x + k);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN iff some value is NaN or infinite
+  }
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const bool finite = !std::isnan(_mm512_reduce_add_ps(bad));
+  sx = finite ? amax / 127.f : NAN;
+  const __m512 inv = _mm512_set1_ps(finite && amax > 0.f ? 127.f / amax : 0.f);
+  const __m512 k254 = _mm512_set1_ps(254.f);
+  __m512i sum_hi = _mm512_setzero_si512(), sum_lo = _mm512_setzero_si512();
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 m = int4_vnni_detail::cols_mask(len - k);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), inv);  // |v| <= 127
+    const __m512 h = _mm512_roundscale_ps(v, kRound);
+    const __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, h), k254), kRound);  // |l| <= 127
+    const __m512i hi32 = _mm512_cvtps_epi32(h), lo32 = _mm512_cvtps_epi32(l);
+    _mm512_mask_cvtepi32_storeu_epi8(hi + k, m, hi32);
+    _mm512_mask_cvtepi32_storeu_epi8(lo + k, m, lo32);
+    sum_hi = _mm512_add_epi32(sum_hi, hi32);  // masked-off lanes loaded 0: they add 0
+    sum_lo = _mm512_add_epi32(sum_lo, lo32);
+  }
+  xsum = static_cast<float>(_mm512_reduce_add_epi32(sum_hi)) +
+         static_cast<float>(_mm512_reduce_add_epi32(sum_lo)) / 254.f;
+}
+
+// The packed broadcast of 4 int8 values b[0], b[2], b[4], b[6] (or b[1], b[3], ...: `first` 0 or 1).
+inline __m512i bytes4(const int8_t* b, int first) {
+  const uint32_t v = uint8_t(b[first]) | uint32_t(uint8_t(b[first + 2])) << 8 |
+                     uint32_t(uint8_t(b[first + 4])) << 16 | uint32_t(uint8_t(b[first + 6])) << 24;
+  return _mm512_set1_epi32(static_cast<int32_t>(v));
+}
+
+// y[m, n] += x[m] . W[n] for m < MR, n in [n0, n1) (multiples of 8), grouped weights only (w.runs non-empty);
+// x fp32 holding bf16 values, row stride ldx; acc: 2 * MR * (n1 - n0) int32 of scratch.
+//
+// x goes in as two int8 planes, x ~ sx * (hi + lo / 254): hi = round(x / sx), lo = round(254 * (x / sx - hi)).
+// One plane (llama.cpp's Q8 activations) is 0.7% off per output row at the real shape, enough to fail the 5%
+// logits bound of a bf16 GPTQ model 3 layers deep; with the second its error is ~1/254 of that (below bf16's own
+// rounding), for two more vpdpbusd per 16 columns x 8 inputs.
+template <typename S, int MR>
+void grouped_vnni(const Int4Weight& w, const S* scales, const float* x, int64_t ldx, int64_t n0, int64_t n1,
+                  float* y, int64_t ldy, int32_t* acc) {
+  using namespace int4_vnni_detail;
+  constexpr float kLo = 254.f;
+  const int64_t width = n1 - n0, R = w.num_runs();
+  int32_t* acc_lo = acc + MR * width;
+  std::vector<int8_t> planes;
+  for (int64_t run = 0; run < R; ++run) {
+    const int64_t r_begin = w.runs[run], r_end = w.runs[run + 1];
+    const int64_t k0 = 8 * r_begin, k1 = 8 * r_end, len = k1 - k0;
+    const int32_t g = w.g_idx[k0];
+    float sx[MR], xsum[MR];
+    planes.resize(2 * MR * len);  // [m][hi | lo][k]
+    std::fill(acc, acc + 2 * MR * width, 0);
+    // This run of each row: its scale, its two planes, and their sum (the zero correction's).
+    for (int m = 0; m < MR; ++m) {
+      int8_t* hi = planes.data() + 2 * m * len;
+      quantize_run(x + m * ldx + k0, len, hi, hi + len, sx[m], xsum[m]);
+    }
+    const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int32_t* qrow = w.qweight + r * w.N;
+      // The packed rows kInt4PrefetchRows ahead, one cache line per 16 columns: a column slice jumps from row to
+      // row, which the hardware prefetchers follow poorly (int4_gemm.h; without it the path was slower than the
+      // float one from DRAM though 1.4x faster from cache).
+      const int32_t* ahead = r + kInt4PrefetchRows < w.K / 8 ? qrow + kInt4PrefetchRows * w.N : nullptr;
+      __m512i he[MR], ho[MR], le[MR], lodd[MR];
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* hi = planes.data() + 2 * m * len + 8 * (r - r_begin);
+        const int8_t* lo = hi + len;
+        he[m] = bytes4(hi, 0);
+        ho[m] = bytes4(hi, 1);
+        le[m] = bytes4(lo, 0);
+        lodd[m] = bytes4(lo, 1);
+      }
+      for (int64_t n = n0; n < n1; n += 16) {
+        const __mmask16 k = cols_mask(n1 - n);
+        if (ahead != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead + n), _MM_HINT_T0);
+        const __m512i q = _mm512_maskz_loadu_epi32(k, qrow + n);
+        const __m512i even = _mm512_and_si512(q, nib);  // bytes (q0, q2, q4, q6) of each column
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(q, 4), nib);  // (q1, q3, q5, q7)
+        for (int m = 0; m < MR; ++m) {
+          int32_t* a = acc + m * width + (n - n0);
+          int32_t* b = acc_lo + m * width + (n - n0);
+          __m512i s = _mm512_maskz_loadu_epi32(k, a);
+          __m512i t = _mm512_maskz_loadu_epi32(k, b);
+          s = _mm512_dpbusd_epi32(s, even, he[m]);
+          t = _mm512_dpbusd_epi32(t, even, le[m]);
+          s = _mm512_dpbusd_epi32(s, odd, ho[m]);
+          t = _mm512_dpbusd_epi32(t, odd, lodd[m]);
+          _mm512_mask_storeu_epi32(a, k, s);
+          _mm512_mask_storeu_epi32(b, k, t);
+        }
+      }
+    }
+    // y += s * sx * (hi dot + lo dot / 254 - z * sum x), once per run.
+    const S* srow = scales + g * w.N;
+    const int32_t* zrow = w.qzeros + g * (w.N / 8);
+    const __m512 lo_scale = _mm512_set1_ps(1.f / kLo);
+    for (int64_t n = n0; n < n1; n += 16) {
+      const __mmask16 k = cols_mask(n1 - n);
+      const __m512 s = scales16(srow + n, k);
+      const __m512 z = zeros16(zrow, n, k, w.zero_offset);
+      for (int m = 0; m < MR; ++m) {
+        float* o = y + m * ldy + n;
+        const __m512 dot_hi = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, acc + m * width + (n - n0)));
+        const __m512 dot_lo = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, acc_lo + m * width + (n - n0)));
+        const __m512 dot = _mm512_fmadd_ps(dot_lo, lo_scale, dot_hi);
+        const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m]), dot);
+        const __m512 scaled = _mm512_mul_ps(s, _mm512_set1_ps(sx[m]));
+        _mm512_mask_storeu_ps(o, k, _mm512_fmadd_ps(scaled, centred, _mm512_maskz_loadu_ps(k, o)));
+      }
+    }
+  }
+}
+#else
+constexpr bool kHaveVnni = false;
+#endif
+
+}  // namespace qmoe
