@@ -57,6 +57,10 @@ inline __m512 zeros16(const int32_t* zrow, int64_t n, __mmask16 k, float offset)
   return _mm512_add_ps(_mm512_cvtepi32_ps(z), _mm512_set1_ps(offset));
 }
 
+// Packed rows ahead to prefetch: further than the float path's 6, as each row goes ~1.4x faster here (16 against 6
+// measured 2.68 against 2.87 ms for the 1-token int4 block from DRAM: within the noise, not worse).
+constexpr int64_t kVnniPrefetchRows = 16;
+
 inline __mmask16 cols_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 }  // namespace int4_vnni_detail
@@ -130,10 +134,11 @@ void grouped_vnni(const Int4Weight& w, const S* scales, const float* x, int64_t 
     const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
     for (int64_t r = r_begin; r < r_end; ++r) {
       const int32_t* qrow = w.qweight + r * w.N;
-      // The packed rows kInt4PrefetchRows ahead, one cache line per 16 columns: a column slice jumps from row to
+      // The packed rows kVnniPrefetchRows ahead, one cache line per 16 columns: a column slice jumps from row to
       // row, which the hardware prefetchers follow poorly (int4_gemm.h; without it the path was slower than the
       // float one from DRAM though 1.4x faster from cache).
-      const int32_t* ahead = r + kInt4PrefetchRows < w.K / 8 ? qrow + kInt4PrefetchRows * w.N : nullptr;
+      const int64_t dist = kVnniPrefetchRows;
+      const int32_t* ahead = r + dist < w.K / 8 ? qrow + dist * w.N : nullptr;
       __m512i he[MR], ho[MR], le[MR], lodd[MR];
       for (int m = 0; m < MR; ++m) {
         const int8_t* hi = planes.data() + 2 * m * len + 8 * (r - r_begin);
