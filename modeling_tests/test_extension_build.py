@@ -189,3 +189,27 @@ def test_a_stale_lock_in_the_real_build_folder_does_not_hang_a_forward():
     finally:
         if os.path.exists(baton):
             os.remove(baton)
+
+
+def _cpuinfo_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+
+
+def test_the_build_is_picked_for_the_cpu_and_never_beyond_it(monkeypatch):
+    """The flags follow /proc/cpuinfo (avx512vnni needs AVX-512 F/BW/VL/VNNI and AVX2; avx2 needs AVX2, FMA, F16C);
+    QWEN2_MOE_HF_CPU_ISA asks for less, never more, and a value it does not know is an error naming it."""
+    flags = _cpuinfo_flags()
+    has_avx2 = {"avx2", "fma", "f16c"} <= flags
+    expected = "avx512vnni" if has_avx2 and extension.AVX512_VNNI <= flags else "avx2" if has_avx2 else "generic"
+    monkeypatch.delenv(extension.ENV_ISA, raising=False)
+    tag, cflags = extension._cpu_flags()
+    assert tag == expected and ("-mavx512vnni" in cflags) == (tag == "avx512vnni")
+    assert extension.cpu_build()[0].startswith(f"qwen2_moe_hf_cpu_{tag}_")  # one cache entry per build kind
+    monkeypatch.setenv(extension.ENV_ISA, "avx2")
+    assert extension._cpu_flags()[0] == ("avx2" if has_avx2 else "generic")
+    monkeypatch.setenv(extension.ENV_ISA, "generic")
+    assert extension._cpu_flags() == ("generic", [])
+    monkeypatch.setenv(extension.ENV_ISA, "avx1024")
+    with pytest.raises(ValueError, match="QWEN2_MOE_HF_CPU_ISA='avx1024': expected avx512, avx2 or generic"):
+        extension._cpu_flags()
