@@ -39,6 +39,7 @@ from . import __version__, compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
 from .gptq.format import GPTQSpec
 from .gptq.quantize import quantize_linears_
+from .kernels.build import cpu_build, cpu_module, load_cpu_ops
 from .loading.plan import default_dtype
 from .modeling_qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeSparseMoeBlock
 from .moe import env_report, route
@@ -424,8 +425,6 @@ def machine_info() -> Dict[str, Any]:
 
 def cpu_ops_paths() -> Optional[Dict[str, Any]]:
     """Which build of the CPU ops runs and which of its ISA-dependent paths are on (None without the ops)."""
-    from .kernels.build import cpu_build, cpu_module, load_cpu_ops
-
     if not load_cpu_ops()[0]:
         return None
     module = cpu_module()
