@@ -5,6 +5,7 @@ points (an error while writing shards, the index, the config, the final rename; 
 absent or as it was, the source byte for byte as it was, and no temporary folder behind."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,33 @@ def test_a_finished_quantization_loads_and_replaces_atomically(source, tmp_path)
     assert (settings if isinstance(settings, dict) else settings.to_dict())["group_size"] == 64
     assert oct(os.stat(dst).st_mode & 0o777) == oct(0o755)
     assert not leftovers(str(tmp_path))
+
+
+def test_quantize_streams_and_holds_no_written_shard(source, tmp_path, monkeypatch):
+    """quantize reads one tensor at a time and lets each output shard go once written: the real 14B checkpoint is
+    28 GB in bf16 and its int4 output 8 GB, more than a 24 GiB machine holds beside each other. Every tensor
+    handed to an earlier _write_shard must be freed by the time the next shard is written and at the end."""
+    import gc
+    import weakref
+
+    written, alive_at_write = [], []
+    real_write = quantize._write_shard
+
+    def tracking_write(dst, index, tensors):
+        gc.collect()
+        alive_at_write.append(sum(ref() is not None for ref in written))
+        real_write(dst, index, tensors)
+        written.extend(weakref.ref(t) for t in tensors.values())
+
+    monkeypatch.setattr(quantize, "_write_shard", tracking_write)
+    dst = str(tmp_path / "out")
+    quantize_checkpoint(source, dst, group_size=32, max_shard_size="20KB", progress=False)
+    gc.collect()
+    assert len(alive_at_write) >= 3, "the fixture should make several shards at 20KB"
+    assert alive_at_write == [0] * len(alive_at_write)
+    assert all(ref() is None for ref in written)
+    with open(os.path.join(dst, files.INDEX_FILE)) as f:
+        index = json.load(f)
+    assert len(set(index["weight_map"].values())) == len(alive_at_write)
+    sizes = sum(os.path.getsize(os.path.join(dst, n)) for n in set(index["weight_map"].values()))
+    assert 0 < index["metadata"]["total_size"] < sizes  # the data bytes, without the shards' headers

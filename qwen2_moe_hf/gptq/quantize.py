@@ -99,12 +99,14 @@ def _quantize_into(src: str, out: str, files: Mapping[str, SafetensorsFile], con
     targets = [k for k in files if QUANTIZED.match(k)]
     bar = tqdm(total=len(targets), desc="quantizing", unit="linear", disable=not progress)
 
-    shards, current, current_size, block_names = [], {}, 0, set()
+    # Only names and sizes are kept once a shard is written: the output is never held in memory as a whole.
+    shards: List[Dict[str, int]] = []
+    current, current_size, block_names = {}, 0, set()
 
     def flush() -> None:
         nonlocal current, current_size
         if current:
-            shards.append(current)
+            shards.append({name: t.numel() * t.element_size() for name, t in current.items()})
             _write_shard(out, len(shards), current)
         current, current_size = {}, 0
 
@@ -161,14 +163,14 @@ def _write_shard(dst: str, index: int, tensors: Dict[str, torch.Tensor]) -> None
     save_file(tensors, os.path.join(dst, _shard_name(index)), metadata={"format": "pt"})
 
 
-def _write_index(dst: str, shards: List[Dict[str, torch.Tensor]]) -> None:
+def _write_index(dst: str, shards: List[Dict[str, int]]) -> None:
     total = len(shards)
     weight_map, size = {}, 0
     for i, shard in enumerate(shards, start=1):
         final = f"model-{i:05d}-of-{total:05d}.safetensors"
         os.replace(os.path.join(dst, _shard_name(i)), os.path.join(dst, final))
-        for name, tensor in shard.items():
+        for name, nbytes in shard.items():
             weight_map[name] = final
-            size += tensor.numel() * tensor.element_size()
+            size += nbytes
     with open(os.path.join(dst, INDEX_FILE), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
