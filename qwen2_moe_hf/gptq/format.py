@@ -172,7 +172,12 @@ def quantize_rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     groups = int(gl.max()) + 1
     w = weight.detach().float().t()  # [K, N]
 
+    size = k // groups
+    contiguous = k % groups == 0 and torch.equal(gl, torch.arange(k) // size)
+
     def reduce(op: str) -> torch.Tensor:
+        if contiguous:  # the usual layout: groups are runs of `size` inputs, a reshape instead of a scatter (~4x)
+            return getattr(w.view(groups, size, n), op)(dim=1)
         with warnings.catch_warnings():  # index_reduce_ is marked beta; its amax/amin are what we need
             warnings.simplefilter("ignore", UserWarning)
             return torch.zeros(groups, n).index_reduce_(0, gl, w, op, include_self=False)
@@ -190,7 +195,11 @@ def quantize_rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     stored = scale.half()
     stored = torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, float("inf"))),
                          stored)
-    q = torch.clamp(torch.round(w / stored.float()[gl]) + zero[gl], 0, maxq).to(torch.int32)
+    if contiguous:
+        q = (w.view(groups, size, n) / stored.float()[:, None]).round_().add_(zero[:, None]).clamp_(0, maxq)
+        q = q.view(k, n).to(torch.int32)
+    else:
+        q = torch.clamp(torch.round(w / stored.float()[gl]) + zero[gl], 0, maxq).to(torch.int32)
     return {"qweight": pack_rows(q, bits), "qzeros": pack_cols((zero.to(torch.int32) - zero_offset) & maxq, bits),
             "scales": stored, "g_idx": g_idx}
 
