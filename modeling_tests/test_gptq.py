@@ -278,6 +278,32 @@ def test_cpu_int4_vnni_matches_dequantized(group_size, zero_offset, act_order):
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("group_size,zero_offset", [(32, 1), (128, 0), (-1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [8, 72, 1000])
+def test_cpu_int4_one_row_is_bitwise_that_row_among_others(group_size, zero_offset, dtype, n):
+    """A decode row (M = 1) takes its own kernel on VNNI builds (grouped_vnni_row: sums in registers, blocks of 64
+    columns); it must give bit for bit what the few-row kernels give that row beside others (M = 2-4 per pass), at
+    column counts that end inside a 16-column vector and inside a 64-column block, and with its switch off."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    layer = _random_layer(256, n, group_size, False, zero_offset, False, bias=False, seed=n)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 256, generator=gen).to(dtype)
+    try:
+        with torch.no_grad():
+            together = layer(x)
+            for row_kernel in (True, False):
+                module.set_int4_vnni_row(row_kernel)
+                for m in range(3):
+                    alone = layer(x[m:m + 1])
+                    assert torch.equal(alone[0], together[m]), (row_kernel, m, (alone[0] - together[m]).abs().max())
+    finally:
+        module.set_int4_vnni_row(True)
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
 @pytest.mark.parametrize("rows", [0, 1, 7])
 def test_cpu_int4_moe_layer_through_onednn_matches_the_reference(rows, native_int4_rows):
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock

@@ -513,7 +513,8 @@ def test_every_compiled_entry_point_is_in_the_table():
 
 # The module's switches of its ISA-dependent paths (native_bf16.h, int4_vnni.h): getter -> setter.
 PATH_SWITCHES = {"native_bf16_rows": "set_native_bf16_rows", "native_int4_rows": "set_native_int4_rows",
-                 "int4_vnni": "set_int4_vnni", "int4_vnni_compiled": None, "int4_path": None}
+                 "int4_vnni": "set_int4_vnni", "int4_vnni_row": "set_int4_vnni_row", "int4_vnni_compiled": None,
+                 "int4_path": None}
 
 
 def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
@@ -541,6 +542,12 @@ def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
     assert module.int4_vnni() is False
     module.set_int4_vnni(True)
     assert module.int4_vnni() == module.int4_vnni_compiled()
+    with pytest.raises(TypeError):
+        module.set_int4_vnni_row("yes")
+    module.set_int4_vnni_row(False)
+    assert module.int4_vnni_row() is False
+    module.set_int4_vnni_row(True)
+    assert module.int4_vnni_row() is True
 
 
 _WATCH_CHILD = r"""

@@ -298,6 +298,10 @@ void rows(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const flo
     float* ym = y + m0 * ldy;
     const int64_t mr = std::min<int64_t>(kInt4RowsPerPass, M - m0);
 #ifdef QMOE_VNNI
+    if (vnni && R > 0 && mr == 1 && vnni_row_enabled().load()) {
+      grouped_vnni_row<S>(w, scales, xm, n0, n1, ym);
+      continue;
+    }
     if (vnni && R > 0) {
       if (iacc.empty()) iacc.resize(2 * kInt4RowsPerPass * (n1 - n0));
       switch (mr) {

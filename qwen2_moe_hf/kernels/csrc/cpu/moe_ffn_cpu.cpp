@@ -982,6 +982,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int4_vnni", [](bool on) { vnni_enabled().store(on); }, py::arg("on"),
         "Switch the VNNI path off (False) or back on (True; it runs only where the build has it).");
   m.def("int4_vnni_compiled", [] { return kHaveVnni; });
+  m.def("int4_vnni_row", [] { return vnni_row_enabled().load(); },
+        "Whether one row of x on the VNNI path takes grouped_vnni_row (same result as the multi-row kernel).");
+  m.def("set_int4_vnni_row", [](bool on) { vnni_row_enabled().store(on); }, py::arg("on"),
+        "One row of x on the VNNI path: register-blocked grouped_vnni_row (True, default) or the multi-row kernel.");
   m.def("int4_path", [](int64_t rows, int64_t in_features, bool grouped, bool bf16) {
     return std::string(int4_path_name(int4_path(rows, in_features, grouped, bf16)));
   }, py::arg("rows"), py::arg("in_features"), py::arg("grouped"), py::arg("bf16"),
