@@ -24,6 +24,14 @@ What it does:
    one row of the embedding) / the read bandwidth measured between rounds in the same run (bench.py's ReadProbe).
 
 Prints one markdown table; --json writes every sample. --workdir keeps (and reuses) the files: ~20 GB at 4 layers.
+Only the files the chosen --rows need are made, each in its own process (its time and peak RSS go to made.json and
+under the table; our rows also report the load's peak RSS growth over the checkpoint's size on disk).
+
+The real size (issue 15): 24 layers, where the bf16 checkpoint (29 GB) does not fit in 24 GiB of memory and the
+disk may not hold every file at once:
+    python benchmarks/decode_vs_llamacpp.py --layers 24 --workdir DIR --rows "ours GPTQ" "Q4_0 (embd+output f16)" \
+        --discard
+--discard deletes the bf16 checkpoint and the f16 GGUF as soon as no chosen row still needs them (peak ~65 GB).
 
 llama.cpp on an AMX Xeon: llama-cpp-python 0.3.36 built natively (GGML_NATIVE, the pip default) puts Q4_0 / Q4_K /
 Q8_0 weights in ggml's AMX buffers, and there its mul_mat segfaulted on every multi-token batch (seen on this
@@ -38,7 +46,6 @@ on such a machine, build it without AMX (its repacked AVX-512 kernels then serve
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -166,8 +173,44 @@ def _mark(path: str) -> None:
     open(path + ".done", "w").close()
 
 
-def prepare(workdir: str, shape: Dict[str, Any], layers: int, threads: int, log: Any) -> Dict[str, str]:
-    """Every artifact the rows need, made once (reused from --workdir when its settings match)."""
+# What each made artifact is made from (the checkpoint is made from nothing).
+SOURCES = {"gptq": "ckpt", "f16.gguf": "ckpt", "q4_0-f16eo.gguf": "f16.gguf", "q4_k_m-f16eo.gguf": "f16.gguf",
+           "q4_0.gguf": "f16.gguf", "q4_k_m.gguf": "f16.gguf"}
+
+
+def _run_child(code: str, logfile: str) -> Dict[str, float]:
+    """Run `code` in a fresh Python, output to logfile; its wall time and peak RSS (that process's own, os.wait4)."""
+    start = time.perf_counter()
+    with open(logfile, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{code[:120]}... failed (exit {proc.returncode}); see {logfile}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def _read_made(workdir: str) -> Dict[str, Any]:
+    path = os.path.join(workdir, "made.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _folder_bytes(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+    return os.path.getsize(path)
+
+
+def prepare(workdir: str, shape: Dict[str, Any], layers: int, threads: int, log: Any,
+            wanted: Sequence[str] = (), discard: bool = False) -> Dict[str, str]:
+    """The artifacts the rows need (`wanted`; all when empty), made once (reused from --workdir when its settings
+    match), each in a child process whose time and peak RSS go to made.json. With `discard`, a source that no wanted
+    artifact still needs is deleted as soon as its last product exists (the 24-layer run: a 29 GB bf16 checkpoint
+    and a 29 GB f16 GGUF never sit on disk beside all their products). The bf16 checkpoint's tensor sizes are kept
+    in ckpt.sizes.json for the floor."""
     stamp = os.path.join(workdir, "settings.json")
     want = {"shape": shape, "layers": layers, "std": STD, "version": 1}
     if os.path.exists(stamp):
@@ -180,47 +223,57 @@ def prepare(workdir: str, shape: Dict[str, Any], layers: int, threads: int, log:
         with open(stamp, "w") as f:
             json.dump(want, f)
     paths = {name: os.path.join(workdir, name) for _, _, name in ROWS}
-    to_gguf = _load_to_gguf()
+    made_file = os.path.join(workdir, "made.json")
+    made = _read_made(workdir)
+    wanted = set(wanted or paths)
 
-    def step(name: str, what: str, fn: Any) -> None:
+    def needed(name: str) -> bool:  # wanted, or the source of something wanted that is not made yet
+        return name in wanted or any(src == name and needed(product) and not _done(paths[product])
+                                     for product, src in SOURCES.items())
+
+    here = os.path.dirname(HERE)
+    steps = [("ckpt", f"the random bf16 checkpoint ({layers} layers)",
+              f"import sys; sys.path.insert(0, {HERE!r}); import decode_vs_llamacpp as d; "
+              f"d.write_random_checkpoint({paths['ckpt']!r}, {shape!r}, {layers})"),
+             # The user's command, streaming from the bf16 checkpoint.
+             ("gptq", "our GPTQ-Int4 checkpoint (qwen2-moe-hf quantize: RTN, group 128, sym)",
+              f"import sys; sys.path.insert(0, {here!r}); from qwen2_moe_hf.cli import main; "
+              f"sys.exit(main(['quantize', '--no-progress', {paths['ckpt']!r}, {paths['gptq']!r}]))"),
+             ("f16.gguf", "the f16 GGUF (benchmarks/to_gguf.py)",
+              f"import sys; sys.path.insert(0, {HERE!r}); import to_gguf; "
+              f"to_gguf.convert({paths['ckpt']!r}, {paths['f16.gguf']!r}, 'f16')")]
+    for name, kind, keep in (("q4_0-f16eo.gguf", "Q4_0", True), ("q4_k_m-f16eo.gguf", "Q4_K_M", True),
+                             ("q4_0.gguf", "Q4_0", False), ("q4_k_m.gguf", "Q4_K_M", False)):
+        # llama.cpp's quantizer logs every tensor: a child with its log in a file, not in the table.
+        steps.append((name, f"{kind} GGUF ({'token_embd/output f16' if keep else 'llama.cpp default token_embd/output'})",
+                      f"import sys; sys.path.insert(0, {HERE!r}); import to_gguf; "
+                      f"to_gguf.quantize({paths['f16.gguf']!r}, {paths[name]!r}, {kind!r}, {keep!r}, {threads})"))
+    for name, what, code in steps:
         path = paths[name]
-        if _done(path):
-            return
-        start = time.perf_counter()
+        if _done(path) or not needed(name):
+            continue
         print(f"  making {what} ...", file=log, flush=True)
         if os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
-        fn(path)
+        made[name] = _run_child(code, path + ".log")
+        made[name]["disk_bytes"] = _folder_bytes(path)
+        if name == "ckpt":
+            with open(os.path.join(workdir, "ckpt.sizes.json"), "w") as f:
+                json.dump(_safetensors_sizes(path), f)
         _mark(path)
-        gc.collect()
-        print(f"  made {what} in {time.perf_counter() - start:.0f} s", file=log, flush=True)
-
-    step("ckpt", f"the random bf16 checkpoint ({layers} layers)",
-         lambda p: write_random_checkpoint(p, shape, layers))
-
-    def gptq(p: str) -> None:
-        from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
-
-        quantize_checkpoint(paths["ckpt"], p, bits=4, group_size=128, sym=True, progress=False)
-
-    step("gptq", "our GPTQ-Int4 checkpoint (qwen2-moe-hf quantize: RTN, group 128, sym)", gptq)
-    step("f16.gguf", "the f16 GGUF (benchmarks/to_gguf.py)", lambda p: to_gguf.convert(paths["ckpt"], p, "f16"))
-    for name, kind, keep in (("q4_0-f16eo.gguf", "Q4_0", True), ("q4_k_m-f16eo.gguf", "Q4_K_M", True),
-                             ("q4_0.gguf", "Q4_0", False), ("q4_k_m.gguf", "Q4_K_M", False)):
-        # llama.cpp's quantizer logs every tensor; run it in a child so its log goes to a file, not the table.
-        def run_quantize(p: str, kind: str = kind, keep: bool = keep) -> None:
-            code = (f"import sys; sys.path.insert(0, {HERE!r}); import to_gguf; "
-                    f"to_gguf.quantize({paths['f16.gguf']!r}, {p!r}, {kind!r}, {keep!r}, {threads})")
-            logfile = p + ".log"
-            with open(logfile, "w") as out:
-                rc = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT).returncode
-            if rc != 0:
-                raise SystemExit(f"llama.cpp quantize to {p} failed (exit {rc}); see {logfile}")
-
-        step(name, f"{kind} GGUF ({'token_embd/output f16' if keep else 'llama.cpp default token_embd/output'})",
-             run_quantize)
+        with open(made_file, "w") as f:
+            json.dump(made, f, indent=1)
+        m = made[name]
+        print(f"  made {what} in {m['seconds']:.0f} s: {m['disk_bytes'] / 1e9:.2f} GB on disk, peak RSS of the "
+              f"process {m['peak_rss_bytes'] / 2**30:.2f} GiB", file=log, flush=True)
+        if discard:
+            for source in set(SOURCES.values()):
+                if os.path.exists(paths[source]) and not needed(source):
+                    print(f"  deleting {source} (no wanted file needs it any more)", file=log, flush=True)
+                    (shutil.rmtree if os.path.isdir(paths[source]) else os.remove)(paths[source])
+                    os.remove(paths[source] + ".done")
     return paths
 
 
@@ -229,6 +282,9 @@ def prepare(workdir: str, shape: Dict[str, Any], layers: int, threads: int, log:
 
 
 def _safetensors_sizes(folder: str) -> Dict[str, int]:
+    if not os.path.exists(folder) and os.path.exists(folder + ".sizes.json"):  # discarded after use (--discard)
+        with open(folder + ".sizes.json") as f:
+            return json.load(f)
     sizes = {}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".safetensors"):
@@ -285,6 +341,11 @@ def gguf_types(path: str) -> Dict[str, str]:
 # One measurement, in its own process
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
 def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -301,9 +362,17 @@ def child_torch(spec: Dict[str, Any]) -> Dict[str, Any]:
         import qwen2_moe_hf  # noqa: F401  (puts our classes in charge of model_type qwen2_moe)
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
+    # Peak RSS of the load alone: restart the kernel's high-water mark (VmHWM) just before it.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    before = _status_bytes("VmRSS")
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - start
+    load_peak = _status_bytes("VmHWM") - before
     module = type(model).__module__
     if ours != module.startswith("qwen2_moe_hf"):
         raise RuntimeError(f"{spec['row']}: loaded {module}.{type(model).__name__}, not the intended class")
@@ -351,6 +420,7 @@ def child_torch(spec: Dict[str, Any]) -> Dict[str, Any]:
         run(ids, warm)  # warm-up: first-call costs (op builds, allocator) belong to no row
         prefill_s, decode_s = run(ids, n)
     return {"prefill_s": prefill_s, "decode_s": decode_s, "load_s": load_s, "peak_rss_gib": _rss_gib(),
+            "load_peak_growth_bytes": load_peak,
             "impl": impl, "class": f"{module}.{type(model).__name__}"}
 
 
@@ -472,8 +542,13 @@ def table(results: Dict[str, Any]) -> str:
     ref_p = {r: med(r, "prefill_s") for r in (REF_F16, REF_Q4) if r in rows}
     prompt = results["settings"]["prompt"]
     cols = ["row", "decode tok/s", "ms/token", "prefill tok/s", "bytes/token MB", "floor tok/s", "of floor",
-            "decode vs llama f16", "decode vs llama Q4_0", "prefill vs llama f16", "peak RSS GiB"]
+            "decode vs llama f16", "decode vs llama Q4_0", "prefill vs llama f16", "peak RSS GiB",
+            "load: peak RSS growth / size on disk"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def load_ratio(row: Dict[str, Any]) -> str:  # our / built-in rows: what from_pretrained needed beyond the file
+        growth = [s["load_peak_growth_bytes"] for s in row["samples"] if "load_peak_growth_bytes" in s]
+        return f"{max(growth) / row['disk_bytes']:.2f}x" if growth and row.get("disk_bytes") else "-"
 
     def ratio(a: Optional[float], b: Optional[float]) -> str:  # speed ratio: >1 = this row is faster
         return f"{b / a:.2f}x" if a and b else "-"
@@ -490,7 +565,7 @@ def table(results: Dict[str, Any]) -> str:
         lines.append(f"| {label} | {1 / d:.2f} | {d * 1e3:.1f} | {prompt / p:.1f} | {row['bytes_per_token'] / 1e6:.0f} | "
                      f"{floor_tps:.1f} | {(1 / d) / floor_tps:.0%} | {ratio(d, ref.get(REF_F16))} | "
                      f"{ratio(d, ref.get(REF_Q4))} | {ratio(p, ref_p.get(REF_F16))} | "
-                     f"{max(s.get('peak_rss_gib', 0) for s in row['samples']):.1f} |")
+                     f"{max(s.get('peak_rss_gib', 0) for s in row['samples']):.1f} | {load_ratio(row)} |")
     floor = results["floor_bf16_bytes"]
     lines.append(f"| memory floor (bf16/f16 weights) | {bw / floor:.2f} | {floor / bw * 1e3:.1f} | - | {floor / 1e6:.0f} "
                  f"| {bw / floor:.1f} | 100% | {ratio(floor / bw, ref.get(REF_F16))} | "
@@ -514,6 +589,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 layer, 8+8 tokens, 1 round: a smoke test")
     parser.add_argument("--json", metavar="FILE", help="write every sample and the settings to FILE")
     parser.add_argument("--prepare-only", action="store_true", help="make the files in --workdir, measure nothing")
+    parser.add_argument("--discard", action="store_true",
+                        help="delete the bf16 checkpoint / f16 GGUF once no selected row needs them (disk space: "
+                             "the 24-layer run)")
     parser.add_argument("--no-extra-bufts", action="store_true",
                         help="llama.cpp rows without AMX / CPU_REPACK weight buffers (use_extra_bufts=false)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -555,7 +633,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="decode_vs_llamacpp_")
     try:
         print(f"preparing files in {workdir}", file=log, flush=True)
-        paths = prepare(workdir, shape, layers, args.threads, log)
+        paths = prepare(workdir, shape, layers, args.threads, log, wanted=[a for _, _, a in rows],
+                        discard=args.discard)
         if args.prepare_only:
             print(f"files ready in {workdir}", file=log)
             return 0
@@ -572,10 +651,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "threads": args.threads, "quick": q},
             "rows": {name: {"kind": kind, "file": artifact, "samples": [],
                             **({"extra_bufts": False} if args.no_extra_bufts and kind == "llama" else {}),
-                            "bytes_per_token": decode_bytes(paths[artifact], shape)}
+                            "bytes_per_token": decode_bytes(paths[artifact], shape),
+                            "disk_bytes": _folder_bytes(paths[artifact])}
                      for name, kind, artifact in rows},
             "floor_bf16_bytes": decode_bytes(paths["ckpt"], shape),
             "gguf_types": {artifact: gguf_types(paths[artifact]) for _, kind, artifact in rows if kind == "llama"},
+            "made": _read_made(workdir),
             "read_samples": [],
         }
         probe = ReadProbe((64 if q else 512) << 20)
@@ -624,6 +705,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for artifact, types in results["gguf_types"].items():
         print(f"\n{artifact}: " + ", ".join(f"{k} {v}" for k, v in sorted(types.items())), end="")
     print()
+    made = results.get("made")
+    if made:
+        print("\nFiles (each made in its own process): " + "; ".join(
+            f"{name} {m['disk_bytes'] / 1e9:.2f} GB on disk, made in {m['seconds']:.0f} s with peak RSS "
+            f"{m['peak_rss_bytes'] / 2**30:.2f} GiB" for name, m in made.items()))
     for name, row in results["rows"].items():
         if row.get("note"):
             print(f"{name}: {row['note']}")
