@@ -62,6 +62,11 @@ def gptq_linear(x, qweight, qzeros, scales, g_idx, zero_offset, bias=None):
     return y.to(x.dtype)
 
 
+def dense_linear(x, weight, bias=None):
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
 def _mlp(x, gate, up, down):
     return F.linear(F.silu(F.linear(x, gate.float())) * F.linear(x, up.float()), down.float())
 

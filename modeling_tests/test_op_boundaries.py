@@ -118,6 +118,9 @@ def good_args(op):
         qweight, qzeros, scales, g_idx = _int4(gen, 16, 64)
         return OrderedDict(x=torch.randn(3, 64, generator=gen), qweight=qweight, qzeros=qzeros, scales=scales,
                            g_idx=g_idx, zero_offset=1, bias=torch.randn(16, generator=gen))
+    if op == "dense_linear_cpu":
+        return OrderedDict(x=torch.randn(3, 64, generator=gen), weight=torch.randn(16, 64, generator=gen),
+                           bias=torch.randn(16, generator=gen))
     if op == "moe_ffn_cpu":
         return OrderedDict(x=_x(gen), topk_ids=ids, topk_weights=weights, **_dense_weights(gen))
     if op == "moe_ffn_int4_cpu":
@@ -164,7 +167,7 @@ def _dense_from_pack(a):
 
 # The references of the registered ops take the op's own arguments, in order.
 REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe_combine": ref.moe_combine,
-              "gptq_linear_cpu": ref.gptq_linear, "moe_ffn_cpu": ref.moe_ffn,
+              "gptq_linear_cpu": ref.gptq_linear, "dense_linear_cpu": ref.dense_linear, "moe_ffn_cpu": ref.moe_ffn,
               "moe_ffn_int4_cpu": ref.moe_ffn_int4}
 
 
@@ -389,8 +392,8 @@ def cases(op):
     return table
 
 
-CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "moe_ffn_cpu", "moe_ffn_int4_cpu",
-           "moe_layer[dense]", "moe_layer[int4]"]
+CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "dense_linear_cpu", "moe_ffn_cpu",
+           "moe_ffn_int4_cpu", "moe_layer[dense]", "moe_layer[int4]"]
 
 
 def run_case(op, case_id, args, expect):

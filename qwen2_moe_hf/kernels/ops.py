@@ -23,6 +23,8 @@ SCHEMAS: Dict[str, str] = {
     # One GPTQ 4-bit Linear (csrc/cpu/gptq_int4_cpu.cpp).
     "gptq_linear_cpu": "(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int zero_offset, "
     "Tensor? bias) -> Tensor",
+    # One dense Linear for a decode step's few rows (csrc/cpu/moe_ffn_cpu.cpp: the experts' streaming kernels).
+    "dense_linear_cpu": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     # The MoE layer with GPTQ 4-bit experts: 12 tensors per expert (qweight, qzeros, scales, g_idx of gate, up,
     # down), the shared expert's 12 or none.
     "moe_ffn_int4_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, Tensor[] shared, "
@@ -103,6 +105,13 @@ def _define() -> None:
         _check_2d("gptq_linear_cpu", "x", x)
         _check_2d("gptq_linear_cpu", "qweight", qweight)
         return x.new_empty(x.shape[0], qweight.shape[1])
+
+    @torch.library.register_fake(f"{LIB}::dense_linear_cpu")
+    def _(x, weight, bias):
+        one_device("dense_linear_cpu", x=x, weight=weight, bias=bias)
+        _check_2d("dense_linear_cpu", "x", x)
+        _check_2d("dense_linear_cpu", "weight", weight)
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake(f"{LIB}::moe_ffn_int4_cpu")
     def _(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset):

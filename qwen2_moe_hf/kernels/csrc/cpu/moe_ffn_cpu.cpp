@@ -796,6 +796,30 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
                             });
 }
 
+// One dense Linear for the few rows of a decode step: y = x @ W^T (+ bias) with W [N, K] in float32 / bfloat16 /
+// float16 read once, in place, by the experts' streaming kernels (run_jobs: tiles of 64 weight rows handed out to
+// both threads), sums in fp32, rounded once to x's dtype as a Linear's output is. For lm_head (151,936 x 2048) and
+// the attention projections of an unquantized model, where oneDNN's GEMV read bf16 weights well below the memory
+// rate here (docs/benchmarks.md). Any rows work; the model sends only up to kStreamRows.
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const char* op = "dense_linear_cpu";
+  TensorArg(x, op, "x", kCpu).floating().dim(2);
+  const int64_t M = x.size(0), K = x.size(1);
+  const at::Tensor w = TensorArg(weight, op, "weight", kCpu).floating().dim(2).sizes({-1, K}, "x").contiguous();
+  const int64_t N = w.size(0);
+  at::Tensor y = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  if (M > 0 && N > 0 && K > 0) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    const std::vector<Job> jobs{Job{xf.data_ptr<float>(), M, w.data_ptr(), y.data_ptr<float>(), N, K, N}};
+    run_jobs_any(w.scalar_type(), jobs, x.scalar_type());
+  }
+  if (bias.has_value() && bias->defined()) {
+    TensorArg(*bias, op, "bias", kCpu).floating().sizes({N}, "weight");
+    y.add_(bias->to(at::kFloat));
+  }
+  return y.to(x.scalar_type());
+}
+
 // The same layer with GPTQ 4-bit experts: `experts` holds 12 tensors per expert, (qweight, qzeros, scales,
 // g_idx) for gate, up, down; `shared` the same 12 for the shared expert, or nothing.
 template <typename F>
@@ -1005,4 +1029,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
   m.impl("moe_ffn_cpu", &moe_ffn_cpu);
   m.impl("moe_ffn_int4_cpu", &moe_ffn_int4_cpu);
+  m.impl("dense_linear_cpu", &dense_linear_cpu);
 }

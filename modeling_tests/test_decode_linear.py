@@ -1,0 +1,129 @@
+"""DecodeLinear and its op: the attention projections and lm_head of an unquantized model stream their bf16 weight
+through the CPU ops (`dense_linear_cpu`) on a decode step's few rows, and are nn.Linear everywhere else.
+
+The op is held to the torch reference (fp32 sums of the same rounded values) per weight dtype at odd sizes; the
+module to nn.Linear's own forward, and to when it must give way (more rows, other dtypes, gradients, compile,
+a wrapped or distributed weight); a whole model's decode step to the same step through nn.Linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qwen2_moe_hf
+from qwen2_moe_hf import modeling_qwen2_moe as modeling
+from qwen2_moe_hf.modeling_qwen2_moe import DecodeLinear
+
+import helpers
+
+pytestmark = pytest.mark.skipif(qwen2_moe_hf.env_report()["cpu"] != "available",
+                                reason=f"the CPU ops do not run here: {qwen2_moe_hf.env_report()['cpu']}")
+
+# Per row, against F.linear in fp32 on the same values: fp32 sums in another order, then one rounding.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+OP_EVENT = "qwen2_moe_hf::dense_linear_cpu"
+
+
+def _events(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,k", [(1, 67, 100), (3, 1000, 64), (5, 8, 2048), (0, 16, 32), (2, 1, 7)])
+def test_dense_linear_op_matches_the_reference(w_dtype, x_dtype, rows, n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(rows, k, generator=gen).to(x_dtype)
+    w = torch.randn(n, k, generator=gen).to(w_dtype)
+    bias = torch.randn(n, generator=gen).to(w_dtype)
+    for b in (None, bias):
+        got = torch.ops.qwen2_moe_hf.dense_linear_cpu(x, w, b)
+        want = F.linear(x.float(), w.float(), None if b is None else b.float())
+        assert got.dtype == x_dtype and got.shape == (rows, n)
+        assert helpers.row_error(got, want) <= TOL[x_dtype], helpers.row_error(got, want)
+
+
+def _layer(n=96, k=64, bias=True, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    layer = DecodeLinear(k, n, bias=bias).to(dtype).eval()
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 1, 64), (4, 64), (64,)])
+def test_decode_rows_take_the_op_and_match_nn_linear(shape):
+    layer = _layer()
+    x = torch.randn(*shape).bfloat16()
+    with torch.no_grad():
+        got, events = _events(lambda: layer(x))
+        want = nn.Linear.forward(layer, x)
+    assert OP_EVENT in events
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert helpers.row_error(got, F.linear(x.float(), layer.weight.float(), layer.bias.float())) <= TOL[torch.bfloat16]
+    assert helpers.row_error(got, want) <= 2 * TOL[torch.bfloat16]
+
+
+def test_everything_else_is_nn_linear():
+    layer = _layer()
+    x = torch.randn(1, 64).bfloat16()
+    cases = {
+        "5 rows": (lambda: layer(torch.randn(5, 64).bfloat16()), True),
+        "fp16": (lambda: layer.half()(x.half()), True),
+        "fp32 input": (lambda: _layer(dtype=torch.float32)(x.float()), True),
+        "gradients": (lambda: layer(x), False),  # grad mode on, the weight requires grad
+    }
+    for name, (fn, no_grad) in cases.items():
+        with torch.set_grad_enabled(not no_grad):
+            _, events = _events(fn)
+        assert OP_EVENT not in events, name
+        layer = _layer()
+    # A weight that is not a plain tensor (a subclass, as DTensor is) goes to nn.Linear, which dispatches it.
+    class Tagged(torch.Tensor):
+        pass
+
+    layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Tagged), requires_grad=False)
+    with torch.no_grad():
+        _, events = _events(lambda: layer(x))
+    assert OP_EVENT not in events
+
+
+def test_compiled_layer_uses_nn_linear():
+    layer = _layer()
+    x = torch.randn(1, 64).bfloat16()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+    assert helpers.row_error(got, nn.Linear.forward(layer, x)) <= 2 * TOL[torch.bfloat16]
+
+
+def test_state_dict_and_hooks_are_nn_linear_ones():
+    layer = _layer()
+    plain = nn.Linear(64, 96).bfloat16()
+    assert set(layer.state_dict()) == set(plain.state_dict())
+    plain.load_state_dict(layer.state_dict())
+    seen = []
+    layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        layer(torch.randn(1, 64).bfloat16())
+    assert seen == [torch.Size([1, 96])]
+
+
+def test_a_bf16_models_decode_step_matches_nn_linear(monkeypatch):
+    """Attention projections and lm_head are DecodeLinear; one decode step after a prompt gives the logits the
+    same model gives with the op switched off (nn.Linear's forward everywhere)."""
+    model = helpers.build_model("gqa").to(torch.bfloat16)
+    assert type(model.lm_head) is DecodeLinear and type(model.model.layers[0].self_attn.q_proj) is DecodeLinear
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+
+    def step():
+        with torch.no_grad():
+            out = model(ids[:, :-1], use_cache=True)
+            return model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+
+    fast, events = _events(step)
+    assert OP_EVENT in events
+    monkeypatch.setattr(modeling, "_cpu_ops", lambda: False)
+    slow, events = _events(step)
+    assert OP_EVENT not in events
+    assert helpers.row_error(fast, slow) <= 3e-2
