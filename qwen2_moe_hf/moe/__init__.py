@@ -1,5 +1,6 @@
 """The MoE layer's machinery below the modeling file: the router's top-k (routing.py), the experts' prepared
-weights (weights.py) and the backends that compute the routed experts (backends/)."""
+weights (weights.py), the backends that compute the routed experts (backends/), and the dense layers around them
+on the same CPU ops (dense.py)."""
 
 from .backends import (
     Backend,
@@ -12,11 +13,13 @@ from .backends import (
     unregister_backend,
 )
 from .backends.reference import experts_forward_reference
+from .dense import DecodeLinear
 from .routing import route
 from .weights import ExpertWeights, Int4Projection, Int4Tensors, prepare
 
 __all__ = [
     "Backend",
+    "DecodeLinear",
     "ExpertWeights",
     "Int4Projection",
     "Int4Tensors",
