@@ -24,6 +24,7 @@ from qwen2_moe_hf.gptq.format import GPTQFormatError, GPTQSpec
 from qwen2_moe_hf.gptq.linear import GPTQLinear
 from qwen2_moe_hf.gptq.quantize import quantize_checkpoint, quantize_linears_
 from qwen2_moe_hf.kernels.build import load_cpu_ops
+from qwen2_moe_hf.moe import DecodeLinear
 
 import helpers
 from helpers import build_model, int4_torch_oracle, row_error, save_checkpoint
@@ -417,7 +418,8 @@ def test_checkpoint_loads_and_matches_dequantized_model(fp_checkpoint, tmp_path,
     assert isinstance(model.model.layers[0].mlp.gate_proj, GPTQLinear)  # dense-MLP layers are quantized too
     for name in ("mlp.gate", "mlp.shared_expert_gate"):  # the router and the shared gate stay full precision
         assert type(layer.get_submodule(name)) is torch.nn.Linear, name
-    assert type(model.lm_head) is torch.nn.Linear and type(model.model.embed_tokens) is torch.nn.Embedding
+    # lm_head stays full precision: our nn.Linear subclass (moe/dense.py), not a GPTQLinear.
+    assert type(model.lm_head) is DecodeLinear and type(model.model.embed_tokens) is torch.nn.Embedding
     assert layer.self_attn.q_proj.bias is not None  # q/k/v keep their bias
 
     twin = dequantized_twin(model)
@@ -817,15 +819,21 @@ def test_cpu_backend_sees_a_wrapped_int4_projection(gptq_checkpoint):
 def test_cpu_backend_sees_replaced_int4_tensors(gptq_checkpoint):
     """The cpu backend caches each layer's int4 tensor list; swapping an expert's layer must not leave it stale."""
     model = load(gptq_checkpoint)
-    ids = torch.randint(1, model.config.vocab_size, (2, 7))
+    ids = torch.randint(1, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
     model.config.moe_backend = "cpu"
     with torch.no_grad():
+        seen = []
+        hook = model.model.layers[1].mlp.gate.register_forward_hook(lambda m, i, o: seen.append(o))
         before = model(ids).logits
+        hook.remove()
+        # The expert of layer 1 that most of these tokens use: swapping it must move the logits.
+        chosen = seen[0].topk(model.config.num_experts_per_tok, dim=-1).indices
+        busiest = int(torch.bincount(chosen.flatten(), minlength=model.config.num_experts).argmax())
         experts = model.model.layers[1].mlp.experts
-        old = experts[2].up_proj
+        old = experts[busiest].up_proj
         new = copy.deepcopy(old)
         new.qweight = torch.bitwise_xor(old.qweight, torch.tensor(0x11111111, dtype=torch.int32))
-        experts[2].up_proj = new
+        experts[busiest].up_proj = new
         after_cpu = model(ids).logits
         model.config.moe_backend = "torch"
         with int4_torch_oracle():
