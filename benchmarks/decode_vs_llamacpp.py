@@ -86,13 +86,6 @@ REF_F16 = "llama.cpp f16"
 REF_Q4 = "llama.cpp Q4_0 (embd+output f16)"
 
 
-def _load_to_gguf() -> Any:
-    sys.path.insert(0, HERE)
-    import to_gguf
-
-    return to_gguf
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The files
 
@@ -210,7 +203,7 @@ def prepare(workdir: str, shape: Dict[str, Any], layers: int, threads: int, log:
     match), each in a child process whose time and peak RSS go to made.json. With `discard`, a source that no wanted
     artifact still needs is deleted as soon as its last product exists (the 24-layer run: a 29 GB bf16 checkpoint
     and a 29 GB f16 GGUF never sit on disk beside all their products). The bf16 checkpoint's tensor sizes are kept
-    in ckpt.sizes.json for the floor."""
+    beside it in ckpt.sizes.json for the floor."""
     stamp = os.path.join(workdir, "settings.json")
     want = {"shape": shape, "layers": layers, "std": STD, "version": 1}
     if os.path.exists(stamp):
@@ -260,7 +253,7 @@ def prepare(workdir: str, shape: Dict[str, Any], layers: int, threads: int, log:
         made[name] = _run_child(code, path + ".log")
         made[name]["disk_bytes"] = _folder_bytes(path)
         if name == "ckpt":
-            with open(os.path.join(workdir, "ckpt.sizes.json"), "w") as f:
+            with open(path + ".sizes.json", "w") as f:  # read back by _safetensors_sizes once ckpt is discarded
                 json.dump(_safetensors_sizes(path), f)
         _mark(path)
         with open(made_file, "w") as f:

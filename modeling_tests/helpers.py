@@ -135,11 +135,10 @@ def run_outputs(model, vocab_size, max_new_tokens=32):
     }
 
 
-def row_error(actual, expected, mask=None):
-    """The largest per-row relative error: over rows (every dimension but the last; those `mask` selects, e.g. real
-    tokens, not padding), max |actual - expected| / max |expected| within the row. Per row, so that one wrong token
-    cannot hide behind rows of larger values, as it can under a global max or a norm. Only rows of exact zeros
-    compare absolutely (the scale's floor is float32's smallest normal number)."""
+def row_errors(actual, expected, mask=None):
+    """Per row (every dimension but the last; those `mask` selects, e.g. real tokens, not padding):
+    max |actual - expected| / max |expected| within the row, as a 1-D float tensor. Only rows of exact zeros compare
+    absolutely (the scale's floor is float32's smallest normal number)."""
     if mask is not None:
         actual, expected = actual[..., mask, :], expected[..., mask, :]
     a = actual.float().reshape(-1, actual.shape[-1]) if actual.dim() else actual.float().reshape(1, 1)
@@ -147,9 +146,15 @@ def row_error(actual, expected, mask=None):
     if a.shape != e.shape:
         raise AssertionError(f"shapes differ: {list(actual.shape)} vs {list(expected.shape)}")
     if a.numel() == 0:
-        return 0.0
-    err = (a - e).abs().amax(-1)
-    return (err / e.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)).max().item()
+        return a.new_zeros(0)
+    return (a - e).abs().amax(-1) / e.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def row_error(actual, expected, mask=None):
+    """The largest per-row relative error (row_errors). Per row, so that one wrong token cannot hide behind rows of
+    larger values, as it can under a global max or a norm."""
+    errors = row_errors(actual, expected, mask)
+    return errors.max().item() if errors.numel() else 0.0
 
 
 

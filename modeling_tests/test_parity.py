@@ -102,12 +102,6 @@ def test_fp32_parity(checkpoint, backend):
     assert torch.equal(got["generated"], expected["generated"]), f"{name}: greedy continuations differ"
 
 
-def _row_errors(actual, expected, mask):
-    """Per-row relative errors (helpers.row_error's, every row kept)."""
-    a, e = actual[mask].float(), expected[mask].float()
-    return (a - e).abs().amax(-1) / e.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
-
-
 def test_bf16_parity(checkpoint, backend):
     name, path, fp = checkpoint
     expected = _reference(name, path, fp, torch.bfloat16)
@@ -120,7 +114,8 @@ def test_bf16_parity(checkpoint, backend):
     # And ours is as accurate as the built-in's own bf16 run, measured against the fp32 result: on average over the
     # rows (the accuracy), with the worst row as a guard. The worst row alone is one sample of bf16 rounding: which
     # GEMMs take oneDNN moved it 0.8-1.8x the built-in's on one machine, with the mean within 10%.
-    ours_err, builtin_err = _row_errors(got_logits, exact, real), _row_errors(expected_logits, exact, real)
+    ours_err = helpers.row_errors(got_logits, exact, real)
+    builtin_err = helpers.row_errors(expected_logits, exact, real)
     assert ours_err.mean() <= BF16_ACCURACY * builtin_err.mean(), \
         f"{name}: mean bf16 error {ours_err.mean():.2e} vs built-in's {builtin_err.mean():.2e}"
     assert ours_err.max() <= BF16_WORST_ROW * builtin_err.max(), \

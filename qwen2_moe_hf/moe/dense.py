@@ -1,8 +1,6 @@
 """DecodeLinear: the dense Linear layers around the MoE blocks (attention projections, lm_head) on the CPU ops'
 streaming GEMV for a decode step's few rows; nn.Linear for everything else."""
 
-import functools
-
 import torch
 from torch import nn
 
@@ -10,11 +8,6 @@ from ..kernels.build import load_cpu_ops
 
 # Rows of x up to which DecodeLinear streams its bf16 weight itself (the CPU ops' kStreamRows).
 DECODE_ROWS = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_ops() -> bool:
-    return load_cpu_ops()[0]
 
 
 class DecodeLinear(nn.Linear):
@@ -30,7 +23,7 @@ class DecodeLinear(nn.Linear):
                 and type(w) in (nn.Parameter, torch.Tensor) and x.dim() >= 1
                 and x.numel() <= DECODE_ROWS * x.shape[-1]
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and not torch.compiler.is_compiling() and _cpu_ops()):
+                and not torch.compiler.is_compiling() and load_cpu_ops()[0]):
             y = torch.ops.qwen2_moe_hf.dense_linear_cpu(x.reshape(-1, x.shape[-1]), w, self.bias)
             return y.view(*x.shape[:-1], w.shape[0])
         return super().forward(x)
