@@ -67,6 +67,27 @@ def dense_linear(x, weight, bias=None):
     return y.to(x.dtype)
 
 
+def decode_attention(query, key, value, mask, scaling):
+    """softmax(q k^T * scaling + mask) v for one query position, key/value head h // (H / KVH) per query head,
+    -> [batch, 1, heads, head_dim]; a row that may attend to nothing gives zeros."""
+    group = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(group, 1)
+    v = value.float().repeat_interleave(group, 1)
+    scores = query.float() @ k.transpose(2, 3) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    nowhere = torch.isneginf(scores).all(-1, keepdim=True)
+    probs = torch.softmax(scores, dim=-1).masked_fill(nowhere, 0.0)
+    return (probs @ v).transpose(1, 2).to(query.dtype)
+
+
+def rms_norm(x, weight, eps):
+    """The model's RMSNorm: fp32 statistics, normalised x rounded to x's dtype, times weight in x's dtype."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * normed
+
+
 def _mlp(x, gate, up, down):
     return F.linear(F.silu(F.linear(x, gate.float())) * F.linear(x, up.float()), down.float())
 

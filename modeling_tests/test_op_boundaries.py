@@ -121,6 +121,13 @@ def good_args(op):
     if op == "dense_linear_cpu":
         return OrderedDict(x=torch.randn(3, 64, generator=gen), weight=torch.randn(16, 64, generator=gen),
                            bias=torch.randn(16, generator=gen))
+    if op == "decode_attention_cpu":  # 4 query heads on 2 key/value heads, 5 cached positions, one masked out
+        mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+        mask[1, 0, 0, 3] = False
+        return OrderedDict(query=torch.randn(2, 4, 1, 8, generator=gen), key=torch.randn(2, 2, 5, 8, generator=gen),
+                           value=torch.randn(2, 2, 5, 8, generator=gen), mask=mask, scaling=0.35)
+    if op == "rms_norm_cpu":
+        return OrderedDict(x=torch.randn(T, H, generator=gen), weight=torch.randn(H, generator=gen), eps=1e-6)
     if op == "moe_ffn_cpu":
         return OrderedDict(x=_x(gen), topk_ids=ids, topk_weights=weights, **_dense_weights(gen))
     if op == "moe_ffn_int4_cpu":
@@ -168,6 +175,7 @@ def _dense_from_pack(a):
 # The references of the registered ops take the op's own arguments, in order.
 REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe_combine": ref.moe_combine,
               "gptq_linear_cpu": ref.gptq_linear, "dense_linear_cpu": ref.dense_linear, "moe_ffn_cpu": ref.moe_ffn,
+              "decode_attention_cpu": ref.decode_attention, "rms_norm_cpu": ref.rms_norm,
               "moe_ffn_int4_cpu": ref.moe_ffn_int4}
 
 
@@ -304,7 +312,7 @@ def _empty(op, args):
 
 def _nan(op, args):
     """NaN in the activations, or None for an op without float inputs."""
-    key = next((k for k in ("x", "logits", "expert_out") if k in args), None)
+    key = next((k for k in ("x", "logits", "expert_out", "query") if k in args), None)
     if key is None:
         return None
     value = args[key].clone()
@@ -330,6 +338,9 @@ def _scalar_cases(op, args):
         bad("block", [0, 2**31, 2**62], r"block=-?\d+ must be in")
     if "zero_offset" in args and op != "moe_layer[dense]":
         bad("zero_offset", [2, -1, 2**40], r"zero_offset=-?\d+ must be in")
+    for name in ("scaling", "eps"):
+        if name in args:
+            bad(name, [math.inf, math.nan] + ([-1.0] if name == "eps" else []), rf"{name} must be finite")
     if "experts" in args and isinstance(args["experts"], int):
         bad("experts", [0, -1, 2**62], r"LayerPack: (experts=-?\d+ must be in|expected \d+ tensors)")
     return out
@@ -367,7 +378,7 @@ def _range_cases(op, args):
 
 
 def _dtype_of(op, args):
-    key = next(k for k in ("x", "logits", "expert_out", "ids") if k in args)
+    key = next(k for k in ("x", "logits", "expert_out", "ids", "query") if k in args)
     return args[key].dtype if args[key].dtype.is_floating_point else torch.float32
 
 
@@ -392,7 +403,8 @@ def cases(op):
     return table
 
 
-CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "dense_linear_cpu", "moe_ffn_cpu",
+CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "dense_linear_cpu",
+           "decode_attention_cpu", "rms_norm_cpu", "moe_ffn_cpu",
            "moe_ffn_int4_cpu", "moe_layer[dense]", "moe_layer[int4]"]
 
 

@@ -94,7 +94,8 @@ def load_cpu_ops() -> Status:
                                    "-print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)\")")[:2]
     ok, why, module = build_extension(
         "cpu", name,
-        sources=[os.path.join(CSRC, "cpu", n) for n in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp", "gptq_int4_cpu.cpp")],
+        sources=[os.path.join(CSRC, "cpu", n) for n in ("moe_ffn_cpu.cpp", "moe_ops_cpu.cpp", "gptq_int4_cpu.cpp",
+                                                           "decode_cpu.cpp")],
         extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=True)
     if ok:
         _cpu_module.append(module)

@@ -25,6 +25,9 @@ SCHEMAS: Dict[str, str] = {
     "Tensor? bias) -> Tensor",
     # One dense Linear for a decode step's few rows (csrc/cpu/moe_ffn_cpu.cpp: the experts' streaming kernels).
     "dense_linear_cpu": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    # A decode step's attention for one query position, and RMSNorm (csrc/cpu/decode_cpu.cpp).
+    "decode_attention_cpu": "(Tensor query, Tensor key, Tensor value, Tensor? mask, float scaling) -> Tensor",
+    "rms_norm_cpu": "(Tensor x, Tensor weight, float eps) -> Tensor",
     # The MoE layer with GPTQ 4-bit experts: 12 tensors per expert (qweight, qzeros, scales, g_idx of gate, up,
     # down), the shared expert's 12 or none.
     "moe_ffn_int4_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, Tensor[] shared, "
@@ -112,6 +115,19 @@ def _define() -> None:
         _check_2d("dense_linear_cpu", "x", x)
         _check_2d("dense_linear_cpu", "weight", weight)
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake(f"{LIB}::decode_attention_cpu")
+    def _(query, key, value, mask, scaling):
+        one_device("decode_attention_cpu", query=query, key=key, value=value, mask=mask)
+        if query.dim() != 4 or query.shape[2] != 1:
+            raise RuntimeError(f"decode_attention_cpu: query must have shape [batch, heads, 1, head_dim], got "
+                               f"{list(query.shape)}")
+        return query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
+
+    @torch.library.register_fake(f"{LIB}::rms_norm_cpu")
+    def _(x, weight, eps):
+        one_device("rms_norm_cpu", x=x, weight=weight)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(f"{LIB}::moe_ffn_int4_cpu")
     def _(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset):

@@ -13,7 +13,7 @@ from .backends import (
     unregister_backend,
 )
 from .backends.reference import experts_forward_reference
-from .dense import DecodeLinear
+from .dense import DecodeLinear, decode_attention, rms_norm
 from .routing import route
 from .weights import ExpertWeights, Int4Projection, Int4Tensors, prepare
 
@@ -24,12 +24,14 @@ __all__ = [
     "Int4Projection",
     "Int4Tensors",
     "available_backends",
+    "decode_attention",
     "env_report",
     "experts_forward_reference",
     "prepare",
     "register_backend",
     "requested_backend",
     "resolve",
+    "rms_norm",
     "route",
     "select",
     "unregister_backend",

@@ -1,5 +1,13 @@
-"""DecodeLinear: the dense Linear layers around the MoE blocks (attention projections, lm_head) on the CPU ops'
-streaming GEMV for a decode step's few rows; nn.Linear for everything else."""
+"""The dense pieces of a decode step around the MoE blocks, on the CPU ops where a step's few rows make torch's
+general kernels slow (measured in docs/benchmarks.md), and torch's own code everywhere else:
+
+- DecodeLinear: the attention projections and lm_head through the CPU ops' streaming GEMV;
+- decode_attention: attention for one query position (`decode_attention_cpu`), in place of
+  scaled_dot_product_attention's flash kernel (7-9x slower for one query here);
+- rms_norm: RMSNorm in one op (`rms_norm_cpu`) with the model's roundings, in place of eight eager ops.
+"""
+
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -27,3 +35,48 @@ class DecodeLinear(nn.Linear):
             y = torch.ops.qwen2_moe_hf.dense_linear_cpu(x.reshape(-1, x.shape[-1]), w, self.bias)
             return y.view(*x.shape[:-1], w.shape[0])
         return super().forward(x)
+
+
+# Keyword arguments of an attention call that change what it computes (softcapping, a position bias, a paged cache):
+# calls carrying any of them keep the registry's function.
+_ATTENTION_EXTRAS = ("softcap", "position_bias", "cache", "s_aux", "sinks")
+
+
+def _no_grad_needed(*tensors: Optional[torch.Tensor]) -> bool:
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+                     sliding_window: Optional[int] = None, **kwargs: Any) -> Optional[torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v -> [batch, 1, heads, head_dim] for a decode step on CPU (one query
+    position; q [b, heads, 1, d], k/v [b, kv_heads, kv, d] in q's dtype; mask None, boolean or additive and
+    broadcastable to [b, heads, 1, kv]), or None where the op does not apply and the caller's attention function
+    must run: more query positions, other devices, dropout, gradients, torch.compile, a sliding window the mask
+    does not already hold, or keyword arguments that change the computation."""
+    if (query.device.type != "cpu" or query.dim() != 4 or query.shape[2] != 1 or key.dim() != 4
+            or key.dtype != query.dtype or value.dtype != query.dtype
+            or query.dtype not in (torch.bfloat16, torch.float16, torch.float32) or dropout
+            or any(kwargs.get(name) is not None for name in _ATTENTION_EXTRAS)
+            or not _no_grad_needed(query, key, value) or torch.compiler.is_compiling()):
+        return None
+    if attention_mask is not None:
+        if attention_mask.dim() != 4 or attention_mask.shape[-1] != key.shape[2] or attention_mask.shape[2] != 1:
+            return None
+    elif sliding_window is not None and key.shape[2] > sliding_window:
+        return None
+    if not load_cpu_ops()[0]:
+        return None
+    return torch.ops.qwen2_moe_hf.decode_attention_cpu(query, key, value, attention_mask, float(scaling))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """weight * normalise(x) as the model computes it (fp32 statistics, rounded to x's dtype, scaled by weight in
+    x's dtype) in one CPU op, or None where it does not apply (other devices or dtypes, gradients, compile, a
+    weight of another dtype or a subclassed one)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or weight.dtype != x.dtype or weight.device != x.device or type(weight) not in (nn.Parameter, torch.Tensor)
+            or weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]
+            or not _no_grad_needed(x, weight) or torch.compiler.is_compiling() or not load_cpu_ops()[0]):
+        return None
+    return torch.ops.qwen2_moe_hf.rms_norm_cpu(x, weight, float(eps))
