@@ -57,6 +57,7 @@ INT4 = GPTQSpec(bits=4, group_size=128, sym=True)  # as in the released GPTQ-Int
 BUILTIN_IMPLS = ("eager", "grouped_mm", "batched_mm")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 PLOT_EXTRA = "pip install qwen2_moe_hf[plot]"
+LLAMACPP_EXTRA = "pip install qwen2_moe_hf[llamacpp]"
 DROP_FACTOR = 20  # a variant whose warm call is this many times the fastest one's is left out of the rounds
 BUILTIN_KEEP = 1.5  # built-in implementations within this factor of the fastest one's warm call are all measured
 
@@ -615,8 +616,9 @@ def measure_decode(settings: Settings, model: Qwen2MoeForCausalLM, bar: Any) -> 
 
 
 def _ms(seconds: Optional[float]) -> str:
+    # 3 significant digits below 10 ms: a --quick shape's floor is microseconds, not "0.00"
     return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.1f}" if seconds >= 0.01 \
-        else f"{seconds * 1e3:.2f}"
+        else f"{seconds * 1e3:.3g}"
 
 
 def _impl(variant: str) -> str:
@@ -766,6 +768,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.png",
                         help=f"draw the tables to a PNG (needs matplotlib: {PLOT_EXTRA})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--vs-llamacpp", action="store_true",
+                        help="instead: whole-model decode and prefill against llama.cpp and the built-in on the same "
+                             "weights (bench_llamacpp.py; its own options follow: --vs-llamacpp --help lists them; "
+                             f"needs {LLAMACPP_EXTRA})")
 
 
 def _writable(flag: str, path: str, suffix: Optional[str] = None) -> None:
