@@ -150,3 +150,23 @@ def test_bad_flags_are_named(monkeypatch, capsys, args, flag):
     assert cli.main(["bench", "--quick", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qwen2-moe-hf bench: error: ") and flag in err
+
+
+def test_vs_llamacpp_takes_its_own_options(capsys):
+    """`bench --vs-llamacpp` hands the rest of the command line to the llama.cpp comparison (bench_llamacpp.py),
+    whose own options --help lists."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--vs-llamacpp", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: qwen2-moe-hf bench --vs-llamacpp") and "--workdir" in out and "--rows" in out
+
+
+@pytest.mark.parametrize("missing, pip", [("llama_cpp", "llama-cpp-python"), ("gguf", "gguf")])
+def test_vs_llamacpp_without_its_extras_names_them_before_any_work(monkeypatch, capsys, tmp_path, missing, pip):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import <missing>` now raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--vs-llamacpp", "--quick", "--workdir", str(tmp_path / "w")])
+    assert exit_info.value.code == 2
+    assert f"pip install {pip}" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

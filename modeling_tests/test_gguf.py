@@ -1,10 +1,7 @@
-"""benchmarks/to_gguf.py: a tiny random qwen2_moe checkpoint converted to GGUF gives, in llama.cpp (llama-cpp-python),
-the logits our model gives for the same token ids. This is what makes benchmarks/decode_vs_llamacpp.py compare the
-same model in both. Needs `gguf` and `llama-cpp-python`, which the CI stacks do not install: skipped there."""
-
-import importlib.util
-import os
-import sys
+"""qwen2_moe_hf/to_gguf.py: a tiny random qwen2_moe checkpoint converted to GGUF gives, in llama.cpp
+(llama-cpp-python), the logits our model gives for the same token ids. This is what makes `qwen2-moe-hf bench
+--vs-llamacpp` compare the same model in both. Needs `gguf` and `llama-cpp-python`, which the CI stacks do not
+install: skipped there."""
 
 import numpy as np
 import pytest
@@ -17,18 +14,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pi
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
                                                     "llama-cpp-python); only the llama.cpp comparison benchmark needs it")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_to_gguf():
-    spec = importlib.util.spec_from_file_location("to_gguf", os.path.join(ROOT, "benchmarks", "to_gguf.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["to_gguf"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-to_gguf = _load_to_gguf()
+from qwen2_moe_hf import to_gguf  # noqa: E402
 
 # Tiny but with every feature llama.cpp's qwen2moe graph must get right: GQA (4 heads, 2 KV heads), q/k/v biases,
 # rope_theta 1e6, a shared expert with its sigmoid gate, top-2 of 8 without renormalisation, untied lm_head.

@@ -1,16 +1,18 @@
 """Whole-model batch-1 CPU decode: our plugin vs llama.cpp (llama-cpp-python) vs transformers' built-in qwen2_moe,
 on the same random weights at the real Qwen1.5-MoE-A2.7B layer shape.
 
-    python benchmarks/decode_vs_llamacpp.py [--layers 4] [--prompt 128] [--new-tokens 128] [--rounds 3]
-                                            [--threads 2] [--vocab 151936] [--workdir DIR] [--json F] [--quick]
+    qwen2-moe-hf bench --vs-llamacpp [--layers 4] [--prompt 128] [--new-tokens 128] [--rounds 3] [--threads 2]
+                                     [--vocab 151936] [--workdir DIR] [--json F] [--quick]
+    (the same: python benchmarks/decode_vs_llamacpp.py ...)
 
-Needs (beside this package): `gguf` and `llama-cpp-python` (which compiles llama.cpp for this machine on install).
+Needs (beside this package): `gguf` and `llama-cpp-python` (which compiles llama.cpp for this machine on install):
+pip install qwen2_moe_hf[llamacpp].
 
 What it does:
 1. Writes a random checkpoint with --layers real-shape layers (hidden 2048, 60 experts of 1408, top-4, shared expert
    5632 with its sigmoid gate, 16 heads, q/k/v bias, untied lm_head, real vocabulary) in the hub's per-expert layout,
    bf16 on disk, one layer at a time; from it our GPTQ-Int4 (`qwen2-moe-hf quantize`: RTN, group 128, sym) and an
-   f16 GGUF (benchmarks/to_gguf.py), which llama.cpp's own quantizer turns into Q4_0 and Q4_K_M, each with token
+   f16 GGUF (to_gguf.py), which llama.cpp's own quantizer turns into Q4_0 and Q4_K_M, each with token
    embeddings and output kept f16 (like our GPTQ's fp16 embeddings / lm_head) and with llama.cpp's default types.
 2. Rows: ours bf16, ours GPTQ-Int4, the built-in bf16 (transformers' own class: a process that never imports this
    package; the best of its experts implementations, picked on a warm-up), llama.cpp f16 / Q4_0 / Q4_K_M.
@@ -29,8 +31,7 @@ under the table; our rows also report the load's peak RSS growth over the checkp
 
 The real size (issue 15): 24 layers, where the bf16 checkpoint (29 GB) does not fit in 24 GiB of memory and the
 disk may not hold every file at once:
-    python benchmarks/decode_vs_llamacpp.py --layers 24 --workdir DIR --rows "ours GPTQ" "Q4_0 (embd+output f16)" \
-        --discard
+    qwen2-moe-hf bench --vs-llamacpp --layers 24 --workdir DIR --rows "ours GPTQ" "Q4_0 (embd+output f16)" --discard
 --discard deletes the bf16 checkpoint and the f16 GGUF as soon as no chosen row still needs them (peak ~65 GB).
 
 llama.cpp on an AMX Xeon: llama-cpp-python 0.3.36 built natively (GGML_NATIVE, the pip default) puts Q4_0 / Q4_K /
@@ -59,7 +60,10 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+# This file is also run by path in the measuring children (see measure()): it imports nothing of the package at
+# module level, so the built-in row's process never imports the plugin.
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # where `qwen2_moe_hf` imports from (an install or a source checkout)
 
 # The real Qwen1.5-MoE-A2.7B (../shared/NOTES.md), --layers of it.
 REAL = dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
@@ -224,22 +228,22 @@ def prepare(workdir: str, shape: Dict[str, Any], layers: int, threads: int, log:
         return name in wanted or any(src == name and needed(product) and not _done(paths[product])
                                      for product, src in SOURCES.items())
 
-    here = os.path.dirname(HERE)
+    use = f"import sys; sys.path.insert(0, {ROOT!r}); "
     steps = [("ckpt", f"the random bf16 checkpoint ({layers} layers)",
-              f"import sys; sys.path.insert(0, {HERE!r}); import decode_vs_llamacpp as d; "
+              use + "from qwen2_moe_hf import bench_llamacpp as d; "
               f"d.write_random_checkpoint({paths['ckpt']!r}, {shape!r}, {layers})"),
              # The user's command, streaming from the bf16 checkpoint.
              ("gptq", "our GPTQ-Int4 checkpoint (qwen2-moe-hf quantize: RTN, group 128, sym)",
-              f"import sys; sys.path.insert(0, {here!r}); from qwen2_moe_hf.cli import main; "
+              use + "from qwen2_moe_hf.cli import main; "
               f"sys.exit(main(['quantize', '--no-progress', {paths['ckpt']!r}, {paths['gptq']!r}]))"),
-             ("f16.gguf", "the f16 GGUF (benchmarks/to_gguf.py)",
-              f"import sys; sys.path.insert(0, {HERE!r}); import to_gguf; "
+             ("f16.gguf", "the f16 GGUF (to_gguf.py)",
+              use + "from qwen2_moe_hf import to_gguf; "
               f"to_gguf.convert({paths['ckpt']!r}, {paths['f16.gguf']!r}, 'f16')")]
     for name, kind, keep in (("q4_0-f16eo.gguf", "Q4_0", True), ("q4_k_m-f16eo.gguf", "Q4_K_M", True),
                              ("q4_0.gguf", "Q4_0", False), ("q4_k_m.gguf", "Q4_K_M", False)):
         # llama.cpp's quantizer logs every tensor: a child with its log in a file, not in the table.
         steps.append((name, f"{kind} GGUF ({'token_embd/output f16' if keep else 'llama.cpp default token_embd/output'})",
-                      f"import sys; sys.path.insert(0, {HERE!r}); import to_gguf; "
+                      use + "from qwen2_moe_hf import to_gguf; "
                       f"to_gguf.quantize({paths['f16.gguf']!r}, {paths[name]!r}, {kind!r}, {keep!r}, {threads})"))
     for name, what, code in steps:
         path = paths[name]
@@ -352,6 +356,7 @@ def child_torch(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     if ours:
+        sys.path.insert(0, ROOT)
         import qwen2_moe_hf  # noqa: F401  (puts our classes in charge of model_type qwen2_moe)
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
@@ -481,7 +486,11 @@ def child_llama(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def measure(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     """Runs one row in a fresh process; {'error': ...} instead of raising, so one broken row does not end the run."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    # This file by path, as a module of its own: the child imports the plugin only where its row wants it.
+    load = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('bench_llamacpp_child', "
+            f"{os.path.abspath(__file__)!r}); m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "sys.exit(m.main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", load, "--child", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -566,8 +575,9 @@ def table(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers of the real shape (default 4)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the real 151936)")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128)")
@@ -635,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         rng = random.Random(0)
         prompt_ids = [rng.randrange(shape["vocab_size"]) for _ in range(prompt)]
-        sys.path.insert(0, os.path.dirname(HERE))
+        sys.path.insert(0, ROOT)
         from qwen2_moe_hf.bench import ReadProbe  # a 512 MiB sum: bytes read per second
 
         results: Dict[str, Any] = {

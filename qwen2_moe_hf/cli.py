@@ -4,6 +4,7 @@
     qwen2-moe-hf serve --model M [transformers serve options]   # OpenAI-compatible server (transformers 5.x)
     qwen2-moe-hf env                  # versions, and which expert-dispatch backends run here (and why not)
     qwen2-moe-hf bench [--quick] [--plot F.png] [--json F]   # MoE block and decode speed on this machine
+    qwen2-moe-hf bench --vs-llamacpp [--layers 4] [--quick] ...   # whole-model decode vs llama.cpp, same weights
     qwen2-moe-hf build-ext [cpu] [cuda]   # build the compiled ops ahead of time
     qwen2-moe-hf quantize --method rtn --bits 4 --group-size 128 SRC DST   # write a GPTQ checkpoint
 """
@@ -16,7 +17,7 @@ import torch
 import transformers
 
 from . import __version__, chat, compat, env_report, serve
-from . import bench
+from . import bench, bench_llamacpp
 from .gptq.quantize import quantize_checkpoint
 from .kernels.build import main as build_main
 
@@ -50,6 +51,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     quant.add_argument("--no-progress", action="store_true")
     quant.add_argument("--overwrite", action="store_true",
                        help="replace DST if it exists and is not empty (it is replaced only once the new one is done)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and "--vs-llamacpp" in argv:  # its own options (and --help) from here on
+        argv.remove("--vs-llamacpp")
+        return bench_llamacpp.main(argv[1:], prog="qwen2-moe-hf bench --vs-llamacpp")
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return serve.run(args, rest)

@@ -1,9 +1,10 @@
 """Hub-layout qwen2_moe checkpoint -> GGUF (llama.cpp arch `qwen2moe`), and llama.cpp's own quantizer on the result.
 
-    python benchmarks/to_gguf.py SRC_DIR OUT.gguf [--outtype f16|f32]
+    python benchmarks/to_gguf.py SRC_DIR OUT.gguf [--outtype f16|f32]      (or python -m qwen2_moe_hf.to_gguf)
     python benchmarks/to_gguf.py --quantize IN.gguf OUT.gguf --type Q4_0|Q4_K_M [--llama-default-embd-output]
 
-Written for benchmarks/decode_vs_llamacpp.py and modeling_tests/test_gguf.py: same weights in our model and in
+Written for `qwen2-moe-hf bench --vs-llamacpp` (bench_llamacpp.py) and modeling_tests/test_gguf.py: same weights in
+our model and in
 llama.cpp. It is a deliberately small converter (not llama.cpp's convert_hf_to_gguf.py): full-precision safetensors
 (sharded with model.safetensors.index.json, or one model.safetensors), per-expert keys as on the hub, every layer a
 MoE layer with a shared expert. The vocabulary is written as llama.cpp's "no_vocab" tokenizer with
@@ -14,6 +15,7 @@ Needs `gguf` (the converter) and `llama-cpp-python` (only for quantize()).
 """
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -21,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 ARCH = "qwen2moe"  # llama.cpp's name for Qwen1.5-MoE / Qwen2-MoE
 INDEX_FILE = "model.safetensors.index.json"
@@ -93,8 +96,6 @@ class Checkpoint:
     """The tensors of a safetensors checkpoint folder, read one at a time (a 4-layer real-shape model is ~6 GB)."""
 
     def __init__(self, src: str) -> None:
-        from safetensors import safe_open
-
         self.src = src
         index = os.path.join(src, INDEX_FILE)
         if os.path.exists(index):
@@ -292,8 +293,6 @@ def quantize(src: str, dst: str, kind: str = "Q4_0", keep_embd_output_f16: bool 
     Q4_K_M | Q8_0. With `keep_embd_output_f16`, token_embd and output stay f16 (as our GPTQ-Int4 keeps the
     embeddings and lm_head in 16 bits); without it, llama.cpp picks its defaults for them (Q4_0: q4_0 embeddings and
     q6_K output; Q4_K_M: q4_K / q6_K). Returns dst."""
-    import ctypes
-
     import llama_cpp
 
     if kind not in QUANT_FTYPES:
