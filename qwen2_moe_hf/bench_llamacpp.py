@@ -619,11 +619,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                                                                                        prompt + 1)):
         if value < low:
             parser.error(f"{flag}: expected >= {low}, got {value}")
+    missing = []
     for module, pip in (("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")):
         try:
             __import__(module)
         except ImportError:
-            parser.error(f"needs the {module} module: pip install {pip}")
+            missing.append((module, pip))
+    if missing:  # all of them in one message
+        parser.error(f"needs the {' and '.join(m for m, _ in missing)} module{'s' * (len(missing) > 1)}: pip install "
+                     f"{' '.join(p for _, p in missing)} (or pip install qwen2_moe_hf[llamacpp])")
     if args.prepare_only and not args.workdir:
         parser.error("--prepare-only needs --workdir (a temp dir would be deleted at once)")
     rows = [r for r in ROWS if not args.rows or any(s in r[0] for s in args.rows)]
