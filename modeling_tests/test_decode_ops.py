@@ -172,6 +172,10 @@ def test_attention_gives_way():
     assert ATTENTION not in events, "eager chosen"
 
 
+class _Tagged(torch.Tensor):
+    pass
+
+
 def test_decode_attention_helper_gives_way():
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 3, 8)
     assert decode_attention(q, k, k, None, 0.3) is not None
@@ -181,6 +185,7 @@ def test_decode_attention_helper_gives_way():
     assert decode_attention(q, k, k, torch.ones(1, 1, 1, 5, dtype=torch.bool), 0.3) is None  # a longer mask
     assert decode_attention(torch.randn(1, 4, 2, 8), k, k, None, 0.3) is None  # two query positions
     assert decode_attention(q, k.double(), k.double(), None, 0.3) is None
+    assert decode_attention(q.as_subclass(_Tagged), k, k, None, 0.3) is None  # a subclass (as DTensor is)
     assert decode_attention(q.requires_grad_(), k, k, None, 0.3) is None
     with torch.no_grad():
         assert decode_attention(q, k, k, None, 0.3) is not None

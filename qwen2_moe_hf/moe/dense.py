@@ -52,9 +52,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """softmax(q k^T * scaling + mask) v -> [batch, 1, heads, head_dim] for a decode step on CPU (one query
     position; q [b, heads, 1, d], k/v [b, kv_heads, kv, d] in q's dtype; mask None, boolean or additive and
     broadcastable to [b, heads, 1, kv]), or None where the op does not apply and the caller's attention function
-    must run: more query positions, other devices, dropout, gradients, torch.compile, a sliding window the mask
-    does not already hold, or keyword arguments that change the computation."""
+    must run: more query positions, other devices, tensor subclasses, dropout, gradients, torch.compile, a sliding
+    window the mask does not already hold, or keyword arguments that change the computation."""
     if (query.device.type != "cpu" or query.dim() != 4 or query.shape[2] != 1 or key.dim() != 4
+            or not all(type(t) is torch.Tensor for t in (query, key, value))  # subclasses (DTensor) dispatch themselves
             or key.dtype != query.dtype or value.dtype != query.dtype
             or query.dtype not in (torch.bfloat16, torch.float16, torch.float32) or dropout
             or any(kwargs.get(name) is not None for name in _ATTENTION_EXTRAS)
