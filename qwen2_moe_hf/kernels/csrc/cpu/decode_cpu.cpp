@@ -1,5 +1,5 @@
 // The small pieces of a decode step around the MoE blocks, each one pass over its data instead of a chain of
-// eager torch ops (docs/benchmarks.md, "Where a decode step's time goes"):
+// eager torch ops (docs/benchmarks.md, "Where a decode step goes"):
 //
 //   decode_attention_cpu(query [B,H,1,D], key [B,KVH,L,D], value [B,KVH,L,D], mask?, scaling) -> [B,1,H,D]
 //       softmax(q k^T * scaling + mask) v for ONE query position per sequence (a decode step), query head h reading
