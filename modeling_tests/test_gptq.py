@@ -305,6 +305,99 @@ def test_cpu_int4_one_row_is_bitwise_that_row_among_others(group_size, zero_offs
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (128, False), (-1, False), (64, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_int4_blocked_layout_is_bitwise_the_checkpoint_layout(group_size, act_order, dtype, native_int4_rows):
+    """The blocked qweight [N/64, K/8, 64] is the same words in another order: every path of the int4 GEMM (1-4
+    rows a pass, the one-row VNNI kernel and the float one, tiles, sgemm, oneDNN for bf16) gives bit for bit what it
+    gives on the checkpoint layout, at 3 column blocks (slices of 64 per thread) and against the dequantized
+    reference."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    layer = _random_layer(256, 192, group_size, False, 1, act_order, bias=True, seed=group_size)
+    blocked = copy.deepcopy(layer)
+    assert blocked.use_blocked_layout() and blocked.blocked and blocked.qweight.shape == (3, 32, 64)
+    assert torch.equal(blocked.checkpoint_qweight(), layer.qweight)
+    gen = torch.Generator().manual_seed(2)
+    try:
+        for native, vnni in ((0, True), (0, False), (5, True)):
+            native_int4_rows(native)
+            module.set_int4_vnni(vnni)
+            for tokens in (1, 2, 3, 5, 17, 40, 1030):
+                x = torch.randn(tokens, 256, generator=gen).to(dtype)
+                with torch.no_grad():
+                    got, want = blocked(x), layer(x)
+                assert torch.equal(got, want), (native, vnni, tokens, (got.float() - want.float()).abs().max())
+                ref = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float())
+                assert rel(got, ref) < TOL[dtype], (native, vnni, tokens, rel(got, ref))
+    finally:
+        module.set_int4_vnni(True)
+
+
+def test_blocked_layout_keeps_the_checkpoint_format_outside():
+    """Blocked is a CPU kernel layout only: state_dict() and dequantize() give the checkpoint's qweight,
+    load_state_dict takes it, a move off the CPU (meta here) restores the checkpoint layout, a dtype change keeps the
+    blocks, and layers the kernels would not read blocked (out_features not a multiple of 64, 8 bits) stay as they
+    are."""
+    layer = _random_layer(128, 128, 32, True, 1, False, bias=False)
+    original = layer.qweight.clone()
+    want = layer.dequantize(torch.float32)
+    assert layer.use_blocked_layout() and layer.qweight.shape == (2, 16, 64)
+    assert torch.equal(layer.state_dict()["qweight"], original) and layer.state_dict()["qweight"].shape == (16, 128)
+    assert torch.equal(layer.dequantize(torch.float32), want)
+    layer.half()
+    assert layer.blocked and layer.scales.dtype == torch.float16
+    twin = _random_layer(128, 128, 32, True, 1, False, bias=False, seed=5)
+    twin.use_blocked_layout()
+    twin.load_state_dict(layer.state_dict())
+    assert not twin.blocked and torch.equal(twin.qweight, original)
+    assert twin.use_blocked_layout() and torch.equal(twin.dequantize(torch.float32), want)
+    twin.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    assert not twin.blocked and torch.equal(twin.qweight, original)
+    moved = copy.deepcopy(layer).to("meta")
+    assert not moved.blocked and moved.qweight.shape == (16, 128) and moved.qweight.device.type == "meta"
+    assert layer.use_blocked_layout(False) is False and torch.equal(layer.qweight, original)
+    narrow = _random_layer(128, 72, 32, True, 1, False, bias=False)
+    assert not narrow.use_blocked_layout() and narrow.qweight.shape == (16, 72)
+    eight = GPTQLinear(128, 128, False, GPTQSpec(bits=8, group_size=32))
+    assert not eight.use_blocked_layout() and eight.qweight.dim() == 2
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_cpu_load_blocks_the_int4_layers_and_saves_the_checkpoint_back(gptq_checkpoint, tmp_path, monkeypatch):
+    """A GPTQ checkpoint loaded on CPU holds its 4-bit qweights of 64k columns blocked (QWEN2_MOE_HF_INT4_LAYOUT=
+    checkpoint keeps them as stored); both compute the same logits bit for bit, generate the same tokens, and
+    save_pretrained writes the source's tensors back unchanged."""
+    model = load(gptq_checkpoint)
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    blocked = [m for m in layers if m.blocked]
+    assert blocked and all(m.out_features % 64 == 0 for m in blocked)
+    assert all(m.out_features % 64 for m in layers if not m.blocked)
+    monkeypatch.setenv("QWEN2_MOE_HF_INT4_LAYOUT", "checkpoint")
+    stored = load(gptq_checkpoint)
+    monkeypatch.delenv("QWEN2_MOE_HF_INT4_LAYOUT")
+    assert not any(m.blocked for m in stored.modules() if isinstance(m, GPTQLinear))
+    ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, stored(ids).logits)
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(model.generate(ids, **kwargs), stored.generate(ids, **kwargs))
+    model.save_pretrained(str(tmp_path / "again"))
+    source = {}
+    for name in os.listdir(gptq_checkpoint):
+        if name.endswith(".safetensors"):
+            source.update(load_file(os.path.join(gptq_checkpoint, name)))
+    again = {}
+    for name in os.listdir(tmp_path / "again"):
+        if name.endswith(".safetensors"):
+            again.update(load_file(str(tmp_path / "again" / name)))
+    for key, tensor in source.items():
+        if key.endswith(".qweight"):
+            assert torch.equal(again[key], tensor), key
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
 @pytest.mark.parametrize("rows", [0, 1, 7])
 def test_cpu_int4_moe_layer_through_onednn_matches_the_reference(rows, native_int4_rows):
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
@@ -616,6 +709,45 @@ def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
                 assert helpers.resolved_backend(block, x) == "cpu"
                 got, want = block(x[None]), twin(x[None])
             assert rel(got, want) < 1e-5, (tokens, rel(got, want))
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_cpu_int4_moe_layer_with_blocked_experts_is_bitwise_the_checkpoint_layout():
+    """The MoE op reads blocked expert weights (every projection 64k columns wide here) in each row regime and gives
+    bit for bit what it gives on the checkpoint layout; a layer with both layouts mixed (only some blocked) too."""
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
+        hidden_size=128, num_attention_heads=1, num_key_value_heads=1, head_dim=8, num_experts=5,
+        num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=192))
+    block = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), 5).eval()
+    spec = GPTQSpec(bits=4, group_size=32, sym=False)
+    for mlp in [*block.experts, block.shared_expert]:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(mlp, name)
+            layer = GPTQLinear(linear.in_features, linear.out_features, False, spec)
+            for part, value in gptq_format.quantize_rtn(linear.weight, 4, 32, False, spec.zero_offset).items():
+                setattr(layer, part, value)
+            setattr(mlp, name, layer)
+    block = block.to(torch.bfloat16)  # bf16 activations: the VNNI kernels where the build has them
+    block.config.moe_backend = "cpu"
+    blocked, mixed = copy.deepcopy(block), copy.deepcopy(block)
+    for m in blocked.modules():
+        if isinstance(m, GPTQLinear):
+            assert m.use_blocked_layout()
+    for i, m in enumerate(m for m in mixed.modules() if isinstance(m, GPTQLinear)):
+        m.use_blocked_layout(i % 2 == 0)
+    gen = torch.Generator().manual_seed(6)
+    for tokens in (1, 3, 9, 31, 601):
+        x = torch.randn(1, tokens, 128, generator=gen).to(torch.bfloat16)
+        with torch.no_grad():
+            assert helpers.resolved_backend(blocked, x[0]) == "cpu"
+            want = block(x)
+            assert torch.equal(blocked(x), want), tokens
+            assert torch.equal(mixed(x), want), tokens
+        got, _ = helpers.routed(blocked, x[0], "cpu", torch.full((tokens, 2), 3))
+        ref, _ = helpers.routed(block, x[0], "cpu", torch.full((tokens, 2), 3))
+        assert torch.equal(got, ref), tokens
 
 
 # --------------------------------------------------------------------------------------------- faults

@@ -143,6 +143,25 @@ def _to_int32(packed64: torch.Tensor) -> torch.Tensor:
     return torch.where(packed64 >= 2**31, packed64 - 2**32, packed64).to(torch.int32)
 
 
+# The blocked layout of a 4-bit qweight, made once after loading on CPU (GPTQLinear.use_blocked_layout): the same
+# int32 words as [N/64, K/8, 64], so that each block of 64 output columns is one contiguous stream for the CPU
+# kernels (kernels/csrc/cpu/int4_gemm.h, kInt4BlockCols). Never written to a file: state_dict() gives the
+# checkpoint layout back.
+BLOCK_COLS = 64
+
+
+def block_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """[K/8, N] (N a multiple of BLOCK_COLS) -> [N/64, K/8, 64], a new contiguous tensor."""
+    rows, n = qweight.shape
+    return qweight.view(rows, n // BLOCK_COLS, BLOCK_COLS).permute(1, 0, 2).contiguous()
+
+
+def unblock_qweight(blocked: torch.Tensor) -> torch.Tensor:
+    """[N/64, K/8, 64] -> the checkpoint layout [K/8, N], a new contiguous tensor."""
+    blocks, rows, cols = blocked.shape
+    return blocked.permute(1, 0, 2).reshape(rows, blocks * cols)
+
+
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int = 4,
                zero_offset: int = 1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The full-precision weight [N, K] (nn.Linear layout) of GPTQ tensors, in `dtype` (default: scales' dtype)."""

@@ -1,7 +1,11 @@
 """GPTQLinear: an nn.Linear stored in the GPTQ format, computed by int4 kernels.
 
 Its buffers are the checkpoint's own tensors (qweight, qzeros, scales, g_idx, optional bias), so state_dict() and
-save_pretrained() write the format back unchanged and nothing is held twice. forward(x) picks a kernel by device:
+save_pretrained() write the format back unchanged and nothing is held twice. One exception, made once after a CPU
+load (`use_blocked_layout`): a 4-bit qweight [K/8, N] is held as the same words blocked [N/64, K/8, 64]
+(format.block_qweight), which the CPU kernels read ~2x faster from memory in a decode step; state_dict() still
+gives the checkpoint layout, load_state_dict takes it, and moving the layer off the CPU restores it.
+forward(x) picks a kernel by device:
   cpu  -> the gptq_linear_cpu op (kernels/csrc/cpu/gptq_int4_cpu.cpp: 4 bits, reads the packed layout directly)
   cuda -> kernels/triton_moe.py's gptq_linear_triton (4 bits; in-kernel dequantization) when triton is installed
   else -> the reference: dequantize (format.dequantize) and F.linear. It is also the oracle of the tests, the
@@ -16,7 +20,7 @@ experts at once.
 import functools
 import importlib.util
 import os
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,6 +31,8 @@ from . import format as gptq_format
 from .format import GPTQSpec
 
 ENV_KERNEL = "QWEN2_MOE_HF_GPTQ_KERNEL"
+# "checkpoint" keeps qweight in the checkpoint layout after a CPU load (benchmarks' A/B; anything else: blocked).
+ENV_LAYOUT = "QWEN2_MOE_HF_INT4_LAYOUT"
 
 
 class GPTQLinear(nn.Module, Int4Projection):
@@ -60,14 +66,54 @@ class GPTQLinear(nn.Module, Int4Projection):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={group}, bias={self.bias is not None}")
 
+    @property
+    def blocked(self) -> bool:
+        """Whether qweight is held in the blocked layout [N/64, K/8, 64] (use_blocked_layout)."""
+        return self.qweight is not None and self.qweight.dim() == 3
+
+    def checkpoint_qweight(self) -> torch.Tensor:
+        """qweight in the checkpoint layout [K/8, N] (the buffer itself, or an unblocked copy)."""
+        return gptq_format.unblock_qweight(self.qweight) if self.blocked else self.qweight
+
+    def use_blocked_layout(self, blocked: bool = True) -> bool:
+        """Hold qweight blocked (True) or in the checkpoint layout (False), in place; returns whether it is blocked.
+        Blocking is done only where the CPU kernels read it: 4 bits, a plain CPU tensor, out_features a multiple
+        of 64. The buffer is replaced by a new tensor (one layer's qweight extra at the peak)."""
+        q = self.qweight
+        if not blocked:
+            if self.blocked:
+                self.qweight = gptq_format.unblock_qweight(q)
+            return False
+        if (self.blocked or self.bits != 4 or type(q) is not torch.Tensor or q.device.type != "cpu"
+                or q.dim() != 2 or q.shape[1] % gptq_format.BLOCK_COLS != 0):
+            return self.blocked
+        self.qweight = gptq_format.block_qweight(q)
+        return True
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The full-precision weight [out_features, in_features] (for tests and the reference path)."""
-        return gptq_format.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+        return gptq_format.dequantize(self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits,
                                       self.zero_offset, dtype)
 
     def tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(qweight, qzeros, scales, g_idx): what the int4 kernels read."""
+        """(qweight, qzeros, scales, g_idx): what the int4 kernels read (qweight possibly blocked)."""
         return self.qweight, self.qzeros, self.scales, self.g_idx
+
+    # The checkpoint layout in and out, whatever the layout held.
+    def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.blocked and prefix + "qweight" in destination:
+            destination[prefix + "qweight"] = gptq_format.unblock_qweight(self.qweight.detach())
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.use_blocked_layout(False)  # the checkpoint's qweight is copied (or assigned) into the checkpoint layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> "GPTQLinear":
+        # Off the CPU (GPU kernels, meta) qweight goes in the checkpoint layout; a dtype change keeps the blocks.
+        if self.blocked and fn(torch.empty(0, dtype=torch.int32)).device.type != "cpu":
+            self.use_blocked_layout(False)
+        return super()._apply(fn, *args, **kwargs)
 
     def int4_tensors(self) -> Optional[Int4Tensors]:
         if self.bits != 4 or self.bias is not None:
@@ -84,12 +130,20 @@ class GPTQLinear(nn.Module, Int4Projection):
         elif kernel == "triton":
             from ..kernels.triton_moe import gptq_linear_triton  # triton: optional, imported on first use
 
-            y = gptq_linear_triton(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+            y = gptq_linear_triton(x2, self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits,
                                    self.zero_offset, self.bias)
         else:
             bias = None if self.bias is None else self.bias.to(x2.dtype)
             y = nn.functional.linear(x2, self.dequantize(x2.dtype), bias)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def use_blocked_layout(model: nn.Module) -> int:
+    """After a CPU load: every GPTQLinear of `model` whose kernels read it on CPU holds qweight blocked (unless
+    QWEN2_MOE_HF_INT4_LAYOUT=checkpoint). Returns how many layers were blocked."""
+    if os.environ.get(ENV_LAYOUT, "").lower() == "checkpoint":
+        return 0
+    return sum(m.use_blocked_layout() for m in model.modules() if isinstance(m, GPTQLinear))
 
 
 def kernel_for(x: torch.Tensor, bits: int) -> str:

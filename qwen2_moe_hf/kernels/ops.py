@@ -21,6 +21,7 @@ SCHEMAS: Dict[str, str] = {
     "moe_ffn_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] w_gate, Tensor[] w_up, "
     f"Tensor[] w_down, {_MOE_WEIGHTS}) -> Tensor",
     # One GPTQ 4-bit Linear (csrc/cpu/gptq_int4_cpu.cpp).
+    # qweight: [K/8, N], or blocked [N/64, K/8, 64] (gptq/format.py's block_qweight).
     "gptq_linear_cpu": "(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int zero_offset, "
     "Tensor? bias) -> Tensor",
     # One dense Linear for a decode step's few rows (csrc/cpu/moe_ffn_cpu.cpp: the experts' streaming kernels).
@@ -106,6 +107,8 @@ def _define() -> None:
     def _(x, qweight, qzeros, scales, g_idx, zero_offset, bias):
         one_device("gptq_linear_cpu", x=x, qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, bias=bias)
         _check_2d("gptq_linear_cpu", "x", x)
+        if qweight.dim() == 3:  # blocked [N/64, K/8, 64] (gptq/format.py)
+            return x.new_empty(x.shape[0], qweight.shape[0] * qweight.shape[2])
         _check_2d("gptq_linear_cpu", "qweight", qweight)
         return x.new_empty(x.shape[0], qweight.shape[1])
 

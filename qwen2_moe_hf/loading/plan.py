@@ -39,6 +39,7 @@ from transformers.utils import cached_file, logging as hf_logging
 from .. import compat
 from ..files import CONFIG_FILE, CheckpointError, SafetensorsFile, read_config_json, weight_files
 from ..gptq import hooks as gptq_hooks
+from ..gptq import linear as gptq_linear
 
 logger = logging.getLogger("qwen2_moe_hf")
 
@@ -319,6 +320,9 @@ def _stream_load(cls, pretrained, kwargs: Dict[str, Any], quantization: Optional
         info = _load_tensors(model, files, key_of, quantized, quantization, devices, dtype,
                              allow_missing or output_loading_info, ignore_mismatched, path, bar.update)
     _finish(model, folder, devices, device_map)
+    if quantization is not None and devices and all(d.type == "cpu" for d in devices.values()):
+        # Once, now that every tensor is in place: the CPU kernels' layout of the 4-bit weights (gptq/linear.py).
+        gptq_linear.use_blocked_layout(model)
     if quantization is None:
         compat.set_config_dtype(model.config, dtype)
     else:

@@ -41,7 +41,8 @@ _PLAIN = (torch.Tensor, nn.Parameter)  # what the kernels read: a tensor's own s
 @dataclass(frozen=True)
 class Int4Tensors:
     """One Linear stored in the GPTQ 4-bit format: W[n, k] = scales[g, n] * (q[k, n] - (zero[g, n] + zero_offset)),
-    g = g_idx[k] (gptq/format.py)."""
+    g = g_idx[k] (gptq/format.py). qweight is [K/8, N], or on CPU after loading the same words blocked
+    [N/64, K/8, 64] (format.block_qweight), which the CPU kernels read either way."""
 
     qweight: torch.Tensor
     qzeros: torch.Tensor

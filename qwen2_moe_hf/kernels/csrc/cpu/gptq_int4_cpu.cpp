@@ -4,8 +4,9 @@
 // saved or read back portably), and on this AVX2 machine it ran slower than bf16 at one row.
 //
 // Contract (schema in qwen2_moe_hf/kernels/ops.py):
-//   gptq_linear_cpu(x [M,K] float/bf16/fp16, qweight [K/8,N] int32, qzeros [G,N/8] int32, scales [G,N] float,
-//                   g_idx [K] int32 in [0, G), zero_offset 0 or 1, bias [N] float?) -> [M,N] in x's dtype
+//   gptq_linear_cpu(x [M,K] float/bf16/fp16, qweight [K/8,N] int32 (or blocked [N/64,K/8,64]: int4_gemm.h),
+//                   qzeros [G,N/8] int32, scales [G,N] float, g_idx [K] int32 in [0, G), zero_offset 0 or 1,
+//                   bias [N] float?) -> [M,N] in x's dtype
 //   Every tensor is checked here (CPU, dtype, shape, g_idx's range); any strides are accepted.
 
 #include <ATen/ATen.h>

@@ -1,8 +1,12 @@
 // The GPTQ 4-bit GEMM primitive shared by gptq_linear_cpu (one Linear) and moe_ffn_int4_cpu (a whole MoE layer).
-// It reads the checkpoint's own packed layout (no repacking: the module's state dict stays the checkpoint's
-// tensors and nothing is held twice).
+// It reads qweight in either of two layouts of the same int32 words:
+//   checkpoint: [K/8, N] (input 8r+j of column n in bits 4j..4j+3 of qweight[r, n]), as GPTQ files store it;
+//   blocked:    [N/64, K/8, 64], qweight_blocked[b, r, c] = qweight[r, 64 b + c]: each block of 64 columns is one
+//               contiguous stream (GPTQLinear switches to it once after loading on CPU, gptq/linear.py). A decode
+//               step's GEMV walks a column block over all K/8 rows; in the checkpoint layout that is 256 bytes per
+//               row at a stride of N x 4 bytes, which the hardware prefetchers follow poorly (~16 GB/s from DRAM
+//               against ~31-39 blocked, 2 threads, Zen 4; docs/benchmarks.md).
 //
-//   qweight int32 [K/8, N] (input 8r+j of column n in bits 4j..4j+3 of qweight[r, n]),
 //   qzeros int32 [G, N/8], scales [G, N] (fp32/fp16/bf16), g_idx int32 [K]
 //   W[n,k] = scales[g,n] * (q[k,n] - (z[g,n] + zero_offset)), g = g_idx[k]
 //
@@ -44,6 +48,8 @@ constexpr int64_t kInt4SgemmRows = 1024;
 // Packed rows ahead that the grouped path prefetches: a column tile jumps between rows, which hardware
 // prefetchers follow poorly; without it one decode row read ~5 GB/s from DRAM instead of ~8.
 constexpr int64_t kInt4PrefetchRows = 6;
+// Columns per block of the blocked qweight layout (the one-row VNNI kernel's block: 4 vectors of 16).
+constexpr int64_t kInt4BlockCols = 64;
 
 #ifdef QMOE_AVX2
 using V8 = __m256;
@@ -130,6 +136,7 @@ struct Int4Weight {
   at::ScalarType scale_type = at::kHalf;
   const int32_t* g_idx = nullptr;
   int64_t K = 0, N = 0, groups = 0;
+  bool blocked = false;                  // qweight in the blocked layout [N/64, K/8, 64]
   float zero_offset = 1.f;
   std::vector<int64_t> runs;             // packed-row starts of one-group runs, + K/8; empty: general path
   std::vector<float> scale_f, zero_f;    // [groups, N], general path only
@@ -140,9 +147,15 @@ struct Int4Weight {
                int64_t zero_off, const std::string& what) {
     const char* op = what.c_str();
     const at::Device cpu(at::kCPU);
-    qweight_t = TensorArg(qw, op, "qweight", cpu).dtype(at::kInt).dim(2).contiguous();
-    K = checked_mul(qweight_t.size(0), 8, op, "qweight rows x 8");
-    N = qweight_t.size(1);
+    TensorArg qa(qw, op, "qweight", cpu);
+    qa.dtype(at::kInt);
+    TORCH_CHECK(qw.dim() == 2 || (qw.dim() == 3 && qw.size(2) == kInt4BlockCols), what,
+                ": qweight must be [in_features/8, out_features] or, blocked, [out_features/64, in_features/8, 64]"
+                ", got shape ", qw.sizes());
+    qweight_t = qa.contiguous();
+    blocked = qw.dim() == 3;
+    K = checked_mul(qweight_t.size(blocked ? 1 : 0), 8, op, "qweight rows x 8");
+    N = blocked ? checked_mul(qweight_t.size(0), kInt4BlockCols, op, "qweight blocks x 64") : qweight_t.size(1);
     TORCH_CHECK(N % 8 == 0, what, ": qweight has ", N, " columns (out_features), not a multiple of 8");
     scales_t = TensorArg(sc, op, "scales", cpu).floating().sizes({-1, N}, "qweight").contiguous();
     groups = scales_t.size(0);
@@ -181,6 +194,17 @@ struct Int4Weight {
         }
     }
   }
+
+  // The word of packed row r, column n; the columns after it up to the end of n's 64-column block (blocked) or of
+  // the row (checkpoint layout) follow it in memory. Callers read at most 16 columns from a multiple of 16 (of 8
+  // for 8), or 64 from a multiple of 64, so they never cross a block.
+  const int32_t* q_at(int64_t r, int64_t n) const {
+    return blocked ? qweight + (n / kInt4BlockCols) * (K / 8) * kInt4BlockCols + r * kInt4BlockCols +
+                         n % kInt4BlockCols
+                   : qweight + r * N + n;
+  }
+  // Column slices handed to threads start at multiples of this (a blocked slice must start on a block).
+  int64_t column_unit(int64_t unit) const { return blocked ? std::max<int64_t>(unit, kInt4BlockCols) : unit; }
 
   float scale_at(int64_t i) const {
     switch (scale_type) {
@@ -223,8 +247,7 @@ void grouped(const Int4Weight& w, const S* scales, const float* x, int64_t ldx, 
     const int32_t g = w.g_idx[8 * r_begin];
     std::fill(acc, acc + MR * width, 0.f);
     for (int64_t r = r_begin; r < r_end; ++r) {
-      const int32_t* qrow = w.qweight + r * w.N;
-      const int32_t* ahead = r + kInt4PrefetchRows < rows ? qrow + kInt4PrefetchRows * w.N : nullptr;
+      const bool ahead = r + kInt4PrefetchRows < rows;
       // Fields 0..6 come out of unpack8_in_place scaled by 16^j: scale x down to match (field 7 is not).
       constexpr float kDown[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576,
                                   1.f / 16777216, 1.f};
@@ -232,9 +255,9 @@ void grouped(const Int4Weight& w, const S* scales, const float* x, int64_t ldx, 
       for (int m = 0; m < MR; ++m)
         for (int j = 0; j < 8; ++j) xr[m][j] = x[m * ldx + 8 * r + j] * (kFieldsInPlace ? kDown[j] : 1.f);
       for (int64_t n = n0; n < n1; n += 8) {
-        if (ahead != nullptr && ((n - n0) & 15) == 0) prefetch(ahead + n);
+        if (ahead && ((n - n0) & 15) == 0) prefetch(w.q_at(r + kInt4PrefetchRows, n));
         V8 q[8];
-        unpack8_in_place(qrow + n, q);
+        unpack8_in_place(w.q_at(r, n), q);
         for (int m = 0; m < MR; ++m) {
           float* a = acc + m * width + (n - n0);
           V8 s0 = v_load(a), s1 = v_zero();  // two chains: half the FMA latency per column block
@@ -268,10 +291,9 @@ void grouped(const Int4Weight& w, const S* scales, const float* x, int64_t ldx, 
 template <int MR>
 void general(const Int4Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   for (int64_t r = 0; r < w.K / 8; ++r) {
-    const int32_t* qrow = w.qweight + r * w.N;
     for (int64_t n = n0; n < n1; n += 8) {
       V8 q[8];
-      unpack8(qrow + n, q);
+      unpack8(w.q_at(r, n), q);
       for (int j = 0; j < 8; ++j) {
         const int64_t base = static_cast<int64_t>(w.g_idx[8 * r + j]) * w.N + n;
         q[j] = v_mul(v_sub(q[j], v_load(w.zero_f.data() + base)), v_load(w.scale_f.data() + base));
@@ -341,12 +363,11 @@ void dequantize_tile(const Int4Weight& w, int64_t n, float* buf, int64_t next) {
   constexpr int64_t W = 8 * NV;
   const bool grouped = !w.runs.empty();
   for (int64_t r = 0; r < w.K / 8; ++r) {
-    const int32_t* qrow = w.qweight + r * w.N;
-    if (next >= 0) prefetch(qrow + next);
+    if (next >= 0) prefetch(w.q_at(r, next));
     for (int c = 0; c < NV; ++c) {
       const int64_t col = n + 8 * c;
       V8 q[8];
-      unpack8(qrow + col, q);
+      unpack8(w.q_at(r, col), q);
       V8 s = v_zero(), z = v_zero();
       if (grouped) {  // one group for the whole packed row
         const int64_t g = w.g_idx[8 * r];
@@ -417,10 +438,9 @@ void tile_rows(const float* x, int64_t M, int64_t ldx, int64_t K, const float* b
 // slab and sgemm beat unpacking the weights once per 4 rows.
 inline void int4_dequantize_t(const Int4Weight& w, int64_t k0, int64_t k1, float* wt) {
   for (int64_t r = k0 / 8; r < k1 / 8; ++r) {
-    const int32_t* qrow = w.qweight + r * w.N;
     for (int64_t n = 0; n < w.N; n += 8) {
       V8 q[8];
-      unpack8(qrow + n, q);
+      unpack8(w.q_at(r, n), q);
       for (int j = 0; j < 8; ++j) {
         const int64_t g = w.g_idx[8 * r + j];
         V8 s, z;
@@ -531,7 +551,7 @@ inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y
   if (path == Int4Path::kSgemm) return int4_sgemm(w, x, M, y, ldy);
   const bool tiles = path == Int4Path::kTiles, vnni = path == Int4Path::kVnni;
   const std::vector<float> sums = tiles || vnni ? std::vector<float>() : w.row_sums(x, M, w.K);
-  const int64_t unit = tiles ? 16 : 8;  // columns per block: a tile, or one packed int32's
+  const int64_t unit = w.column_unit(tiles ? 16 : 8);  // columns per block: a tile, or one packed int32's
   const int64_t blocks = (w.N + unit - 1) / unit;
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {

@@ -836,11 +836,12 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
   const int64_t H = x.size(1);
   LayerWeights lw;
   lw.E = static_cast<int64_t>(experts.size()) / 12;
-  TensorArg(experts[0], op, "expert 0 gate_proj: qweight", kCpu).dim(2);
-  const int64_t inputs = checked_mul(experts[0].size(0), 8, op, "expert 0 gate_proj: qweight rows x 8");
-  TORCH_CHECK(inputs == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
-              experts[0].sizes(), " (", inputs, " inputs; x and the experts must agree)");
-  lw.I = experts[0].size(1);  // gate's qweight is [H/8, I]
+  // Sizes from expert 0's gate (checked in full by its Int4Weight): [H/8, I], or blocked [I/64, H/8, 64].
+  Int4Weight gate0;
+  gate0.prepare(experts[0], experts[1], experts[2], experts[3], zero_offset, std::string(op) + ": expert 0 gate_proj");
+  TORCH_CHECK(gate0.K == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
+              experts[0].sizes(), " (", gate0.K, " inputs; x and the experts must agree)");
+  lw.I = gate0.N;
   std::vector<Int4Weight> prepared(3 * lw.E + 3);
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
   auto prepare = [&](Int4Weight& w, at::TensorList t, size_t at, int which, int64_t K, int64_t N,
@@ -857,8 +858,10 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
     job.q = &w;
   };
   if (!shared.empty()) {
-    TensorArg(shared[0], op, "shared expert gate_proj: qweight", kCpu).dim(2);
-    lw.S = shared[0].size(1);
+    Int4Weight shared_gate0;
+    shared_gate0.prepare(shared[0], shared[1], shared[2], shared[3], zero_offset,
+                         std::string(op) + ": shared expert gate_proj");
+    lw.S = shared_gate0.N;
     lw.shared = [&](Job& job, int which) {
       Int4Weight& w = prepared[3 * lw.E + which];
       const int64_t K = which == 2 ? lw.S : H, N = which == 2 ? H : lw.S;
