@@ -44,6 +44,32 @@ def test_dense_linear_op_matches_the_reference(w_dtype, x_dtype, rows, n, k):
         assert helpers.row_error(got, want) <= TOL[x_dtype], helpers.row_error(got, want)
 
 
+@pytest.mark.parametrize("n", [1, 3, 9, 1001, 4099])
+@pytest.mark.parametrize("k", [32, 96, 2048])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_one_row_lanes_kernel_matches_the_reference(n, k, x_dtype):
+    """One row against bf16 weights with K a multiple of 32 takes the AVX-512 lanes kernel where the build has it
+    (rows from 4 regions of each thread's share per pass, and the share's last rows alone): row counts below one
+    pass per thread, with leftovers, and many. Its switch off gives the AVX2 stream kernels, the same within the
+    same bound."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, k, generator=gen).to(x_dtype)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    want = F.linear(x.float(), w.float())
+    try:
+        for lanes in (True, False):
+            module.set_dense_row_lanes(lanes)
+            assert module.dense_row_lanes() == (lanes and module.int4_vnni_compiled())  # the same AVX-512 builds
+            got = torch.ops.qwen2_moe_hf.dense_linear_cpu(x, w, None)
+            assert got.dtype == x_dtype and got.shape == (1, n)
+            assert helpers.row_error(got, want) <= TOL[x_dtype], (lanes, helpers.row_error(got, want))
+    finally:
+        module.set_dense_row_lanes(True)
+
+
 def _layer(n=96, k=64, bias=True, dtype=torch.bfloat16, seed=0):
     torch.manual_seed(seed)
     layer = DecodeLinear(k, n, bias=bias).to(dtype).eval()

@@ -529,7 +529,7 @@ def test_every_compiled_entry_point_is_in_the_table():
 # The module's switches of its ISA-dependent paths (native_bf16.h, int4_vnni.h): getter -> setter.
 PATH_SWITCHES = {"native_bf16_rows": "set_native_bf16_rows", "native_int4_rows": "set_native_int4_rows",
                  "int4_vnni": "set_int4_vnni", "int4_vnni_row": "set_int4_vnni_row", "int4_vnni_compiled": None,
-                 "int4_path": None}
+                 "int4_path": None, "dense_row_lanes": "set_dense_row_lanes"}
 
 
 def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
@@ -563,6 +563,12 @@ def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
     assert module.int4_vnni_row() is False
     module.set_int4_vnni_row(True)
     assert module.int4_vnni_row() is True
+    with pytest.raises(TypeError):
+        module.set_dense_row_lanes("yes")
+    module.set_dense_row_lanes(False)
+    assert module.dense_row_lanes() is False
+    module.set_dense_row_lanes(True)
+    assert module.dense_row_lanes() == module.int4_vnni_compiled()  # compiled in the same AVX-512 builds
 
 
 _WATCH_CHILD = r"""

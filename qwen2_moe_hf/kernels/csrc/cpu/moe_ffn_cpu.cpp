@@ -797,6 +797,77 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
 }
 
 // One dense Linear for the few rows of a decode step: y = x @ W^T (+ bias) with W [N, K] in float32 / bfloat16 /
+#ifdef QMOE_VNNI
+constexpr bool kHaveRowLanes = true;
+// One row of x against bf16 weights with AVX-512, lanes-wise: rows from kRowLanes far-apart regions of the
+// weight in each pass, one accumulator of 16 per row. Each region is one contiguous stream, and the regions sit in
+// different DRAM pages, which a core's prefetchers keep in flight together: a 622 MB lm_head read at 1.07-1.13x
+// the rate of 8 adjacent rows per pass (the AVX2 stream_split) over several runs, 2 threads, Zen 4
+// (docs/benchmarks.md); more regions (8, 16) were slower. x comes split per 32: its 16 even then its 16 odd
+// elements (split32), lined up with the weights' even and odd halves of each 32-bit pair.
+constexpr int kRowLanes = 4;
+
+template <int S>
+QMOE_KERNEL void stream_lanes(const float* xs, int64_t K, const BFloat16* const* w, float* const* y) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc[S];
+  QMOE_UNROLL
+  for (int j = 0; j < S; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
+    QMOE_UNROLL
+    for (int j = 0; j < S; ++j) {
+      const __m512i v = _mm512_loadu_si512(w[j] + k);
+      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      acc[j] = _mm512_fmadd_ps(xo, odd, _mm512_fmadd_ps(xe, even, acc[j]));
+    }
+  }
+  QMOE_UNROLL
+  for (int j = 0; j < S; ++j) *y[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+// y[n] = x . w[n] for all N rows (K a multiple of 32): each thread takes a contiguous share of the rows, cut
+// into kRowLanes regions walked in step.
+void row_lanes_bf16(const float* x, int64_t K, const BFloat16* w, int64_t N, float* y) {
+  std::vector<float> xs(K);
+  for (int64_t k = 0; k < K; k += 32)
+    for (int i = 0; i < 16; ++i) {
+      xs[k + i] = x[k + 2 * i];
+      xs[k + 16 + i] = x[k + 2 * i + 1];
+    }
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kRowLanes));
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t begin = N * t / threads, end = N * (t + 1) / threads, len = (end - begin) / kRowLanes;
+      const BFloat16* wp[kRowLanes];
+      float* yp[kRowLanes];
+      for (int64_t i = 0; i < len; ++i) {
+        for (int j = 0; j < kRowLanes; ++j) {
+          const int64_t n = begin + j * len + i;
+          wp[j] = w + n * K;
+          yp[j] = y + n;
+        }
+        stream_lanes<kRowLanes>(xs.data(), K, wp, yp);
+      }
+      for (int64_t n = begin + kRowLanes * len; n < end; ++n) {  // the share's last few rows
+        const BFloat16* w1[1] = {w + n * K};
+        float* y1[1] = {y + n};
+        stream_lanes<1>(xs.data(), K, w1, y1);
+      }
+    }
+  });
+}
+#else
+constexpr bool kHaveRowLanes = false;
+#endif
+
+// Whether one row of bf16 dense_linear_cpu takes row_lanes_bf16 (where compiled), for benchmarks' A/B.
+std::atomic<bool>& row_lanes_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 // float16 read once, in place, by the experts' streaming kernels (run_jobs: tiles of 64 weight rows handed out to
 // both threads), sums in fp32, rounded once to x's dtype as a Linear's output is. For lm_head (151,936 x 2048) and
 // the attention projections of an unquantized model, where oneDNN's GEMV read bf16 weights well below the memory
@@ -812,8 +883,15 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor y = K > 0 ? at::empty({M, N}, f32) : at::zeros({M, N}, f32);
   if (M > 0 && N > 0 && K > 0) {
     const at::Tensor xf = x.to(at::kFloat).contiguous();
-    const std::vector<Job> jobs{Job{xf.data_ptr<float>(), M, w.data_ptr(), y.data_ptr<float>(), N, K, N}};
-    run_jobs_any(w.scalar_type(), jobs, x.scalar_type());
+#ifdef QMOE_VNNI
+    if (M == 1 && K % 32 == 0 && w.scalar_type() == at::kBFloat16 && row_lanes_enabled().load()) {
+      row_lanes_bf16(xf.data_ptr<float>(), K, static_cast<const BFloat16*>(w.data_ptr()), N, y.data_ptr<float>());
+    } else
+#endif
+    {
+      const std::vector<Job> jobs{Job{xf.data_ptr<float>(), M, w.data_ptr(), y.data_ptr<float>(), N, K, N}};
+      run_jobs_any(w.scalar_type(), jobs, x.scalar_type());
+    }
   }
   if (bias.has_value() && bias->defined()) {
     TensorArg(*bias, op, "bias", kCpu).floating().sizes({N}, "weight");
@@ -1015,6 +1093,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether one row of x on the VNNI path takes grouped_vnni_row (same result as the multi-row kernel).");
   m.def("set_int4_vnni_row", [](bool on) { vnni_row_enabled().store(on); }, py::arg("on"),
         "One row of x on the VNNI path: register-blocked grouped_vnni_row (True, default) or the multi-row kernel.");
+  m.def("dense_row_lanes", [] { return kHaveRowLanes && row_lanes_enabled().load(); },
+        "Whether one row of x against bf16 weights in dense_linear_cpu takes the AVX-512 lanes kernel.");
+  m.def("set_dense_row_lanes", [](bool on) { row_lanes_enabled().store(on); }, py::arg("on"),
+        "Switch the lanes kernel off (False: the AVX2 stream kernels) or back on (True; where the build has it).");
   m.def("int4_path", [](int64_t rows, int64_t in_features, bool grouped, bool bf16) {
     return std::string(int4_path_name(int4_path(rows, in_features, grouped, bf16)));
   }, py::arg("rows"), py::arg("in_features"), py::arg("grouped"), py::arg("bf16"),
