@@ -70,6 +70,9 @@ constexpr int64_t kSgemmRows = 768;
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item (64 rows x K=2048 bf16 = 256 KiB of weights).
 constexpr int64_t kTileN = 64;
+// The same for one row of x on the AVX-512 lanes kernel (tile_lanes_bf16), in kTileLanes regions of 32 rows.
+constexpr int64_t kLaneTileN = 256;
+constexpr int kTileLanes = 8;
 
 
 
@@ -321,6 +324,104 @@ inline void widen(const T* src, int64_t rows, int64_t K, float* dst, int64_t ldb
 }
 #endif
 
+#ifdef QMOE_VNNI
+constexpr bool kHaveRowLanes = true;
+// One row of x against bf16 weights with AVX-512, lanes-wise: rows from kRowLanes far-apart regions of the
+// weight in each pass, one accumulator of 16 per row. Each region is one contiguous stream, and the regions sit in
+// different DRAM pages, which a core's prefetchers keep in flight together: a 622 MB lm_head read at 1.07-1.13x
+// the rate of 8 adjacent rows per pass (the AVX2 stream_split) over several runs, 2 threads, Zen 4
+// (docs/benchmarks.md); more regions (8, 16) were slower. Within the experts' 256-row items (tile_lanes_bf16), 8
+// regions of 32 rows read at 1.2x the 64-row tiles of stream_split in the same test. x comes split per 32: its 16 even then its 16 odd
+// elements (split32), lined up with the weights' even and odd halves of each 32-bit pair.
+constexpr int kRowLanes = 4;
+
+template <int S>
+QMOE_KERNEL void stream_lanes(const float* xs, int64_t K, const BFloat16* const* w, float* const* y) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc[S];
+  QMOE_UNROLL
+  for (int j = 0; j < S; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
+    QMOE_UNROLL
+    for (int j = 0; j < S; ++j) {
+      const __m512i v = _mm512_loadu_si512(w[j] + k);
+      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      acc[j] = _mm512_fmadd_ps(xo, odd, _mm512_fmadd_ps(xe, even, acc[j]));
+    }
+  }
+  QMOE_UNROLL
+  for (int j = 0; j < S; ++j) *y[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+// x [K] (a multiple of 32) as stream_lanes reads it: per 32 elements, the 16 even then the 16 odd ones.
+inline void split32(const float* x, int64_t K, float* xs) {
+  for (int64_t k = 0; k < K; k += 32)
+    for (int i = 0; i < 16; ++i) {
+      xs[k + i] = x[k + 2 * i];
+      xs[k + 16 + i] = x[k + 2 * i + 1];
+    }
+}
+
+// y[n] = x . w[n] for n in [n0, n1), the range cut into kTileLanes regions walked in step (the rest one by one):
+// the experts' jobs, in items of kLaneTileN rows (run_jobs). xs: split32(x).
+inline void tile_lanes_bf16(const float* xs, int64_t K, const BFloat16* w, int64_t n0, int64_t n1, float* y) {
+  const int64_t len = (n1 - n0) / kTileLanes;
+  const BFloat16* wp[kTileLanes];
+  float* yp[kTileLanes];
+  for (int64_t i = 0; i < len; ++i) {
+    for (int j = 0; j < kTileLanes; ++j) {
+      wp[j] = w + (n0 + j * len + i) * K;
+      yp[j] = y + n0 + j * len + i;
+    }
+    stream_lanes<kTileLanes>(xs, K, wp, yp);
+  }
+  for (int64_t n = n0 + kTileLanes * len; n < n1; ++n) {
+    const BFloat16* w1[1] = {w + n * K};
+    float* y1[1] = {y + n};
+    stream_lanes<1>(xs, K, w1, y1);
+  }
+}
+
+// y[n] = x . w[n] for all N rows (K a multiple of 32): each thread takes a contiguous share of the rows, cut
+// into kRowLanes regions walked in step (one large weight: lm_head).
+void row_lanes_bf16(const float* x, int64_t K, const BFloat16* w, int64_t N, float* y) {
+  std::vector<float> xs(K);
+  split32(x, K, xs.data());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kRowLanes));
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t begin = N * t / threads, end = N * (t + 1) / threads, len = (end - begin) / kRowLanes;
+      const BFloat16* wp[kRowLanes];
+      float* yp[kRowLanes];
+      for (int64_t i = 0; i < len; ++i) {
+        for (int j = 0; j < kRowLanes; ++j) {
+          const int64_t n = begin + j * len + i;
+          wp[j] = w + n * K;
+          yp[j] = y + n;
+        }
+        stream_lanes<kRowLanes>(xs.data(), K, wp, yp);
+      }
+      for (int64_t n = begin + kRowLanes * len; n < end; ++n) {  // the share's last few rows
+        const BFloat16* w1[1] = {w + n * K};
+        float* y1[1] = {y + n};
+        stream_lanes<1>(xs.data(), K, w1, y1);
+      }
+    }
+  });
+}
+#else
+constexpr bool kHaveRowLanes = false;
+#endif
+
+// Whether one row of x against bf16 weights takes the lanes kernels (where compiled): row_lanes_bf16 in
+// dense_linear_cpu, tile_lanes_bf16 in the experts' jobs; off for benchmarks' A/B and tests.
+std::atomic<bool>& row_lanes_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 // y[m, n] = sum_k x[m, k] * w[n, k] for n in [n0, n1), all m < M. x: fp32 [M, K] (row stride K); xs: the same
 // rows as the AVX2 kernels read them (split16 for bf16 with M <= kStreamRows, pack16 above; unused otherwise);
 // w: [N, K] row-major; y: fp32, row stride ldy.
@@ -444,9 +545,23 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
   }
   std::stable_sort(tiled.begin(), tiled.end(),
                    [](const Job* a, const Job* b) { return a->M * a->K > b->M * b->K; });
-  for (const Job* job : tiled) first_item.push_back(first_item.back() + (job->N + kTileN - 1) / kTileN);
-  // x rows in the layout the kernels read: split16 for stream_split (bf16, few rows), pack16 for xt_block (more
-  // rows); one copy per distinct x, as gate and up share theirs. Small next to the weights.
+  // One bf16 row with K a multiple of 32 goes to tile_lanes_bf16 in items of kLaneTileN rows (AVX-512 builds).
+  auto lanes = [&](const Job& job) {
+#ifdef QMOE_VNNI
+    return std::is_same<T, BFloat16>::value && job.M == 1 && job.K % 32 == 0 && row_lanes_enabled().load();
+#else
+    (void)job;
+    return false;
+#endif
+  };
+  std::vector<int64_t> tile_n;
+  for (const Job* job : tiled) {
+    tile_n.push_back(lanes(*job) ? kLaneTileN : kTileN);
+    first_item.push_back(first_item.back() + (job->N + tile_n.back() - 1) / tile_n.back());
+  }
+  // x rows in the layout the kernels read: split32 for tile_lanes_bf16, split16 for stream_split (bf16, few rows),
+  // pack16 for xt_block (more rows); one copy per distinct x, as gate and up share theirs. Small next to the
+  // weights.
   std::vector<const float*> x_prep(tiled.size(), nullptr);
 #ifdef QMOE_AVX2
   std::vector<std::vector<float>> x_prep_store;
@@ -460,6 +575,12 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
       x_prep[j] = it->second;
       continue;
     }
+#ifdef QMOE_VNNI
+    if (lanes(job)) {
+      x_prep_store.emplace_back(job.K);
+      split32(job.x, job.K, x_prep_store.back().data());
+    } else
+#endif
     if (split) {
       x_prep_store.emplace_back(job.M * job.K);
       split16(job.x, job.M, job.K, x_prep_store.back().data());
@@ -484,8 +605,16 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
       if (item < first_item[j] || item >= first_item[j + 1])
         j = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
       const Job& job = *tiled[j];
-      const int64_t n0 = (item - first_item[j]) * kTileN;
-      const int64_t n1 = std::min(job.N, n0 + kTileN);
+      const int64_t n0 = (item - first_item[j]) * tile_n[j];
+      const int64_t n1 = std::min(job.N, n0 + tile_n[j]);
+#ifdef QMOE_VNNI
+      if constexpr (std::is_same<T, BFloat16>::value) {
+        if (tile_n[j] == kLaneTileN) {
+          tile_lanes_bf16(x_prep[j], job.K, static_cast<const T*>(job.w), n0, n1, job.y);
+          continue;
+        }
+      }
+#endif
       rows_times_weight(job.x, x_prep[j], job.M, job.K, static_cast<const T*>(job.w), n0, n1, job.y, job.ldy);
     }
   });
@@ -797,77 +926,6 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
 }
 
 // One dense Linear for the few rows of a decode step: y = x @ W^T (+ bias) with W [N, K] in float32 / bfloat16 /
-#ifdef QMOE_VNNI
-constexpr bool kHaveRowLanes = true;
-// One row of x against bf16 weights with AVX-512, lanes-wise: rows from kRowLanes far-apart regions of the
-// weight in each pass, one accumulator of 16 per row. Each region is one contiguous stream, and the regions sit in
-// different DRAM pages, which a core's prefetchers keep in flight together: a 622 MB lm_head read at 1.07-1.13x
-// the rate of 8 adjacent rows per pass (the AVX2 stream_split) over several runs, 2 threads, Zen 4
-// (docs/benchmarks.md); more regions (8, 16) were slower. x comes split per 32: its 16 even then its 16 odd
-// elements (split32), lined up with the weights' even and odd halves of each 32-bit pair.
-constexpr int kRowLanes = 4;
-
-template <int S>
-QMOE_KERNEL void stream_lanes(const float* xs, int64_t K, const BFloat16* const* w, float* const* y) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m512 acc[S];
-  QMOE_UNROLL
-  for (int j = 0; j < S; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
-    QMOE_UNROLL
-    for (int j = 0; j < S; ++j) {
-      const __m512i v = _mm512_loadu_si512(w[j] + k);
-      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-      acc[j] = _mm512_fmadd_ps(xo, odd, _mm512_fmadd_ps(xe, even, acc[j]));
-    }
-  }
-  QMOE_UNROLL
-  for (int j = 0; j < S; ++j) *y[j] = _mm512_reduce_add_ps(acc[j]);
-}
-
-// y[n] = x . w[n] for all N rows (K a multiple of 32): each thread takes a contiguous share of the rows, cut
-// into kRowLanes regions walked in step.
-void row_lanes_bf16(const float* x, int64_t K, const BFloat16* w, int64_t N, float* y) {
-  std::vector<float> xs(K);
-  for (int64_t k = 0; k < K; k += 32)
-    for (int i = 0; i < 16; ++i) {
-      xs[k + i] = x[k + 2 * i];
-      xs[k + 16 + i] = x[k + 2 * i + 1];
-    }
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kRowLanes));
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t begin = N * t / threads, end = N * (t + 1) / threads, len = (end - begin) / kRowLanes;
-      const BFloat16* wp[kRowLanes];
-      float* yp[kRowLanes];
-      for (int64_t i = 0; i < len; ++i) {
-        for (int j = 0; j < kRowLanes; ++j) {
-          const int64_t n = begin + j * len + i;
-          wp[j] = w + n * K;
-          yp[j] = y + n;
-        }
-        stream_lanes<kRowLanes>(xs.data(), K, wp, yp);
-      }
-      for (int64_t n = begin + kRowLanes * len; n < end; ++n) {  // the share's last few rows
-        const BFloat16* w1[1] = {w + n * K};
-        float* y1[1] = {y + n};
-        stream_lanes<1>(xs.data(), K, w1, y1);
-      }
-    }
-  });
-}
-#else
-constexpr bool kHaveRowLanes = false;
-#endif
-
-// Whether one row of bf16 dense_linear_cpu takes row_lanes_bf16 (where compiled), for benchmarks' A/B.
-std::atomic<bool>& row_lanes_enabled() {
-  static std::atomic<bool> on{true};
-  return on;
-}
-
 // float16 read once, in place, by the experts' streaming kernels (run_jobs: tiles of 64 weight rows handed out to
 // both threads), sums in fp32, rounded once to x's dtype as a Linear's output is. For lm_head (151,936 x 2048) and
 // the attention projections of an unquantized model, where oneDNN's GEMV read bf16 weights well below the memory
@@ -1094,7 +1152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int4_vnni_row", [](bool on) { vnni_row_enabled().store(on); }, py::arg("on"),
         "One row of x on the VNNI path: register-blocked grouped_vnni_row (True, default) or the multi-row kernel.");
   m.def("dense_row_lanes", [] { return kHaveRowLanes && row_lanes_enabled().load(); },
-        "Whether one row of x against bf16 weights in dense_linear_cpu takes the AVX-512 lanes kernel.");
+        "Whether one row of x against bf16 weights (dense_linear_cpu, the experts) takes the AVX-512 lanes kernels.");
   m.def("set_dense_row_lanes", [](bool on) { row_lanes_enabled().store(on); }, py::arg("on"),
         "Switch the lanes kernel off (False: the AVX2 stream kernels) or back on (True; where the build has it).");
   m.def("int4_path", [](int64_t rows, int64_t in_features, bool grouped, bool bf16) {
