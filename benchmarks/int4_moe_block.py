@@ -66,10 +66,9 @@ def main():
     spec = INT4  # group 128, sym, like the released checkpoint
     bf16 = new_block(SHAPE, torch.bfloat16)
     config = bf16.config
-    int4 = int4_block(bf16, spec).eval()
-    # The block as a CPU load leaves it (qweight blocked), and in the checkpoint's layout (as built here).
-    blocked = copy.deepcopy(int4)
-    use_blocked_layout(blocked)
+    blocked = int4_block(bf16, spec).eval()  # as a CPU load leaves it: qweight blocked by 64 columns
+    int4 = copy.deepcopy(blocked)
+    use_blocked_layout(int4, False)  # the checkpoint's layout
     variants = {"ours bf16 [cpu]": (bf16, torch.bfloat16), "ours int4 (bf16 act)": (blocked, torch.bfloat16),
                 "ours int4 checkpoint layout (bf16 act)": (int4, torch.bfloat16),
                 "ours int4 (fp16 act)": (copy.deepcopy(blocked).to(torch.float16), torch.float16)}

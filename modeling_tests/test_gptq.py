@@ -358,6 +358,10 @@ def test_blocked_layout_keeps_the_checkpoint_format_outside():
     moved = copy.deepcopy(layer).to("meta")
     assert not moved.blocked and moved.qweight.shape == (16, 128) and moved.qweight.device.type == "meta"
     assert layer.use_blocked_layout(False) is False and torch.equal(layer.qweight, original)
+    in_place = _random_layer(128, 128, 32, True, 1, False, bias=False)  # the loader's way: within its storage
+    storage = in_place.qweight.data_ptr()
+    assert in_place.use_blocked_layout(scratch=torch.empty(128 * 16 + 5, dtype=torch.int32))
+    assert in_place.qweight.data_ptr() == storage and torch.equal(in_place.checkpoint_qweight(), original)
     narrow = _random_layer(128, 72, 32, True, 1, False, bias=False)
     assert not narrow.use_blocked_layout() and narrow.qweight.shape == (16, 72)
     eight = GPTQLinear(128, 128, False, GPTQSpec(bits=8, group_size=32))

@@ -38,6 +38,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from . import __version__, compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
 from .gptq.format import GPTQSpec
+from .gptq.linear import use_blocked_layout
 from .gptq.quantize import quantize_linears_
 from .kernels.build import cpu_build, cpu_module, load_cpu_ops
 from .loading.plan import default_dtype
@@ -249,12 +250,15 @@ def quantized_names(module: nn.Module, attention: bool) -> List[str]:
     return names
 
 
-def int4_copy(module: nn.Module, spec: GPTQSpec = INT4, attention: bool = True) -> nn.Module:
+def int4_copy(module: nn.Module, spec: GPTQSpec = INT4, attention: bool = True, blocked: bool = True) -> nn.Module:
     """A copy of `module` with GPTQ-Int4 (round to nearest) weights in place of its expert (and attention)
-    Linears; the rest in bf16."""
+    Linears; the rest in bf16. blocked: qweights in the CPU kernels' layout, as a CPU load leaves them."""
     module = copy.deepcopy(module)
     quantize_linears_(module, quantized_names(module, attention), spec)
-    return module.to(torch.bfloat16)  # router and gates compute in bf16; the int4 buffers stay int32
+    module = module.to(torch.bfloat16)  # router and gates compute in bf16; the int4 buffers stay int32
+    if blocked:
+        use_blocked_layout(module)
+    return module
 
 
 def int4_block(bf16_block: Qwen2MoeSparseMoeBlock, spec: GPTQSpec = INT4) -> Qwen2MoeSparseMoeBlock:

@@ -156,6 +156,17 @@ def block_qweight(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.view(rows, n // BLOCK_COLS, BLOCK_COLS).permute(1, 0, 2).contiguous()
 
 
+def block_qweight_(qweight: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """block_qweight within qweight's own (contiguous) storage, through `scratch` (int32, >= qweight's size):
+    returns the blocked view of that storage; qweight's own values are reordered."""
+    rows, n = qweight.shape
+    copy = scratch[:qweight.numel()].view(rows, n // BLOCK_COLS, BLOCK_COLS)
+    copy.copy_(qweight.view(rows, n // BLOCK_COLS, BLOCK_COLS))
+    blocked = qweight.view(n // BLOCK_COLS, rows, BLOCK_COLS)
+    blocked.copy_(copy.permute(1, 0, 2))
+    return blocked
+
+
 def unblock_qweight(blocked: torch.Tensor) -> torch.Tensor:
     """[N/64, K/8, 64] -> the checkpoint layout [K/8, N], a new contiguous tensor."""
     blocks, rows, cols = blocked.shape

@@ -75,10 +75,12 @@ class GPTQLinear(nn.Module, Int4Projection):
         """qweight in the checkpoint layout [K/8, N] (the buffer itself, or an unblocked copy)."""
         return gptq_format.unblock_qweight(self.qweight) if self.blocked else self.qweight
 
-    def use_blocked_layout(self, blocked: bool = True) -> bool:
-        """Hold qweight blocked (True) or in the checkpoint layout (False), in place; returns whether it is blocked.
+    def use_blocked_layout(self, blocked: bool = True, scratch: Optional[torch.Tensor] = None) -> bool:
+        """Hold qweight blocked (True) or in the checkpoint layout (False); returns whether it is blocked.
         Blocking is done only where the CPU kernels read it: 4 bits, a plain CPU tensor, out_features a multiple
-        of 64. The buffer is replaced by a new tensor (one layer's qweight extra at the peak)."""
+        of 64. The buffer is replaced by a new tensor, unless `scratch` (int32, at least qweight's size) is given:
+        then the words are reordered within qweight's own storage through it (the loader's buffers: no memory
+        freed and taken again per layer; never a tensor the caller may still hold)."""
         q = self.qweight
         if not blocked:
             if self.blocked:
@@ -87,7 +89,10 @@ class GPTQLinear(nn.Module, Int4Projection):
         if (self.blocked or self.bits != 4 or type(q) is not torch.Tensor or q.device.type != "cpu"
                 or q.dim() != 2 or q.shape[1] % gptq_format.BLOCK_COLS != 0):
             return self.blocked
-        self.qweight = gptq_format.block_qweight(q)
+        if scratch is not None and q.is_contiguous():
+            self.qweight = gptq_format.block_qweight_(q, scratch)
+        else:
+            self.qweight = gptq_format.block_qweight(q)
         return True
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -138,12 +143,18 @@ class GPTQLinear(nn.Module, Int4Projection):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def use_blocked_layout(model: nn.Module) -> int:
-    """After a CPU load: every GPTQLinear of `model` whose kernels read it on CPU holds qweight blocked (unless
-    QWEN2_MOE_HF_INT4_LAYOUT=checkpoint). Returns how many layers were blocked."""
-    if os.environ.get(ENV_LAYOUT, "").lower() == "checkpoint":
-        return 0
-    return sum(m.use_blocked_layout() for m in model.modules() if isinstance(m, GPTQLinear))
+def use_blocked_layout(model: nn.Module, blocked: bool = True, in_place: bool = False) -> int:
+    """Every GPTQLinear of `model` whose kernels read it on CPU holds qweight blocked (True; unless
+    QWEN2_MOE_HF_INT4_LAYOUT=checkpoint) or in the checkpoint layout (False). in_place: reorder within the
+    buffers' own storage (the loader, which made them). Returns how many layers are blocked."""
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    if not blocked or os.environ.get(ENV_LAYOUT, "").lower() == "checkpoint":
+        return sum(m.use_blocked_layout(False) for m in layers)
+    scratch = None
+    if in_place:
+        sizes = [m.qweight.numel() for m in layers if m.qweight is not None and m.qweight.device.type == "cpu"]
+        scratch = torch.empty(max(sizes, default=0), dtype=torch.int32)
+    return sum(m.use_blocked_layout(scratch=scratch) for m in layers)
 
 
 def kernel_for(x: torch.Tensor, bits: int) -> str:

@@ -322,7 +322,7 @@ def _stream_load(cls, pretrained, kwargs: Dict[str, Any], quantization: Optional
     _finish(model, folder, devices, device_map)
     if quantization is not None and devices and all(d.type == "cpu" for d in devices.values()):
         # Once, now that every tensor is in place: the CPU kernels' layout of the 4-bit weights (gptq/linear.py).
-        gptq_linear.use_blocked_layout(model)
+        gptq_linear.use_blocked_layout(model, in_place=True)  # in the buffers the loader made: no extra memory
     if quantization is None:
         compat.set_config_dtype(model.config, dtype)
     else:
