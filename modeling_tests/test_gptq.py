@@ -335,6 +335,23 @@ def test_cpu_int4_blocked_layout_is_bitwise_the_checkpoint_layout(group_size, ac
         module.set_int4_vnni(True)
 
 
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_blocked_qweight_faults_are_named_and_the_fake_knows_its_shape():
+    layer = _random_layer(256, 192, 32, False, 1, False, bias=False)
+    qb = gptq_format.block_qweight(layer.qweight)
+    op = torch.ops.qwen2_moe_hf.gptq_linear_cpu
+    x = torch.randn(2, 256)
+    with pytest.raises(RuntimeError, match=r"qweight must be .* blocked, \[out_features/64, in_features/8, 64\]"):
+        op(x, qb.reshape(6, 32, 32), layer.qzeros, layer.scales, layer.g_idx, 1, None)
+    with pytest.raises(RuntimeError, match="scales"):
+        op(x, qb, layer.qzeros, layer.scales[:, :128], layer.g_idx, 1, None)
+    with pytest.raises(RuntimeError, match="x"):
+        op(torch.randn(2, 128), qb, layer.qzeros, layer.scales, layer.g_idx, 1, None)
+    meta = op(x.to("meta"), qb.to("meta"), layer.qzeros.to("meta"), layer.scales.to("meta"), layer.g_idx.to("meta"),
+              1, None)
+    assert meta.shape == (2, 192) and meta.device.type == "meta"
+
+
 def test_blocked_layout_keeps_the_checkpoint_format_outside():
     """Blocked is a CPU kernel layout only: state_dict() and dequantize() give the checkpoint's qweight,
     load_state_dict takes it, a move off the CPU (meta here) restores the checkpoint layout, a dtype change keeps the
