@@ -44,7 +44,81 @@ try:  # 5.x: the attention-function registry and the masks each implementation w
 except ImportError:  # 4.38: neither; the model builds its own boolean mask and picks its own function
     ALL_ATTENTION_FUNCTIONS = create_causal_mask = create_sliding_window_causal_mask = None
 
+try:  # 5.x: a DynamicCache is a list of layers, each concatenating its keys and values per step
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # 4.38: key / value lists inside the cache
+    _DynamicLayer = None
+
 __all__ = ["Cache", "DynamicCache", "GradientCheckpointingLayer"]
+
+# Whether decode steps on CPU let their DynamicCache layers append in place (AppendingLayer); False: transformers'
+# torch.cat per step (benchmarks' A/B, tests).
+APPEND_KV_IN_PLACE = True
+# Positions an AppendingLayer reserves beyond what it holds when it takes a new buffer (at least; half its length
+# when longer): the buffer is copied once per growth, not once per step.
+KV_SPARE = 256
+
+
+def _prefix_of(t: Optional[torch.Tensor], buf: Optional[torch.Tensor]) -> bool:
+    """Whether t is buf[:, :, :n] (same storage start, strides, batch, heads and head size)."""
+    return (buf is not None and t is not None and t.dim() == 4 and t.data_ptr() == buf.data_ptr()
+            and t.stride() == buf.stride() and t.shape[:2] == buf.shape[:2] and t.shape[3] == buf.shape[3]
+            and t.dtype == buf.dtype and t.device == buf.device)
+
+
+if _DynamicLayer is not None:
+    class AppendingLayer(_DynamicLayer):
+        """transformers' DynamicLayer, but a step's keys and values are written into spare room of a larger buffer
+        instead of `torch.cat` of the whole cache (a copy of everything cached, per layer and step: at 1024 cached
+        positions 16 MB of memory traffic per layer and token). `keys` / `values` stay views of the buffer's first
+        positions. A view that is no longer such a prefix (beam reordering, batch selection, offloading, reset) or is
+        shorter than what was written (crop) makes the next update copy into a new buffer, so no tensor handed out
+        earlier is ever written over."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, values = self.keys, self.values
+            kbuf, vbuf = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
+            held = keys.shape[-2] if keys.dim() == 4 else 0
+            need = held + key_states.shape[-2]
+            if not (_prefix_of(keys, kbuf) and _prefix_of(values, vbuf) and held == getattr(self, "_written", -1)
+                    and need <= kbuf.shape[-2] and _fits(key_states, kbuf) and _fits(value_states, vbuf)):
+                room = need + max(KV_SPARE, need // 2)
+                kbuf = key_states.new_empty(*key_states.shape[:2], room, key_states.shape[3])
+                vbuf = value_states.new_empty(*value_states.shape[:2], room, value_states.shape[3])
+                if held:
+                    kbuf[:, :, :held].copy_(keys)
+                    vbuf[:, :, :held].copy_(values)
+                self._kbuf, self._vbuf = kbuf, vbuf
+            kbuf[:, :, held:need].copy_(key_states)
+            vbuf[:, :, held:need].copy_(value_states)
+            self.keys, self.values = kbuf[:, :, :need], vbuf[:, :, :need]
+            self._written = need
+            return self.keys, self.values
+
+        def reset(self) -> None:
+            self._kbuf = self._vbuf = None
+            super().reset()
+
+    def _fits(new: torch.Tensor, buf: torch.Tensor) -> bool:
+        """Whether a step's new states (batch, heads, head size, dtype, device) go into buf."""
+        return (new.dim() == 4 and new.shape[:2] == buf.shape[:2] and new.shape[3] == buf.shape[3]
+                and new.dtype == buf.dtype and new.device == buf.device)
+else:
+    AppendingLayer = None
+
+
+def append_kv_in_place(cache: Optional[Cache], layer_idx: int, key: torch.Tensor) -> None:
+    """Let layer `layer_idx` of a 5.x DynamicCache on CPU append in place (AppendingLayer) from its next update on:
+    the layer object keeps its state and class hierarchy, only `update` differs. Other caches, devices, 4.x and
+    torch.compile keep transformers' own behaviour."""
+    if AppendingLayer is None or not APPEND_KV_IN_PLACE or key.device.type != "cpu":
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is _DynamicLayer:
+        layers[layer_idx].__class__ = AppendingLayer
 
 
 def config_base_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -209,6 +209,8 @@ class Qwen2MoeAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
+            if not torch.compiler.is_compiling():
+                compat.append_kv_in_place(past_key_values, self.layer_idx, key)  # CPU: no whole-cache copy per step
             key, value = past_key_values.update(key, value, self.layer_idx)
 
         implementation = "eager" if output_attentions else (
