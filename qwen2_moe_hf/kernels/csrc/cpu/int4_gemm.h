@@ -27,6 +27,8 @@
 
 #include <algorithm>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
@@ -143,20 +145,28 @@ struct Int4Weight {
 
   // Checks every tensor (CPU, dtype, shape; `what` names the weight in errors) and g_idx's range, then prepares
   // the path. zero_offset is the format's (1: "gptq" v1, 0: "gptq_v2").
+  // (in_features K, out_features N) of a qweight in either layout, after checking its device, dtype and shape
+  // (`what` names the weight in errors). Cheap: callers that only need the sizes use it without prepare().
+  static std::pair<int64_t, int64_t> sizes_of(const at::Tensor& qw, const std::string& what) {
+    const char* op = what.c_str();
+    TensorArg(qw, op, "qweight", at::Device(at::kCPU)).dtype(at::kInt);
+    TORCH_CHECK(qw.dim() == 2 || (qw.dim() == 3 && qw.size(2) == kInt4BlockCols), what,
+                ": qweight must be [in_features/8, out_features] or, blocked, [out_features/64, in_features/8, 64]"
+                ", got shape ", qw.sizes());
+    const bool b = qw.dim() == 3;
+    const int64_t k = checked_mul(qw.size(b ? 1 : 0), 8, op, "qweight rows x 8");
+    const int64_t n = b ? checked_mul(qw.size(0), kInt4BlockCols, op, "qweight blocks x 64") : qw.size(1);
+    TORCH_CHECK(n % 8 == 0, what, ": qweight has ", n, " columns (out_features), not a multiple of 8");
+    return {k, n};
+  }
+
   void prepare(const at::Tensor& qw, const at::Tensor& qz, const at::Tensor& sc, const at::Tensor& gi,
                int64_t zero_off, const std::string& what) {
     const char* op = what.c_str();
     const at::Device cpu(at::kCPU);
-    TensorArg qa(qw, op, "qweight", cpu);
-    qa.dtype(at::kInt);
-    TORCH_CHECK(qw.dim() == 2 || (qw.dim() == 3 && qw.size(2) == kInt4BlockCols), what,
-                ": qweight must be [in_features/8, out_features] or, blocked, [out_features/64, in_features/8, 64]"
-                ", got shape ", qw.sizes());
-    qweight_t = qa.contiguous();
+    std::tie(K, N) = sizes_of(qw, what);
     blocked = qw.dim() == 3;
-    K = checked_mul(qweight_t.size(blocked ? 1 : 0), 8, op, "qweight rows x 8");
-    N = blocked ? checked_mul(qweight_t.size(0), kInt4BlockCols, op, "qweight blocks x 64") : qweight_t.size(1);
-    TORCH_CHECK(N % 8 == 0, what, ": qweight has ", N, " columns (out_features), not a multiple of 8");
+    qweight_t = TensorArg(qw, op, "qweight", cpu).contiguous();
     scales_t = TensorArg(sc, op, "scales", cpu).floating().sizes({-1, N}, "qweight").contiguous();
     groups = scales_t.size(0);
     qzeros_t = TensorArg(qz, op, "qzeros", cpu).dtype(at::kInt).sizes({groups, N / 8}, "scales and qweight")

@@ -70,7 +70,7 @@ constexpr int64_t kSgemmRows = 768;
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item (64 rows x K=2048 bf16 = 256 KiB of weights).
 constexpr int64_t kTileN = 64;
-// The same for one row of x on the AVX-512 lanes kernel (tile_lanes_bf16), in kTileLanes regions of 32 rows.
+// The same for one row of x on the AVX-512 lanes kernel (lanes_bf16), in kTileLanes regions of 32 rows.
 constexpr int64_t kLaneTileN = 256;
 constexpr int kTileLanes = 8;
 
@@ -326,13 +326,13 @@ inline void widen(const T* src, int64_t rows, int64_t K, float* dst, int64_t ldb
 
 #ifdef QMOE_VNNI
 constexpr bool kHaveRowLanes = true;
-// One row of x against bf16 weights with AVX-512, lanes-wise: rows from kRowLanes far-apart regions of the
-// weight in each pass, one accumulator of 16 per row. Each region is one contiguous stream, and the regions sit in
-// different DRAM pages, which a core's prefetchers keep in flight together: a 622 MB lm_head read at 1.07-1.13x
-// the rate of 8 adjacent rows per pass (the AVX2 stream_split) over several runs, 2 threads, Zen 4
-// (docs/benchmarks.md); more regions (8, 16) were slower. Within the experts' 256-row items (tile_lanes_bf16), 8
-// regions of 32 rows read at 1.2x the 64-row tiles of stream_split in the same test. x comes split per 32: its 16 even then its 16 odd
-// elements (split32), lined up with the weights' even and odd halves of each 32-bit pair.
+// One row of x against bf16 weights with AVX-512, lanes-wise: rows from several far-apart regions of the weight in
+// each pass, one accumulator of 16 per row. Each region is one contiguous stream, and the regions sit in different
+// DRAM pages, which a core's prefetchers keep in flight together. lm_head (622 MB): 4 regions per thread read at
+// 1.21-1.39x the rate of stream_split's 8 adjacent rows per pass (2 threads, Zen 4; 8 or 16 regions were slower
+// there); the experts' 256-row items in 8 regions of 32 rows: the bf16 MoE block at 1 token 1.12x
+// (docs/benchmarks.md). x comes split per 32: its 16 even then its 16 odd elements (split32), lined up with the
+// weights' even and odd halves of each 32-bit pair.
 constexpr int kRowLanes = 4;
 
 template <int S>
@@ -364,51 +364,35 @@ inline void split32(const float* x, int64_t K, float* xs) {
     }
 }
 
-// y[n] = x . w[n] for n in [n0, n1), the range cut into kTileLanes regions walked in step (the rest one by one):
-// the experts' jobs, in items of kLaneTileN rows (run_jobs). xs: split32(x).
-inline void tile_lanes_bf16(const float* xs, int64_t K, const BFloat16* w, int64_t n0, int64_t n1, float* y) {
-  const int64_t len = (n1 - n0) / kTileLanes;
-  const BFloat16* wp[kTileLanes];
-  float* yp[kTileLanes];
+// y[n] = x . w[n] for n in [n0, n1), the range cut into S regions walked in step (the last few rows one by one).
+// xs: split32(x).
+template <int S>
+void lanes_bf16(const float* xs, int64_t K, const BFloat16* w, int64_t n0, int64_t n1, float* y) {
+  const int64_t len = (n1 - n0) / S;
+  const BFloat16* wp[S];
+  float* yp[S];
   for (int64_t i = 0; i < len; ++i) {
-    for (int j = 0; j < kTileLanes; ++j) {
+    for (int j = 0; j < S; ++j) {
       wp[j] = w + (n0 + j * len + i) * K;
       yp[j] = y + n0 + j * len + i;
     }
-    stream_lanes<kTileLanes>(xs, K, wp, yp);
+    stream_lanes<S>(xs, K, wp, yp);
   }
-  for (int64_t n = n0 + kTileLanes * len; n < n1; ++n) {
+  for (int64_t n = n0 + S * len; n < n1; ++n) {
     const BFloat16* w1[1] = {w + n * K};
     float* y1[1] = {y + n};
     stream_lanes<1>(xs, K, w1, y1);
   }
 }
 
-// y[n] = x . w[n] for all N rows (K a multiple of 32): each thread takes a contiguous share of the rows, cut
-// into kRowLanes regions walked in step (one large weight: lm_head).
+// y[n] = x . w[n] for all N rows (K a multiple of 32), one large weight (lm_head): each thread takes a contiguous
+// share of the rows in kRowLanes regions. (The experts' jobs take lanes_bf16<kTileLanes> per item in run_jobs.)
 void row_lanes_bf16(const float* x, int64_t K, const BFloat16* w, int64_t N, float* y) {
   std::vector<float> xs(K);
   split32(x, K, xs.data());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kRowLanes));
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t begin = N * t / threads, end = N * (t + 1) / threads, len = (end - begin) / kRowLanes;
-      const BFloat16* wp[kRowLanes];
-      float* yp[kRowLanes];
-      for (int64_t i = 0; i < len; ++i) {
-        for (int j = 0; j < kRowLanes; ++j) {
-          const int64_t n = begin + j * len + i;
-          wp[j] = w + n * K;
-          yp[j] = y + n;
-        }
-        stream_lanes<kRowLanes>(xs.data(), K, wp, yp);
-      }
-      for (int64_t n = begin + kRowLanes * len; n < end; ++n) {  // the share's last few rows
-        const BFloat16* w1[1] = {w + n * K};
-        float* y1[1] = {y + n};
-        stream_lanes<1>(xs.data(), K, w1, y1);
-      }
-    }
+    for (int64_t t = t0; t < t1; ++t) lanes_bf16<kRowLanes>(xs.data(), K, w, N * t / threads, N * (t + 1) / threads, y);
   });
 }
 #else
@@ -416,7 +400,7 @@ constexpr bool kHaveRowLanes = false;
 #endif
 
 // Whether one row of x against bf16 weights takes the lanes kernels (where compiled): row_lanes_bf16 in
-// dense_linear_cpu, tile_lanes_bf16 in the experts' jobs; off for benchmarks' A/B and tests.
+// dense_linear_cpu, lanes_bf16 in the experts' jobs; off for benchmarks' A/B and tests.
 std::atomic<bool>& row_lanes_enabled() {
   static std::atomic<bool> on{true};
   return on;
@@ -545,7 +529,7 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
   }
   std::stable_sort(tiled.begin(), tiled.end(),
                    [](const Job* a, const Job* b) { return a->M * a->K > b->M * b->K; });
-  // One bf16 row with K a multiple of 32 goes to tile_lanes_bf16 in items of kLaneTileN rows (AVX-512 builds).
+  // One bf16 row with K a multiple of 32 goes to lanes_bf16 in items of kLaneTileN rows (AVX-512 builds).
   auto lanes = [&](const Job& job) {
 #ifdef QMOE_VNNI
     return std::is_same<T, BFloat16>::value && job.M == 1 && job.K % 32 == 0 && row_lanes_enabled().load();
@@ -559,7 +543,7 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
     tile_n.push_back(lanes(*job) ? kLaneTileN : kTileN);
     first_item.push_back(first_item.back() + (job->N + tile_n.back() - 1) / tile_n.back());
   }
-  // x rows in the layout the kernels read: split32 for tile_lanes_bf16, split16 for stream_split (bf16, few rows),
+  // x rows in the layout the kernels read: split32 for lanes_bf16, split16 for stream_split (bf16, few rows),
   // pack16 for xt_block (more rows); one copy per distinct x, as gate and up share theirs. Small next to the
   // weights.
   std::vector<const float*> x_prep(tiled.size(), nullptr);
@@ -610,7 +594,7 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
 #ifdef QMOE_VNNI
       if constexpr (std::is_same<T, BFloat16>::value) {
         if (tile_n[j] == kLaneTileN) {
-          tile_lanes_bf16(x_prep[j], job.K, static_cast<const T*>(job.w), n0, n1, job.y);
+          lanes_bf16<kTileLanes>(x_prep[j], job.K, static_cast<const T*>(job.w), n0, n1, job.y);
           continue;
         }
       }
@@ -972,12 +956,12 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
   const int64_t H = x.size(1);
   LayerWeights lw;
   lw.E = static_cast<int64_t>(experts.size()) / 12;
-  // Sizes from expert 0's gate (checked in full by its Int4Weight): [H/8, I], or blocked [I/64, H/8, 64].
-  Int4Weight gate0;
-  gate0.prepare(experts[0], experts[1], experts[2], experts[3], zero_offset, std::string(op) + ": expert 0 gate_proj");
-  TORCH_CHECK(gate0.K == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
-              experts[0].sizes(), " (", gate0.K, " inputs; x and the experts must agree)");
-  lw.I = gate0.N;
+  // Sizes from expert 0's gate qweight, [H/8, I] or blocked [I/64, H/8, 64] (each weight is checked in full when a
+  // job prepares it).
+  const auto [inputs, intermediate] = Int4Weight::sizes_of(experts[0], std::string(op) + ": expert 0 gate_proj");
+  TORCH_CHECK(inputs == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
+              experts[0].sizes(), " (", inputs, " inputs; x and the experts must agree)");
+  lw.I = intermediate;
   std::vector<Int4Weight> prepared(3 * lw.E + 3);
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
   auto prepare = [&](Int4Weight& w, at::TensorList t, size_t at, int which, int64_t K, int64_t N,
@@ -994,10 +978,7 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
     job.q = &w;
   };
   if (!shared.empty()) {
-    Int4Weight shared_gate0;
-    shared_gate0.prepare(shared[0], shared[1], shared[2], shared[3], zero_offset,
-                         std::string(op) + ": shared expert gate_proj");
-    lw.S = shared_gate0.N;
+    lw.S = Int4Weight::sizes_of(shared[0], std::string(op) + ": shared expert gate_proj").second;
     lw.shared = [&](Job& job, int which) {
       Int4Weight& w = prepared[3 * lw.E + which];
       const int64_t K = which == 2 ? lw.S : H, N = which == 2 ? H : lw.S;
