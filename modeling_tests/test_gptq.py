@@ -250,15 +250,16 @@ def test_cpu_int4_through_onednn_matches_dequantized(rows, dtype, native_int4_ro
 @pytest.mark.parametrize("group_size,zero_offset,act_order", [(32, 1, False), (128, 0, False), (-1, 1, False),
                                                               (32, 1, True)])
 def test_cpu_int4_vnni_matches_dequantized(group_size, zero_offset, act_order):
-    """bf16 activations, 1-7 rows: on an AVX-512 VNNI build the int4 GEMM quantizes x to int8 per group run and uses
-    integer dot products (int4_vnni.h); within the bf16 bound of every GPTQ path, NaN rows stay NaN, and the float
-    path (switched back on here) still agrees. Act-order weights never take it (they have no group runs)."""
+    """bf16 activations, 1-40 rows: on an AVX-512 VNNI build the int4 GEMM quantizes x to int8 per group run and
+    uses integer dot products (int4_vnni.h) at every row count; within the bf16 bound of every GPTQ path, NaN rows
+    stay NaN, and the float paths (switched back on here: 1-4 rows a pass, tiles) still agree. Act-order weights
+    never take it (they have no group runs)."""
     from qwen2_moe_hf.kernels.build import cpu_module
 
     module = cpu_module()
     layer = _random_layer(256, 72, group_size, False, zero_offset, act_order, bias=False)  # 72 = 4 x 16 + 8 columns
     try:
-        for tokens in (1, 3, 7):  # 1-4 rows a pass, and a pass of 3 after 4
+        for tokens in (1, 3, 7, 8, 13, 40):  # one row; a tile of 8 rows, ones and a last short one
             x = torch.randn(tokens, 256).to(torch.bfloat16)
             x[min(1, tokens - 1), 7] = float("nan") if tokens == 3 else x[0, 7]
             want = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32))
@@ -273,7 +274,8 @@ def test_cpu_int4_vnni_matches_dequantized(group_size, zero_offset, act_order):
                 assert rel(y[finite], want[finite]) < TOL[torch.bfloat16], (tokens, rel(y[finite], want[finite]))
             module.set_int4_vnni(True)
             path = module.int4_path(tokens, 256, not act_order, True)
-            assert path == ("vnni" if module.int4_vnni_compiled() and not act_order else "rows"), (tokens, path)
+            float_path = "rows" if tokens < 16 else "tiles"
+            assert path == ("vnni" if module.int4_vnni_compiled() and not act_order else float_path), (tokens, path)
     finally:
         module.set_int4_vnni(True)
 
@@ -284,20 +286,21 @@ def test_cpu_int4_vnni_matches_dequantized(group_size, zero_offset, act_order):
 @pytest.mark.parametrize("n", [8, 72, 1000])
 def test_cpu_int4_one_row_is_bitwise_that_row_among_others(group_size, zero_offset, dtype, n):
     """A decode row (M = 1) takes its own kernel on VNNI builds (grouped_vnni_row: sums in registers, blocks of 64
-    columns); it must give bit for bit what the few-row kernels give that row beside others (M = 2-4 per pass), at
-    column counts that end inside a 16-column vector and inside a 64-column block, and with its switch off."""
+    columns); it must give bit for bit what the multi-row kernels give that row beside others (VNNI: a tile of 8
+    rows and a last one of 3; float: 4 rows a pass), at column counts that end inside a 16-column vector and inside
+    a 64-column block, and with its switch off."""
     from qwen2_moe_hf.kernels.build import cpu_module
 
     module = cpu_module()
     layer = _random_layer(256, n, group_size, False, zero_offset, False, bias=False, seed=n)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 256, generator=gen).to(dtype)
+    x = torch.randn(11, 256, generator=gen).to(dtype)
     try:
         with torch.no_grad():
             together = layer(x)
             for row_kernel in (True, False):
                 module.set_int4_vnni_row(row_kernel)
-                for m in range(3):
+                for m in (0, 7, 8, 10):
                     alone = layer(x[m:m + 1])
                     assert torch.equal(alone[0], together[m]), (row_kernel, m, (alone[0] - together[m]).abs().max())
     finally:

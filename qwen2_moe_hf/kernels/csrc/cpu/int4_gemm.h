@@ -19,6 +19,9 @@
 //   kInt4TileRows <= M < kInt4SgemmRows: 16 columns of W at a time dequantized to fp32 into an L2 buffer, then a
 //     register-blocked GEMM (6 rows of x x 16 columns in 12 accumulators) over every row of x (int4_tiles);
 //   larger: W dequantized to fp32 once and MKL's sgemm.
+// On AVX-512 VNNI builds, bf16 activations and grouped weights take integer dot products at every M instead
+// (int4_vnni.h: one row by grouped_vnni_row, more by register tiles of 8 rows): at the real shapes 1.6-2.1x the
+// float paths from 2 to 1024 rows (docs/benchmarks.md), with x rounded to two int8 planes (error ~3e-4 relative).
 // Accumulation is fp32 in a fixed order (independent of the thread count).
 #pragma once
 
@@ -26,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -207,7 +211,7 @@ struct Int4Weight {
 
   // The word of packed row r, column n; the columns after it up to the end of n's 64-column block (blocked) or of
   // the row (checkpoint layout) follow it in memory. Callers read at most 16 columns from a multiple of 16 (of 8
-  // for 8), or 64 from a multiple of 64, so they never cross a block.
+  // for 8), 32 from a multiple of 32, or 64 from a multiple of 64, so they never cross a block.
   const int32_t* q_at(int64_t r, int64_t n) const {
     return blocked ? qweight + (n / kInt4BlockCols) * (K / 8) * kInt4BlockCols + r * kInt4BlockCols +
                          n % kInt4BlockCols
@@ -324,7 +328,6 @@ void rows(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const flo
   const S* scales = static_cast<const S*>(w.scales);
   const int64_t R = w.num_runs();
   std::vector<float> acc(vnni ? 0 : kInt4RowsPerPass * (n1 - n0));
-  std::vector<int32_t> iacc;
   for (int64_t m0 = 0; m0 < M; m0 += kInt4RowsPerPass) {
     const float* xm = x + m0 * ldx;
     float* ym = y + m0 * ldy;
@@ -332,16 +335,6 @@ void rows(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const flo
 #ifdef QMOE_VNNI
     if (vnni && R > 0 && mr == 1 && vnni_row_enabled().load()) {
       grouped_vnni_row<S>(w, scales, xm, n0, n1, ym);
-      continue;
-    }
-    if (vnni && R > 0) {
-      if (iacc.empty()) iacc.resize(2 * kInt4RowsPerPass * (n1 - n0));
-      switch (mr) {
-        case 4: grouped_vnni<S, 4>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data()); break;
-        case 3: grouped_vnni<S, 3>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data()); break;
-        case 2: grouped_vnni<S, 2>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data()); break;
-        default: grouped_vnni<S, 1>(w, scales, xm, ldx, n0, n1, ym, ldy, iacc.data());
-      }
       continue;
     }
 #endif
@@ -524,6 +517,18 @@ inline void int4_rows_times_weight(const Int4Weight& w, const float* x, int64_t 
   }
 }
 
+#ifdef QMOE_VNNI
+// y[m, n] = sum_k x[m, k] W[n, k] for every row of x (quantized in `a`), n in [n0, n1); y overwritten there.
+inline void int4_vnni_rows(const Int4Weight& w, const VnniActs& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t m = 0; m < a.M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.f);
+  switch (w.scale_type) {
+    case at::kFloat: return grouped_vnni<float>(w, static_cast<const float*>(w.scales), a, n0, n1, y, ldy);
+    case at::kBFloat16: return grouped_vnni<BFloat16>(w, static_cast<const BFloat16*>(w.scales), a, n0, n1, y, ldy);
+    default: return grouped_vnni<Half>(w, static_cast<const Half*>(w.scales), a, n0, n1, y, ldy);
+  }
+}
+#endif
+
 // The ways int4_matmul computes a product, by rows of x (M), in the order it tries them.
 enum class Int4Path { kOneDnn, kSgemm, kTiles, kVnni, kRows };
 
@@ -542,9 +547,9 @@ inline const char* int4_path_name(Int4Path p) {
 inline Int4Path int4_path(int64_t M, int64_t K, bool grouped, bool bf16) {
   const int64_t native = bf16 ? native_rows(NativeKind::kInt4Weights) : 0;
   if (native > 0 && M >= native) return Int4Path::kOneDnn;
+  if (kHaveVnni && bf16 && grouped && vnni_enabled().load()) return Int4Path::kVnni;
   if (M >= kInt4SgemmRows) return Int4Path::kSgemm;
   if (M >= (K > 4096 ? kInt4TileRowsLongK : kInt4TileRows)) return Int4Path::kTiles;
-  if (kHaveVnni && bf16 && grouped && vnni_enabled().load()) return Int4Path::kVnni;
   return Int4Path::kRows;
 }
 
@@ -560,6 +565,12 @@ inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y
   if (path == Int4Path::kOneDnn) return int4_native_mm(w, x, M, y, ldy);
   if (path == Int4Path::kSgemm) return int4_sgemm(w, x, M, y, ldy);
   const bool tiles = path == Int4Path::kTiles, vnni = path == Int4Path::kVnni;
+  // VNNI: one row (a decode step) takes grouped_vnni_row, which quantizes x itself; more rows share x's planes,
+  // made once here rather than once per thread.
+  const bool vnni_row = vnni && M == 1 && vnni_row_enabled().load();
+#ifdef QMOE_VNNI
+  std::unique_ptr<VnniActs> acts(vnni && !vnni_row ? new VnniActs(w, x, M, w.K) : nullptr);
+#endif
   const std::vector<float> sums = tiles || vnni ? std::vector<float>() : w.row_sums(x, M, w.K);
   const int64_t unit = w.column_unit(tiles ? 16 : 8);  // columns per block: a tile, or one packed int32's
   const int64_t blocks = (w.N + unit - 1) / unit;
@@ -568,7 +579,10 @@ inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y
     for (int64_t s = begin; s < end; ++s) {
       const int64_t n0 = unit * (blocks * s / slices), n1 = std::min(w.N, unit * (blocks * (s + 1) / slices));
       if (tiles) int4_tiles(w, x, M, w.K, n0, n1, y, ldy);
-      else int4_rows_times_weight(w, x, M, w.K, sums.data(), n0, n1, y, ldy, vnni);
+#ifdef QMOE_VNNI
+      else if (acts) int4_vnni_rows(w, *acts, n0, n1, y, ldy);
+#endif
+      else int4_rows_times_weight(w, x, M, w.K, sums.data(), n0, n1, y, ldy, vnni_row);
     }
   });
 }

@@ -1,4 +1,4 @@
-// The GPTQ 4-bit GEMM for a few rows of bf16 activations on CPUs with AVX-512 VNNI: integer dot products, as
+// The GPTQ 4-bit GEMM for bf16 activations on CPUs with AVX-512 VNNI, at any number of rows: integer dot products, as
 // llama.cpp's Q4 x Q8 kernels do, instead of widening every weight to fp32 (int4_gemm.h's `grouped`, which is
 // compute-bound: ~26 vector ops per 64 weights on AVX2, ~4x its memory floor at one row).
 //
@@ -8,19 +8,22 @@
 // with the sums over q from vpdpbusd: one packed int32 holds inputs 8r..8r+7 of a column as nibbles, so
 //   q & 0x0F0F0F0F        = bytes (q0, q2, q4, q6), dotted with the broadcast bytes (x0, x2, x4, x6)
 //   (q >> 4) & 0x0F0F0F0F = bytes (q1, q3, q5, q7), dotted with (x1, x3, x5, x7)
-// 16 columns x 8 inputs: 3 ops to unpack, 2 vpdpbusd per plane, the int32 accumulators' loads and stores. The zero
+// 16 columns x 8 inputs: 3 ops to unpack (shared by the rows of a tile), 2 vpdpbusd per plane and row. The zero
 // correction uses the same quantized x, so the error is sum_k (q - z) (x - x~): below bf16's own rounding of the
 // output with the second plane (measured: the same relative error as the float path, 1.7e-3 at the real shape).
 // fp32 / fp16 activations never come here. A NaN or infinity in a run of x makes that run's contribution NaN.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "vec.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -35,7 +38,7 @@ inline std::atomic<bool>& vnni_enabled() {
   return on;
 }
 
-// Whether a single row takes grouped_vnni_row (on) or grouped_vnni<S, 1>: the same result, for benchmarks.
+// Whether a single row takes grouped_vnni_row (on) or the multi-row kernel (grouped_vnni): the same result.
 inline std::atomic<bool>& vnni_row_enabled() {
   static std::atomic<bool> on{true};
   return on;
@@ -110,92 +113,145 @@ inline __m512i bytes4(const int8_t* b, int first) {
   return _mm512_set1_epi32(static_cast<int32_t>(v));
 }
 
-// y[m, n] += x[m] . W[n] for m < MR, n in [n0, n1) (multiples of 8), grouped weights only (w.runs non-empty);
-// x fp32 holding bf16 values, row stride ldx; acc: 2 * MR * (n1 - n0) int32 of scratch.
-//
-// x goes in as two int8 planes, x ~ sx * (hi + lo / 254): hi = round(x / sx), lo = round(254 * (x / sx - hi)).
-// One plane (llama.cpp's Q8 activations) is 0.7% off per output row at the real shape, enough to fail the 5%
-// logits bound of a bf16 GPTQ model 3 layers deep; with the second its error is ~1/254 of that (below bf16's own
-// rounding), for two more vpdpbusd per 16 columns x 8 inputs.
-template <typename S, int MR>
-void grouped_vnni(const Int4Weight& w, const S* scales, const float* x, int64_t ldx, int64_t n0, int64_t n1,
-                  float* y, int64_t ldy, int32_t* acc) {
-  using namespace int4_vnni_detail;
-  constexpr float kLo = 254.f;
-  const int64_t width = n1 - n0, R = w.num_runs();
-  int32_t* acc_lo = acc + MR * width;
-  std::vector<int8_t> planes;
-  for (int64_t run = 0; run < R; ++run) {
-    const int64_t r_begin = w.runs[run], r_end = w.runs[run + 1];
-    const int64_t k0 = 8 * r_begin, k1 = 8 * r_end, len = k1 - k0;
-    const int32_t g = w.g_idx[k0];
-    float sx[MR], xsum[MR];
-    planes.resize(2 * MR * len);  // [m][hi | lo][k]
-    std::fill(acc, acc + 2 * MR * width, 0);
-    // This run of each row: its scale, its two planes, and their sum (the zero correction's).
-    for (int m = 0; m < MR; ++m) {
-      int8_t* hi = planes.data() + 2 * m * len;
-      quantize_run(x + m * ldx + k0, len, hi, hi + len, sx[m], xsum[m]);
-    }
-    const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      // The packed rows kVnniPrefetchRows ahead, one cache line per 16 columns: a column slice jumps from row to
-      // row, which the hardware prefetchers follow poorly (int4_gemm.h; without it the path was slower than the
-      // float one from DRAM though 1.4x faster from cache).
-      const bool ahead = r + kVnniPrefetchRows < w.K / 8;
-      __m512i he[MR], ho[MR], le[MR], lodd[MR];
-      for (int m = 0; m < MR; ++m) {
-        const int8_t* hi = planes.data() + 2 * m * len + 8 * (r - r_begin);
-        const int8_t* lo = hi + len;
-        he[m] = bytes4(hi, 0);
-        ho[m] = bytes4(hi, 1);
-        le[m] = bytes4(lo, 0);
-        lodd[m] = bytes4(lo, 1);
+// x of one int4_matmul call as two int8 planes, x ~ sx * (hi + lo / 254): hi = round(x / sx),
+// lo = round(254 * (x / sx - hi)), sx per row and run. One plane (llama.cpp's Q8 activations) is 0.7% off per
+// output row at the real shape, enough to fail the 5% logits bound of a bf16 GPTQ model 3 layers deep; with the
+// second its error is ~1/254 of that (below bf16's own rounding), for two more vpdpbusd per 16 columns x 8 inputs.
+// Made once per call, before the threads split the columns. Per row m and packed row r, 16 bytes: hi of inputs
+// (0, 2, 4, 6), hi of (1, 3, 5, 7), lo of the even ones, lo of the odd ones, so that each broadcast the kernel
+// needs is one aligned 4-byte load.
+struct VnniActs {
+  int64_t M = 0, rows = 0, R = 0;
+  std::vector<int8_t> planes;   // [M][rows][16]
+  std::vector<float> sx, xsum;  // [M][R]: the run's scale, and sum(hi + lo / 254) (the zero correction's)
+
+  VnniActs(const Int4Weight& w, const float* x, int64_t M_, int64_t ldx)
+      : M(M_), rows(w.K / 8), R(w.num_runs()), planes(M_ * (w.K / 8) * 16), sx(M_ * R), xsum(M_ * R) {
+    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int8_t> hi(w.K), lo(w.K);
+      for (int64_t m = begin; m < end; ++m) {
+        for (int64_t run = 0; run < R; ++run) {
+          const int64_t k0 = 8 * w.runs[run], len = 8 * (w.runs[run + 1] - w.runs[run]);
+          quantize_run(x + m * ldx + k0, len, hi.data() + k0, lo.data() + k0, sx[m * R + run], xsum[m * R + run]);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          int8_t* d = planes.data() + (m * rows + r) * 16;
+          for (int j = 0; j < 4; ++j) {
+            d[j] = hi[8 * r + 2 * j];
+            d[4 + j] = hi[8 * r + 2 * j + 1];
+            d[8 + j] = lo[8 * r + 2 * j];
+            d[12 + j] = lo[8 * r + 2 * j + 1];
+          }
+        }
       }
-      for (int64_t n = n0; n < n1; n += 16) {
-        const __mmask16 k = cols_mask(n1 - n);
-        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w.q_at(r + kVnniPrefetchRows, n)), _MM_HINT_T0);
-        const __m512i q = _mm512_maskz_loadu_epi32(k, w.q_at(r, n));
-        const __m512i even = _mm512_and_si512(q, nib);  // bytes (q0, q2, q4, q6) of each column
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(q, 4), nib);  // (q1, q3, q5, q7)
-        for (int m = 0; m < MR; ++m) {
-          int32_t* a = acc + m * width + (n - n0);
-          int32_t* b = acc_lo + m * width + (n - n0);
-          __m512i s = _mm512_maskz_loadu_epi32(k, a);
-          __m512i t = _mm512_maskz_loadu_epi32(k, b);
-          s = _mm512_dpbusd_epi32(s, even, he[m]);
-          t = _mm512_dpbusd_epi32(t, even, le[m]);
-          s = _mm512_dpbusd_epi32(s, odd, ho[m]);
-          t = _mm512_dpbusd_epi32(t, odd, lodd[m]);
-          _mm512_mask_storeu_epi32(a, k, s);
-          _mm512_mask_storeu_epi32(b, k, t);
+    });
+  }
+  const int32_t* at(int64_t m, int64_t r) const {
+    return reinterpret_cast<const int32_t*>(planes.data() + (m * rows + r) * 16);
+  }
+};
+
+// Rows of x per register tile of the multi-row kernel, and vectors of 16 columns: MR x C x 2 int32 sums (hi and
+// lo plane) stay in registers over a run, with C x 2 unpacked weight vectors. Measured (Zen 4, 2 threads, GF/s at
+// 8 / 16 / 128 rows, K=2048 N=5632): 8 x 1 364 / 368 / 355, 12 x 1 363 / 327 / 330, 6 x 1 315 / 329 / 353,
+// 4 x 2 311 / 319 / 340 (the kernel it replaced, sums through memory per packed row: 162 at 8 rows).
+constexpr int kVnniTileRows = 8;
+constexpr int kVnniTileVecs = 1;
+static_assert(64 % (16 * kVnniTileVecs) == 0, "a tile's columns must not cross a 64-column block of the layout");
+
+// y[m0 .. m0+MR, nb .. nb+16C) += x . W over every run, grouped weights only (w.runs non-empty); mask[c]: the
+// columns of vector c that exist (0: none). Per run the int32 sums are exact, and its epilogue is
+// grouped_vnni_row's, in the same order of runs, so each row's result is bit for bit that kernel's.
+template <typename S, int MR, int C>
+QMOE_KERNEL void vnni_tile(const Int4Weight& w, const S* scales, const VnniActs& a, int64_t m0, int64_t nb,
+                           const __mmask16* mask, float* y, int64_t ldy) {
+  using namespace int4_vnni_detail;
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  const __m512 lo_scale = _mm512_set1_ps(1.f / 254.f);
+  for (int64_t run = 0; run < a.R; ++run) {
+    __m512i s[MR][C], t[MR][C];
+    QMOE_UNROLL
+    for (int m = 0; m < MR; ++m) {
+      QMOE_UNROLL
+      for (int c = 0; c < C; ++c) s[m][c] = t[m][c] = _mm512_setzero_si512();
+    }
+    for (int64_t r = w.runs[run]; r < w.runs[run + 1]; ++r) {
+      const int32_t* qrow = w.q_at(r, nb);  // 16C columns from nb: within one 64-column block (blocked layout)
+      __m512i even[C], odd[C];
+      QMOE_UNROLL
+      for (int c = 0; c < C; ++c) {
+        const __m512i q = _mm512_maskz_loadu_epi32(mask[c], qrow + 16 * c);
+        even[c] = _mm512_and_si512(q, nib);                       // bytes (q0, q2, q4, q6) of each column
+        odd[c] = _mm512_and_si512(_mm512_srli_epi32(q, 4), nib);  // (q1, q3, q5, q7)
+      }
+      QMOE_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* xp = a.at(m0 + m, r);
+        const __m512i he = _mm512_set1_epi32(xp[0]), ho = _mm512_set1_epi32(xp[1]);
+        const __m512i le = _mm512_set1_epi32(xp[2]), lodd = _mm512_set1_epi32(xp[3]);
+        QMOE_UNROLL
+        for (int c = 0; c < C; ++c) {
+          s[m][c] = _mm512_dpbusd_epi32(s[m][c], even[c], he);
+          t[m][c] = _mm512_dpbusd_epi32(t[m][c], even[c], le);
+          s[m][c] = _mm512_dpbusd_epi32(s[m][c], odd[c], ho);
+          t[m][c] = _mm512_dpbusd_epi32(t[m][c], odd[c], lodd);
         }
       }
     }
     // y += s * sx * (hi dot + lo dot / 254 - z * sum x), once per run.
+    const int32_t g = w.g_idx[8 * w.runs[run]];
     const S* srow = scales + g * w.N;
     const int32_t* zrow = w.qzeros + g * (w.N / 8);
-    const __m512 lo_scale = _mm512_set1_ps(1.f / kLo);
-    for (int64_t n = n0; n < n1; n += 16) {
-      const __mmask16 k = cols_mask(n1 - n);
-      const __m512 s = scales16(srow + n, k);
-      const __m512 z = zeros16(zrow, n, k, w.zero_offset);
+    QMOE_UNROLL
+    for (int c = 0; c < C; ++c) {
+      if (mask[c] == 0) continue;  // past n1: no scales or zeros there to read
+      const int64_t n = nb + 16 * c;
+      const __m512 sc = scales16(srow + n, mask[c]);
+      const __m512 z = zeros16(zrow, n, mask[c], w.zero_offset);
+      QMOE_UNROLL
       for (int m = 0; m < MR; ++m) {
-        float* o = y + m * ldy + n;
-        const __m512 dot_hi = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, acc + m * width + (n - n0)));
-        const __m512 dot_lo = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, acc_lo + m * width + (n - n0)));
-        const __m512 dot = _mm512_fmadd_ps(dot_lo, lo_scale, dot_hi);
-        const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m]), dot);
-        const __m512 scaled = _mm512_mul_ps(s, _mm512_set1_ps(sx[m]));
-        _mm512_mask_storeu_ps(o, k, _mm512_fmadd_ps(scaled, centred, _mm512_maskz_loadu_ps(k, o)));
+        const int64_t i = (m0 + m) * a.R + run;
+        float* o = y + (m0 + m) * ldy + n;
+        const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[m][c]), lo_scale, _mm512_cvtepi32_ps(s[m][c]));
+        const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.xsum[i]), dot);
+        const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(a.sx[i]));
+        _mm512_mask_storeu_ps(o, mask[c], _mm512_fmadd_ps(scaled, centred, _mm512_maskz_loadu_ps(mask[c], o)));
       }
     }
   }
 }
+
+// The last a.M - m0 (< MR) rows of x by one tile of that height.
+template <typename S, int MR, int C>
+void vnni_tail(const Int4Weight& w, const S* scales, const VnniActs& a, int64_t m0, int64_t nb,
+               const __mmask16* mask, float* y, int64_t ldy) {
+  if constexpr (MR > 0) {
+    if (a.M - m0 == MR) return vnni_tile<S, MR, C>(w, scales, a, m0, nb, mask, y, ldy);
+    vnni_tail<S, MR - 1, C>(w, scales, a, m0, nb, mask, y, ldy);
+  }
+}
+
+// y[m, n] += x[m] . W[n] for every row of `a` and n in [n0, n1) (a multiple of 8; of 64 for blocked weights), by
+// register tiles of kVnniTileRows rows x 16 kVnniTileVecs columns: a tile's weights (16C columns x K/8 words) stay
+// in L1/L2 while every row of x passes over them, so they come from memory once per call.
+template <typename S>
+void grouped_vnni(const Int4Weight& w, const S* scales, const VnniActs& a, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+  using namespace int4_vnni_detail;
+  constexpr int MR = kVnniTileRows, C = kVnniTileVecs;
+  for (int64_t nb = n0; nb < n1; nb += 16 * C) {
+    __mmask16 mask[C];
+    for (int c = 0; c < C; ++c) mask[c] = nb + 16 * c < n1 ? cols_mask(n1 - nb - 16 * c) : __mmask16(0);
+    int64_t m0 = 0;
+    for (; m0 + MR <= a.M; m0 += MR) vnni_tile<S, MR, C>(w, scales, a, m0, nb, mask, y, ldy);
+    if (m0 < a.M) vnni_tail<S, MR - 1, C>(w, scales, a, m0, nb, mask, y, ldy);
+  }
+}
+
 // The same product for one row of x (a decode step), with every sum in registers: per block of 64 columns
 // (4 vectors of 16), the packed rows are walked front to back, so the int32 sums of a run and the fp32 sums of y
 // never go through memory; each run ends in the same epilogue as grouped_vnni, in the same order, so the result is
-// bit for bit grouped_vnni<S, 1>'s. x's planes are made once for all runs. The block's next packed rows are
+// bit for bit grouped_vnni's for that row. x's planes are made once for all runs. The block's next packed rows are
 // prefetched kVnniPrefetchRows ahead (at the end of a block, the next block's first rows).
 template <typename S>
 void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int64_t n0, int64_t n1, float* y) {
