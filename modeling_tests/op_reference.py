@@ -88,6 +88,19 @@ def rms_norm(x, weight, eps):
     return weight * normed
 
 
+def rope(query, key, cos, sin):
+    """x * cos + rotate_half(x) * sin for query and key, in float32, rounded once to their dtype."""
+    c, s = cos.float()[:, None], sin.float()[:, None]
+
+    def one(x):
+        xf = x.float()
+        half = xf.shape[-1] // 2
+        rotated = torch.cat((-xf[..., half:], xf[..., :half]), -1)
+        return (xf * c + rotated * s).to(x.dtype)
+
+    return one(query), one(key)
+
+
 def _mlp(x, gate, up, down):
     return F.linear(F.silu(F.linear(x, gate.float())) * F.linear(x, up.float()), down.float())
 

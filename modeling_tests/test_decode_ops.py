@@ -1,4 +1,4 @@
-"""A decode step's attention and RMSNorms on the CPU ops (`decode_attention_cpu`, `rms_norm_cpu`).
+"""A decode step's attention, RMSNorms and RoPE on the CPU ops (`decode_attention_cpu`, `rms_norm_cpu`, `rope_cpu`).
 
 The ops are held to plain-torch references per dtype at odd sizes (grouped-query heads, head sizes that are not a
 multiple of the vector width, masks of each kind, a KV cache read in place through its strides); the model to the
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import qwen2_moe_hf
 import qwen2_moe_hf.modeling_qwen2_moe as modeling
-from qwen2_moe_hf.modeling_qwen2_moe import Qwen2MoeRMSNorm
-from qwen2_moe_hf.moe import decode_attention, dense
+from qwen2_moe_hf.modeling_qwen2_moe import Qwen2MoeRMSNorm, apply_rotary_pos_emb
+from qwen2_moe_hf.moe import decode_attention, dense, rope
 
 import helpers
 import op_reference as ref
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(qwen2_moe_hf.env_report()["cpu"] != "available",
 
 ATTENTION = "qwen2_moe_hf::decode_attention_cpu"
 NORM = "qwen2_moe_hf::rms_norm_cpu"
+ROPE = "qwen2_moe_hf::rope_cpu"
 # Per row, against the fp32 reference on the same values: fp32 sums in another order, then one rounding.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -123,15 +124,82 @@ def test_rms_norm_gives_way():
                                    atol=1e-2)
 
 
+def _rope_inputs(batch, heads, kv_heads, length, dim, dtype, cos_batch, gen):
+    """q, k as the attention module makes them (transposed views of the projections' outputs); cos, sin as the
+    rotary module makes them (in the model's dtype) for positions 0..length-1, shifted per sequence."""
+    q = torch.randn(batch, length, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, length, kv_heads, dim, generator=gen).to(dtype).transpose(1, 2)
+    positions = torch.arange(length)[None] + 3 * torch.arange(cos_batch)[:, None] + 100
+    freqs = positions[..., None].float() / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    emb = torch.cat((freqs, freqs), -1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,heads,kv_heads,length,dim,cos_batch", [
+    (1, 16, 16, 1, 128, 1), (2, 8, 2, 1, 64, 2), (3, 4, 1, 7, 14, 3), (2, 2, 2, 5, 8, 1), (1, 1, 1, 1, 2, 1)])
+def test_rope_is_bitwise_the_eager_code(dtype, batch, heads, kv_heads, length, dim, cos_batch):
+    """q * cos + rotate_half(q) * sin for query and key, bit for bit the eager code (every product and the sum
+    rounded to the dtype as torch does), from transposed views, with grouped-query key heads, a batch-1 cos / sin
+    broadcast over the batch, a decode step and a prompt, head_dim 2 up to 128; outputs contiguous. The module
+    takes the op in inference and gives the same."""
+    gen = torch.Generator().manual_seed(batch * 100 + dim)
+    q, k, cos, sin = _rope_inputs(batch, heads, kv_heads, length, dim, dtype, cos_batch, gen)
+    assert not q.is_contiguous() or length == 1
+    got_q, got_k = torch.ops.qwen2_moe_hf.rope_cpu(q, k, cos, sin)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert got_q.is_contiguous() and got_k.is_contiguous() and got_q.dtype == got_k.dtype == dtype
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert helpers.row_error(got_q, ref.rope(q, k, cos, sin)[0]) <= TOL[dtype]
+    with torch.no_grad():
+        fused = rope(q, k, cos, sin)
+    assert fused is not None and torch.equal(fused[0], want_q) and torch.equal(fused[1], want_k)
+
+
+def test_rope_gives_way():
+    """Shapes the op does not take (the eager code broadcasts or raises as before), other dtypes, mixed dtypes,
+    subclasses, gradients and compile keep the eager code."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, cos, sin = _rope_inputs(2, 4, 2, 3, 8, torch.float32, 2, gen)
+    with torch.no_grad():
+        assert rope(q, k, cos, sin) is not None
+        assert rope(q, k, cos[:, None], sin[:, None]) is None  # [b, 1, l, d]: the eager code broadcasts it
+        assert rope(q.double(), k.double(), cos.double(), sin.double()) is None
+        assert rope(q, k, cos.bfloat16(), sin.bfloat16()) is None
+        assert rope(q.as_subclass(_Tagged), k, cos, sin) is None
+        assert rope(q[..., :7], k[..., :7], cos[..., :7], sin[..., :7]) is None  # odd head_dim
+        assert rope(q, k[:, :, :2], cos, sin) is None  # key of another length
+    assert rope(q.requires_grad_(), k, cos, sin) is None
+    compiled = torch.compile(lambda *t: rope(*t), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert compiled(q, k, cos, sin) is None
+
+
+def test_rope_op_checks_its_arguments():
+    gen = torch.Generator().manual_seed(1)
+    q, k, cos, sin = _rope_inputs(2, 4, 2, 3, 8, torch.float32, 2, gen)
+    op = torch.ops.qwen2_moe_hf.rope_cpu
+    with pytest.raises(RuntimeError, match="query's head_dim .* must be even"):
+        op(q[..., :7], k[..., :7], cos[..., :7], sin[..., :7])
+    with pytest.raises(RuntimeError, match=r"cos must have shape \[2 or 1, 3, 8\]"):
+        op(q, k, torch.cat([cos, cos]), sin)
+    with pytest.raises(RuntimeError, match="sin"):
+        op(q, k, cos, sin[:1])
+    with pytest.raises(RuntimeError, match="key"):
+        op(q, k.bfloat16(), cos, sin)
+
+
 def _switch_off(monkeypatch):
     monkeypatch.setattr(modeling, "decode_attention", lambda *a, **k: None)
     monkeypatch.setattr(modeling, "rms_norm", lambda *a, **k: None)
+    monkeypatch.setattr(modeling, "rope", lambda *a, **k: None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_generate_matches_torch_attention_and_norms(dtype, monkeypatch):
-    """Greedy generate on a left-padded batch of two: decode steps take both ops, the prompt's step takes torch's
-    attention; the logits of every step and the tokens equal those of the model with the ops switched off."""
+    """Greedy generate on a left-padded batch of two: decode steps take the three ops, the prompt's step takes
+    torch's attention; the logits of every step and the tokens equal those of the model with the ops switched
+    off."""
     model = helpers.build_model("gqa").to(dtype)
     ids = torch.tensor([[0, 0, 5, 9, 2, 7], [4, 8, 1, 6, 3, 2]])
     attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -143,10 +211,10 @@ def test_generate_matches_torch_attention_and_norms(dtype, monkeypatch):
                                   return_dict_in_generate=True)
 
     fast, events = _events(run)
-    assert ATTENTION in events and NORM in events
+    assert ATTENTION in events and NORM in events and ROPE in events
     _switch_off(monkeypatch)
     slow, events = _events(run)
-    assert ATTENTION not in events and NORM not in events
+    assert ATTENTION not in events and NORM not in events and ROPE not in events
     assert torch.equal(fast.sequences, slow.sequences)
     for a, b in zip(fast.scores, slow.scores):
         assert helpers.row_error(a, b) <= (3e-2 if dtype == torch.bfloat16 else 1e-4)

@@ -128,6 +128,9 @@ def good_args(op):
                            value=torch.randn(2, 2, 5, 8, generator=gen), mask=mask, scaling=0.35)
     if op == "rms_norm_cpu":
         return OrderedDict(x=torch.randn(T, H, generator=gen), weight=torch.randn(H, generator=gen), eps=1e-6)
+    if op == "rope_cpu":  # 4 query heads on 2 key heads, 3 positions, cos / sin per sequence
+        return OrderedDict(query=torch.randn(2, 4, 3, 8, generator=gen), key=torch.randn(2, 2, 3, 8, generator=gen),
+                           cos=torch.randn(2, 3, 8, generator=gen), sin=torch.randn(2, 3, 8, generator=gen))
     if op == "moe_ffn_cpu":
         return OrderedDict(x=_x(gen), topk_ids=ids, topk_weights=weights, **_dense_weights(gen))
     if op == "moe_ffn_int4_cpu":
@@ -175,7 +178,7 @@ def _dense_from_pack(a):
 # The references of the registered ops take the op's own arguments, in order.
 REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe_combine": ref.moe_combine,
               "gptq_linear_cpu": ref.gptq_linear, "dense_linear_cpu": ref.dense_linear, "moe_ffn_cpu": ref.moe_ffn,
-              "decode_attention_cpu": ref.decode_attention, "rms_norm_cpu": ref.rms_norm,
+              "decode_attention_cpu": ref.decode_attention, "rms_norm_cpu": ref.rms_norm, "rope_cpu": ref.rope,
               "moe_ffn_int4_cpu": ref.moe_ffn_int4}
 
 
@@ -404,7 +407,7 @@ def cases(op):
 
 
 CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "dense_linear_cpu",
-           "decode_attention_cpu", "rms_norm_cpu", "moe_ffn_cpu",
+           "decode_attention_cpu", "rms_norm_cpu", "rope_cpu", "moe_ffn_cpu",
            "moe_ffn_int4_cpu", "moe_layer[dense]", "moe_layer[int4]"]
 
 

@@ -25,7 +25,8 @@ from transformers.modeling_outputs import (
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
 from .loading import from_pretrained as load_checkpoint
-from .moe import DecodeLinear, ExpertWeights, decode_attention, prepare, requested_backend, rms_norm, route
+from .moe import (DecodeLinear, ExpertWeights, decode_attention, prepare, requested_backend, rms_norm, rope,
+                  route)
 from .moe import resolve as resolve_backend
 from .moe import select as select_backend
 
@@ -207,7 +208,8 @@ class Qwen2MoeAttention(nn.Module):
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        fused = rope(query, key, cos, sin)  # CPU inference: the same math in one op
+        query, key = fused if fused is not None else apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
             if not torch.compiler.is_compiling():
                 compat.append_kv_in_place(past_key_values, self.layer_idx, key)  # CPU: no whole-cache copy per step

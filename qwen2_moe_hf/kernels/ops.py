@@ -29,6 +29,8 @@ SCHEMAS: Dict[str, str] = {
     # A decode step's attention for one query position, and RMSNorm (csrc/cpu/decode_cpu.cpp).
     "decode_attention_cpu": "(Tensor query, Tensor key, Tensor value, Tensor? mask, float scaling) -> Tensor",
     "rms_norm_cpu": "(Tensor x, Tensor weight, float eps) -> Tensor",
+    # RoPE on a step's query and key (csrc/cpu/decode_cpu.cpp); cos / sin [batch or 1, length, head_dim].
+    "rope_cpu": "(Tensor query, Tensor key, Tensor cos, Tensor sin) -> (Tensor, Tensor)",
     # The MoE layer with GPTQ 4-bit experts: 12 tensors per expert (qweight, qzeros, scales, g_idx of gate, up,
     # down), the shared expert's 12 or none.
     "moe_ffn_int4_cpu": "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, Tensor[] shared, "
@@ -131,6 +133,12 @@ def _define() -> None:
     def _(x, weight, eps):
         one_device("rms_norm_cpu", x=x, weight=weight)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{LIB}::rope_cpu")
+    def _(query, key, cos, sin):
+        one_device("rope_cpu", query=query, key=key, cos=cos, sin=sin)
+        return (torch.empty_like(query, memory_format=torch.contiguous_format),
+                torch.empty_like(key, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake(f"{LIB}::moe_ffn_int4_cpu")
     def _(x, topk_ids, topk_weights, experts, shared, shared_expert_gate, zero_offset):

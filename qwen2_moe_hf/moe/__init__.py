@@ -13,7 +13,7 @@ from .backends import (
     unregister_backend,
 )
 from .backends.reference import experts_forward_reference
-from .dense import DecodeLinear, decode_attention, rms_norm
+from .dense import DecodeLinear, decode_attention, rms_norm, rope
 from .routing import route
 from .weights import ExpertWeights, Int4Projection, Int4Tensors, prepare
 
@@ -32,6 +32,7 @@ __all__ = [
     "requested_backend",
     "resolve",
     "rms_norm",
+    "rope",
     "route",
     "select",
     "unregister_backend",

@@ -4,10 +4,11 @@ general kernels slow (measured in docs/benchmarks.md), and torch's own code ever
 - DecodeLinear: the attention projections and lm_head through the CPU ops' streaming GEMV;
 - decode_attention: attention for one query position (`decode_attention_cpu`), in place of
   scaled_dot_product_attention's flash kernel (7-9x slower for one query here);
-- rms_norm: RMSNorm in one op (`rms_norm_cpu`) with the model's roundings, in place of eight eager ops.
+- rms_norm: RMSNorm in one op (`rms_norm_cpu`) with the model's roundings, in place of eight eager ops;
+- rope: RoPE on query and key in one op (`rope_cpu`), bit for bit the eager code's sixteen ops.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
@@ -81,3 +82,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
             or not _no_grad_needed(x, weight) or torch.compiler.is_compiling() or not load_cpu_ops()[0]):
         return None
     return torch.ops.qwen2_moe_hf.rms_norm_cpu(x, weight, float(eps))
+
+
+def rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(q * cos + rotate_half(q) * sin, the same for k) in one CPU op with the eager code's roundings (q, k
+    [batch, heads, length, head_dim]; cos, sin [batch or 1, length, head_dim]), or None where it does not apply and
+    the eager code must run: other devices or dtypes, tensor subclasses, shapes it does not take (the eager code
+    then broadcasts or raises as before), gradients, compile."""
+    tensors = (query, key, cos, sin)
+    if (query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(type(t) is torch.Tensor and t.dtype == query.dtype and t.device == query.device
+                       for t in tensors)
+            or query.dim() != 4 or key.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape
+            or query.shape[-1] % 2 or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]
+            or cos.shape[0] not in (1, query.shape[0]) or cos.shape[1:] != query.shape[2:]
+            or not _no_grad_needed(*tensors) or torch.compiler.is_compiling() or not load_cpu_ops()[0]):
+        return None
+    return torch.ops.qwen2_moe_hf.rope_cpu(query, key, cos, sin)

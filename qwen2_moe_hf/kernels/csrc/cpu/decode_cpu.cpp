@@ -12,6 +12,11 @@
 //   rms_norm_cpu(x [..., N], weight [N], eps) -> [..., N]
 //       weight * (x / sqrt(mean(x^2) + eps)) with the released model's roundings: normalised in fp32, rounded to
 //       x's dtype, multiplied by weight (same dtype as x) and rounded again; one op instead of eight.
+//   rope_cpu(query [B,H,L,D], key [B,KVH,L,D], cos [B or 1,L,D], sin [B or 1,L,D]) -> (query', key')
+//       x * cos + rotate_half(x) * sin for both, rotate_half(x) = cat(-x[D/2:], x[:D/2]), with the model's roundings
+//       (each product rounded to x's dtype, then their sum): bit for bit apply_rotary_pos_emb's eight eager ops per
+//       tensor, in one op. Outputs contiguous. query and key are read with any strides (a projection's transposed
+//       view is not copied).
 //
 // Every tensor is checked at the boundary (common/checks.h): CPU, dtype, shape. key and value are read in place
 // with any strides whose last one is 1 (a KV cache is not copied); other layouts are copied first.
@@ -23,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../common/checks.h"
@@ -227,9 +233,64 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   return y;
 }
 
+// Products and sums as eager torch rounds them: each one rounded to T. For float, products must not be fused into
+// the add (an FMA would round once where torch rounds twice).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T>
+void rope_rows(const at::Tensor& x, const T* cos, const T* sin, int64_t cos_batch_stride, at::Tensor& out) {
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));  // one thread for a decode step
+  at::parallel_for(0, B * H * L, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (H * L), h = i / L % H, l = i % L;
+      const T* xr = xp + b * s0 + h * s1 + l * s2;
+      const T* c = cos + b * cos_batch_stride + l * D;
+      const T* sn = sin + b * cos_batch_stride + l * D;
+      T* o = op + i * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = to_float(xr[d * s3]);
+        const float r = d < half ? -to_float(xr[(d + half) * s3]) : to_float(xr[(d - half) * s3]);
+        const float a = to_float(static_cast<T>(v * to_float(c[d])));
+        const float e = to_float(static_cast<T>(r * to_float(sn[d])));
+        o[d] = static_cast<T>(a + e);
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+
+std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& cos,
+                                            const at::Tensor& sin) {
+  const char* op = "rope_cpu";
+  TensorArg(query, op, "query", kCpu).floating().dim(4);
+  const int64_t B = query.size(0), L = query.size(2), D = query.size(3);
+  TORCH_CHECK(D % 2 == 0, op, ": query's head_dim (last dimension) must be even, got ", D);
+  TensorArg(key, op, "key", kCpu).dtype(query.scalar_type()).dim(4).sizes({B, -1, L, D}, "query");
+  TensorArg(cos, op, "cos", kCpu).dtype(query.scalar_type()).dim(3);
+  TORCH_CHECK(cos.size(0) == B || cos.size(0) == 1, op, ": cos must have shape [", B, " or 1, ", L, ", ", D,
+              "] (query's batch, length and head_dim), got ", cos.sizes());
+  const at::Tensor c = TensorArg(cos, op, "cos", kCpu).sizes({cos.size(0), L, D}, "query").contiguous();
+  const at::Tensor s = TensorArg(sin, op, "sin", kCpu).dtype(query.scalar_type()).sizes({cos.size(0), L, D}, "cos")
+                           .contiguous();
+  const int64_t batch_stride = c.size(0) == 1 ? 0 : L * D;
+  at::Tensor q_out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor k_out = at::empty(key.sizes(), key.options().memory_format(at::MemoryFormat::Contiguous));
+  with_floating(query.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (q_out.numel() > 0) rope_rows<T>(query, c.data_ptr<T>(), s.data_ptr<T>(), batch_stride, q_out);
+    if (k_out.numel() > 0) rope_rows<T>(key, c.data_ptr<T>(), s.data_ptr<T>(), batch_stride, k_out);
+  });
+  return {q_out, k_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
+  m.impl("rope_cpu", &rope_cpu);
   m.impl("decode_attention_cpu", &decode_attention_cpu);
   m.impl("rms_norm_cpu", &rms_norm_cpu);
 }
