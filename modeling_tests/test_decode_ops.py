@@ -220,6 +220,29 @@ def test_generate_matches_torch_attention_and_norms(dtype, monkeypatch):
         assert helpers.row_error(a, b) <= (3e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gptq_attention_projects_in_one_call(dtype, monkeypatch):
+    """A GPTQ-Int4 model's attention runs q, k, v in one gptq_linears_cpu call (prompt and decode steps), and greedy
+    generate gives the same logits, bit for bit, as with the three projections called one by one."""
+    from qwen2_moe_hf.bench import int4_copy
+
+    model = int4_copy(helpers.build_model("gqa"), attention=True, blocked=True).to(dtype)
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, eos_token_id=None,
+                                  output_scores=True, return_dict_in_generate=True)
+
+    fused, events = _events(run)
+    assert "qwen2_moe_hf::gptq_linears_cpu" in events
+    monkeypatch.setattr(modeling, "fused_projections", lambda *a, **k: None)
+    alone, events = _events(run)
+    assert "qwen2_moe_hf::gptq_linears_cpu" not in events and "qwen2_moe_hf::gptq_linear_cpu" in events
+    assert torch.equal(fused.sequences, alone.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fused.scores, alone.scores))
+
+
 def test_attention_gives_way():
     """Only sdpa's single-query steps without gradients take the op: eager (chosen, or for attention weights),
     prompts of several tokens, training with dropout, and gradients keep the attention function they name."""

@@ -339,6 +339,79 @@ def test_cpu_int4_blocked_layout_is_bitwise_the_checkpoint_layout(group_size, ac
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_projections_in_one_call_are_bitwise_each_layer(dtype, blocked):
+    """fused_projections (q, k, v in one gptq_linears_cpu call; a decode row on the VNNI path walks the three
+    weights in one parallel region, each thread a slice across them) gives bit for bit what each GPTQLinear gives
+    alone, at 1 row (the one region), 3 and 40 rows, with and without biases, in both qweight layouts, with the
+    VNNI row kernel on and off; the fake knows the outputs' shapes."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+    from qwen2_moe_hf.moe import fused_projections
+
+    layers = [_random_layer(256, n, 64, False, 1, False, bias=bias, seed=n)
+              for n, bias in ((192, True), (64, True), (128, False))]
+    if blocked:
+        assert all(layer.use_blocked_layout() for layer in layers)
+    module = cpu_module()
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for row_kernel in (True, False):
+            module.set_int4_vnni_row(row_kernel)
+            for tokens in (1, 3, 40):
+                x = torch.randn(1, tokens, 256, generator=gen).to(dtype)
+                with torch.no_grad():
+                    got = fused_projections(x, layers)
+                    want = [layer(x) for layer in layers]
+                assert got is not None and len(got) == 3
+                for g, w in zip(got, want):
+                    assert g.shape == w.shape and torch.equal(g, w), (row_kernel, tokens, (g - w).abs().max())
+    finally:
+        module.set_int4_vnni_row(True)
+    x = torch.randn(5, 256, device="meta")
+    fake = torch.ops.qwen2_moe_hf.gptq_linears_cpu(
+        x, [t.to("meta") for layer in layers for t in layer.tensors()],
+        [None if layer.bias is None else layer.bias.to("meta") for layer in layers], 1)
+    assert [tuple(t.shape) for t in fake] == [(5, 192), (5, 64), (5, 128)]
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_projections_in_one_call_give_way():
+    """Hooks on a projection, a projection that is not a GPTQLinear (a LoRA wrapper, a plain Linear), inputs the
+    layer would not send to the CPU op (gradients, 8 bits), mixed zero offsets and a single module keep each
+    module's own forward; the op names its faults."""
+    from qwen2_moe_hf.moe import fused_projections
+
+    layers = [_random_layer(256, 64, 64, False, 1, False, bias=True, seed=i) for i in range(3)]
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        assert fused_projections(x, layers) is not None
+        assert fused_projections(x, layers[:1]) is None
+        assert fused_projections(x, [layers[0], torch.nn.Linear(256, 64), layers[2]]) is None
+        handle = layers[1].register_forward_hook(lambda *a: None)
+        assert fused_projections(x, layers) is None
+        handle.remove()
+        other = _random_layer(256, 64, 64, False, 0, False, bias=True)
+        assert fused_projections(x, [layers[0], other]) is None
+        assert fused_projections(x.double(), layers) is None
+        layers[2].bits = 8  # its forward would take the reference
+        assert fused_projections(x, layers) is None
+        layers[2].bits = 4
+    assert fused_projections(x.requires_grad_(), layers) is None
+    op = torch.ops.qwen2_moe_hf.gptq_linears_cpu
+    tensors = [t for layer in layers for t in layer.tensors()]
+    with pytest.raises(RuntimeError, match="a non-empty multiple of 4 tensors"):
+        op(x[0].detach(), tensors[:5], [None], 1)
+    with pytest.raises(RuntimeError, match="one entry .* per Linear"):
+        op(x[0].detach(), tensors, [None], 1)
+    wide = _random_layer(512, 64, 64, False, 1, False, bias=False)
+    with pytest.raises(RuntimeError, match="linear 1 has 512 inputs"):
+        op(x[0].detach(), tensors[:4] + list(wide.tensors()), [None, None], 1)
+    with pytest.raises(RuntimeError, match=r"biases\[2\]"):
+        op(x[0].detach(), tensors, [None, None, torch.zeros(7)], 1)
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
 def test_blocked_qweight_faults_are_named_and_the_fake_knows_its_shape():
     layer = _random_layer(256, 192, 32, False, 1, False, bias=False)
     qb = gptq_format.block_qweight(layer.qweight)

@@ -118,6 +118,10 @@ def good_args(op):
         qweight, qzeros, scales, g_idx = _int4(gen, 16, 64)
         return OrderedDict(x=torch.randn(3, 64, generator=gen), qweight=qweight, qzeros=qzeros, scales=scales,
                            g_idx=g_idx, zero_offset=1, bias=torch.randn(16, generator=gen))
+    if op == "gptq_linears_cpu":  # two Linears (16 and 24 outputs) on one x, the second without a bias
+        first, second = _int4(gen, 16, 64), _int4(gen, 24, 64)
+        return OrderedDict(x=torch.randn(3, 64, generator=gen), linears=first + second,
+                           biases=[torch.randn(16, generator=gen), torch.randn(24, generator=gen)], zero_offset=1)
     if op == "dense_linear_cpu":
         return OrderedDict(x=torch.randn(3, 64, generator=gen), weight=torch.randn(16, 64, generator=gen),
                            bias=torch.randn(16, generator=gen))
@@ -179,7 +183,9 @@ def _dense_from_pack(a):
 REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe_combine": ref.moe_combine,
               "gptq_linear_cpu": ref.gptq_linear, "dense_linear_cpu": ref.dense_linear, "moe_ffn_cpu": ref.moe_ffn,
               "decode_attention_cpu": ref.decode_attention, "rms_norm_cpu": ref.rms_norm, "rope_cpu": ref.rope,
-              "moe_ffn_int4_cpu": ref.moe_ffn_int4}
+              "moe_ffn_int4_cpu": ref.moe_ffn_int4,
+              "gptq_linears_cpu": lambda x, linears, biases, zero_offset: [
+                  ref.gptq_linear(x, *linears[i:i + 4], zero_offset, biases[i // 4]) for i in range(0, len(linears), 4)]}
 
 
 def reference(op, a):
@@ -258,6 +264,10 @@ def _label(op, name, index=None):
     if name == "shared" or (name == "tensors" and "int4" in op):
         j = index if name == "shared" else index - 12 * E
         return rf"{py}|shared expert {projs[j // 4]}: {parts[j % 4]}"
+    if name == "linears":  # gptq_linears_cpu: four tensors per Linear
+        return rf"{py}|linear {index // 4}: {parts[index % 4]}"
+    if name == "biases":
+        return py
     if name == "tensors":  # dense pack: gate, up, down per expert, then the shared expert's
         if index < 3 * E:
             return rf"{py}|expert {index // 3} {('gate', 'up', 'down')[index % 3]} weight"
@@ -270,6 +280,7 @@ _LIST_ELEMENTS = {
     "w_gate": [0, 1], "w_up": [1], "w_down": [2],
     "experts": [0, 12 + 4, 12 + 5, 12 + 6, 12 + 7, 24 + 8, 24 + 11],  # expert 1 up (all four), expert 2 down
     "shared": [0, 5, 10, 11],
+    "linears": [0, 1, 2, 3, 4 + 2], "biases": [1],
 }
 
 
@@ -368,6 +379,8 @@ def _range_cases(op, args):
         g_targets.append(("shared", 11))  # the shared expert's down_proj's g_idx
     if op == "moe_layer[int4]":
         g_targets.append(("tensors", 24 + 11))  # expert 2 down_proj's g_idx
+    if op == "gptq_linears_cpu":
+        g_targets.append(("linears", 4 + 3))  # the second Linear's g_idx
     for name, index in g_targets:
         scales = args["scales"] if index is None else args[name][index - 1]  # g_idx follows its scales
         for v in (scales.shape[0], -1, INT32_MAX):
@@ -395,7 +408,9 @@ def cases(op):
         where = name if index is None else f"{name}[{index}]"
         for kind, fn in MUTATIONS.items():
             expect = ("same",) if kind == "noncontig" else ("error", _label(op, name, index))
-            if sum(isinstance(v, torch.Tensor) for v in args.values()) == 1 and index is None:
+            tensor_args = sum(isinstance(v, torch.Tensor) or isinstance(v, list) and any(
+                isinstance(t, torch.Tensor) for t in v) for v in args.values())
+            if tensor_args == 1 and index is None:
                 if kind == "meta":
                     expect = ("error_or_meta", expect[1])  # all inputs meta: the fake answers, on meta
                 elif kind == "shape":
@@ -406,7 +421,7 @@ def cases(op):
     return table
 
 
-CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "dense_linear_cpu",
+CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "gptq_linears_cpu", "dense_linear_cpu",
            "decode_attention_cpu", "rms_norm_cpu", "rope_cpu", "moe_ffn_cpu",
            "moe_ffn_int4_cpu", "moe_layer[dense]", "moe_layer[int4]"]
 

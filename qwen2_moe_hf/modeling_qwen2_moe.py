@@ -25,8 +25,8 @@ from transformers.modeling_outputs import (
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
 from .loading import from_pretrained as load_checkpoint
-from .moe import (DecodeLinear, ExpertWeights, decode_attention, prepare, requested_backend, rms_norm, rope,
-                  route)
+from .moe import (DecodeLinear, ExpertWeights, decode_attention, fused_projections, prepare, requested_backend,
+                  rms_norm, rope, route)
 from .moe import resolve as resolve_backend
 from .moe import select as select_backend
 
@@ -204,9 +204,11 @@ class Qwen2MoeAttention(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None, past_key_values: Optional[compat.Cache] = None,
                 output_attentions: bool = False, **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, q_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        # GPTQ-Int4 on CPU: the three projections in one op call; otherwise each module.
+        projected = fused_projections(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+        if projected is None:
+            projected = [self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)]
+        query, key, value = (p.view(batch, q_len, -1, self.head_dim).transpose(1, 2) for p in projected)
         cos, sin = position_embeddings
         fused = rope(query, key, cos, sin)  # CPU inference: the same math in one op
         query, key = fused if fused is not None else apply_rotary_pos_emb(query, key, cos, sin)

@@ -125,6 +125,11 @@ class GPTQLinear(nn.Module, Int4Projection):
             return None
         return Int4Tensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset)
 
+    def cpu_linear_args(self, x: torch.Tensor) -> Optional[Tuple[Any, ...]]:
+        if kernel_for(x, self.bits) != "cpu" or x.dim() == 0 or x.shape[-1] != self.in_features:
+            return None
+        return self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset, self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)

@@ -24,6 +24,9 @@ SCHEMAS: Dict[str, str] = {
     # qweight: [K/8, N], or blocked [N/64, K/8, 64] (gptq/format.py's block_qweight).
     "gptq_linear_cpu": "(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int zero_offset, "
     "Tensor? bias) -> Tensor",
+    # Several GPTQ 4-bit Linears on the same x (an attention layer's q, k, v): 4 tensors per Linear in `linears`
+    # (qweight, qzeros, scales, g_idx), one bias or None per Linear.
+    "gptq_linears_cpu": "(Tensor x, Tensor[] linears, Tensor?[] biases, int zero_offset) -> Tensor[]",
     # One dense Linear for a decode step's few rows (csrc/cpu/moe_ffn_cpu.cpp: the experts' streaming kernels).
     "dense_linear_cpu": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     # A decode step's attention for one query position, and RMSNorm (csrc/cpu/decode_cpu.cpp).
@@ -113,6 +116,20 @@ def _define() -> None:
             return x.new_empty(x.shape[0], qweight.shape[0] * qweight.shape[2])
         _check_2d("gptq_linear_cpu", "qweight", qweight)
         return x.new_empty(x.shape[0], qweight.shape[1])
+
+    @torch.library.register_fake(f"{LIB}::gptq_linears_cpu")
+    def _(x, linears, biases, zero_offset):
+        one_device("gptq_linears_cpu", x=x, linears=linears, biases=biases)
+        _check_2d("gptq_linears_cpu", "x", x)
+        if not linears or len(linears) % 4 or len(biases) != len(linears) // 4:
+            raise RuntimeError(f"gptq_linears_cpu: expected 4 weights and one bias entry per Linear, got "
+                               f"{len(linears)} tensors and {len(biases)} biases")
+        outs = []
+        for i in range(0, len(linears), 4):
+            qweight = linears[i]
+            n = qweight.shape[0] * qweight.shape[2] if qweight.dim() == 3 else qweight.shape[-1]
+            outs.append(x.new_empty(x.shape[0], n))
+        return outs
 
     @torch.library.register_fake(f"{LIB}::dense_linear_cpu")
     def _(x, weight, bias):

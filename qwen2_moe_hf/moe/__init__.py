@@ -13,7 +13,7 @@ from .backends import (
     unregister_backend,
 )
 from .backends.reference import experts_forward_reference
-from .dense import DecodeLinear, decode_attention, rms_norm, rope
+from .dense import DecodeLinear, decode_attention, fused_projections, rms_norm, rope
 from .routing import route
 from .weights import ExpertWeights, Int4Projection, Int4Tensors, prepare
 
@@ -27,6 +27,7 @@ __all__ = [
     "decode_attention",
     "env_report",
     "experts_forward_reference",
+    "fused_projections",
     "prepare",
     "register_backend",
     "requested_backend",

@@ -62,6 +62,12 @@ class Int4Projection(abc.ABC):
     def int4_tensors(self) -> Optional[Int4Tensors]:
         """Its 4-bit tensors, or None when they cannot be read as such (another bit width, a bias)."""
 
+    def cpu_linear_args(self, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
+        """(qweight, qzeros, scales, g_idx, zero_offset, bias or None) when its forward on x would run the CPU op
+        gptq_linear_cpu, so that a caller may run it together with others on the same x (moe/dense.py's
+        fused_projections); else None."""
+        return None
+
 
 @dataclass(eq=False)
 class ExpertWeights:

@@ -7,11 +7,19 @@
 //   gptq_linear_cpu(x [M,K] float/bf16/fp16, qweight [K/8,N] int32 (or blocked [N/64,K/8,64]: int4_gemm.h),
 //                   qzeros [G,N/8] int32, scales [G,N] float, g_idx [K] int32 in [0, G), zero_offset 0 or 1,
 //                   bias [N] float?) -> [M,N] in x's dtype
+//   gptq_linears_cpu(x [M,K], linears: (qweight, qzeros, scales, g_idx) per Linear, biases: one per Linear (or
+//                    None), zero_offset) -> [M,N_i] per Linear, in x's dtype
+//       Several Linears on the same x in one call (an attention layer's q, k, v): x is converted once, and a decode
+//       row on the VNNI path walks all the weights in one parallel region, each thread one contiguous slice of their
+//       column blocks taken together (one region per Linear costs each its own start; docs/benchmarks.md).
 //   Every tensor is checked here (CPU, dtype, shape, g_idx's range); any strides are accepted.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 #include "../common/checks.h"
 #include "int4_gemm.h"
@@ -38,6 +46,75 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   return out.to(x.scalar_type());
 }
 
+std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList linears,
+                                         const c10::List<c10::optional<at::Tensor>>& biases, int64_t zero_offset) {
+  const char* op = "gptq_linears_cpu";
+  const at::Device cpu(at::kCPU);
+  TORCH_CHECK(!linears.empty() && linears.size() % 4 == 0, op, ": linears must hold qweight, qzeros, scales and "
+              "g_idx of each Linear (a non-empty multiple of 4 tensors), got ", linears.size());
+  const int64_t L = static_cast<int64_t>(linears.size()) / 4;
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L, op, ": biases must hold one entry (a tensor or None) per "
+              "Linear: ", L, " for ", linears.size(), " tensors, got ", biases.size());
+  std::vector<qmoe::Int4Weight> w(L);
+  for (int64_t i = 0; i < L; ++i) {
+    w[i].prepare(linears[4 * i], linears[4 * i + 1], linears[4 * i + 2], linears[4 * i + 3], zero_offset,
+                 std::string(op) + ": linear " + std::to_string(i));
+    TORCH_CHECK(w[i].K == w[0].K, op, ": linear ", i, " has ", w[i].K, " inputs, linear 0 has ", w[0].K,
+                " (every Linear reads the same x)");
+  }
+  const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w[0].K}, "linears[0] (qweight)")
+                            .tensor().to(at::kFloat).contiguous();
+  std::vector<at::Tensor> bias(L);
+  for (int64_t i = 0; i < L; ++i) {
+    const c10::optional<at::Tensor> b = biases.get(i);
+    if (b.has_value() && b->defined()) {
+      bias[i] = qmoe::TensorArg(*b, op, "biases[" + std::to_string(i) + "]", cpu).floating()
+                    .sizes({w[i].N}, "its qweight").tensor();
+    }
+  }
+  const int64_t M = x.size(0), K = w[0].K;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  std::vector<at::Tensor> out(L);
+  for (int64_t i = 0; i < L; ++i) out[i] = at::empty({M, w[i].N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  bool one_region = M == 1 && K > 0 && qmoe::vnni_row_enabled().load();
+  for (int64_t i = 0; i < L && one_region; ++i)
+    one_region = qmoe::int4_path(1, K, !w[i].runs.empty(), bf16) == qmoe::Int4Path::kVnni;
+  if (one_region) {
+    // Column blocks of all the Linears in turn; each thread takes one contiguous run of them.
+    std::vector<int64_t> first{0};  // first global block of each Linear, + the total
+    std::vector<int64_t> unit(L);
+    for (int64_t i = 0; i < L; ++i) {
+      unit[i] = w[i].column_unit(8);
+      first.push_back(first.back() + (w[i].N + unit[i] - 1) / unit[i]);
+    }
+    const int64_t blocks = first.back();
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t b0 = blocks * s / slices, b1 = blocks * (s + 1) / slices;
+        for (int64_t i = 0; i < L; ++i) {
+          const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
+          if (lo >= hi) continue;
+          const int64_t n0 = unit[i] * (lo - first[i]), n1 = std::min(w[i].N, unit[i] * (hi - first[i]));
+          qmoe::int4_rows_times_weight(w[i], xp, 1, K, nullptr, n0, n1, out[i].data_ptr<float>(), w[i].N,
+                                       /*vnni=*/true);
+        }
+      }
+    });
+  } else {
+    for (int64_t i = 0; i < L; ++i) qmoe::int4_matmul(w[i], xp, M, out[i].data_ptr<float>(), w[i].N, bf16);
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    if (bias[i].defined()) out[i].add_(bias[i].to(at::kFloat));
+    out[i] = out[i].to(x.scalar_type());
+  }
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) { m.impl("gptq_linear_cpu", &gptq_linear_cpu); }
+TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
+  m.impl("gptq_linear_cpu", &gptq_linear_cpu);
+  m.impl("gptq_linears_cpu", &gptq_linears_cpu);
+}
