@@ -185,7 +185,8 @@ REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe
               "decode_attention_cpu": ref.decode_attention, "rms_norm_cpu": ref.rms_norm, "rope_cpu": ref.rope,
               "moe_ffn_int4_cpu": ref.moe_ffn_int4,
               "gptq_linears_cpu": lambda x, linears, biases, zero_offset: [
-                  ref.gptq_linear(x, *linears[i:i + 4], zero_offset, biases[i // 4]) for i in range(0, len(linears), 4)]}
+                  ref.gptq_linear(x, *linears[i:i + 4], zero_offset, biases[i // 4])
+                  for i in range(0, len(linears), 4)]}
 
 
 def reference(op, a):

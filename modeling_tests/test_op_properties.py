@@ -18,6 +18,7 @@ import helpers
 import op_reference as ref
 from qwen2_moe_hf.gptq.format import quantize_rtn
 from qwen2_moe_hf.kernels.build import cpu_module, load_cpu_ops
+from qwen2_moe_hf.modeling_qwen2_moe import apply_rotary_pos_emb
 
 OK, WHY = load_cpu_ops()
 
@@ -177,6 +178,70 @@ def test_gptq_linear(rows, n_in, n_out, q, bias, data, seed, dtype, scales_dtype
     args = [torch.randn(rows, n_in, generator=gen).to(dtype), qweight, qzeros, scales.to(scales_dtype), g_idx,
             q["zero_offset"], torch.randn(n_out, generator=gen).to(dtype) if bias else None]
     _check(ops.gptq_linear_cpu(*_with_views(data, args)), ref.gptq_linear(*args), dtype)
+
+
+@PROPERTY
+@given(rows=st.integers(0, 9), n_in=st.sampled_from([8, 16, 48]),
+       outs=st.lists(st.sampled_from([8, 16, 24, 40]), min_size=1, max_size=3), q=int4_settings(),
+       bias=st.booleans(), data=st.data(), seed=st.integers(0, 2**16), dtype=st.sampled_from(FLOATS))
+def test_gptq_linears(rows, n_in, outs, q, bias, data, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    linears, biases = [], []
+    for n_out in outs:
+        linears += _int4(gen, n_out, n_in, **q)
+        biases.append(torch.randn(n_out, generator=gen).to(dtype) if bias else None)
+    x = torch.randn(rows, n_in, generator=gen).to(dtype)
+    views = data.draw(views_of([x] + linears + biases))
+    got = ops.gptq_linears_cpu(views[0], list(views[1:1 + len(linears)]), list(views[1 + len(linears):]),
+                               q["zero_offset"])
+    want = [ref.gptq_linear(x, *linears[i:i + 4], q["zero_offset"], biases[i // 4]) for i in range(0, len(linears), 4)]
+    _check(got, want, dtype)
+
+
+# ----------------------------------------------------------------------------------------------- decode ops
+
+
+@PROPERTY
+@given(batch=st.integers(0, 3), kv_heads=st.integers(1, 3), group=st.integers(1, 3), length=st.integers(0, 5),
+       half=st.sampled_from([1, 3, 8]), cos_batch_one=st.booleans(), data=st.data(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(FLOATS))
+def test_rope(batch, kv_heads, group, length, half, cos_batch_one, data, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    dim = 2 * half
+    q = torch.randn(batch, kv_heads * group, length, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, length, dim, generator=gen).to(dtype)
+    angles = torch.rand(1 if cos_batch_one else batch, length, dim, generator=gen) * 6
+    args = [q, k, angles.cos().to(dtype), angles.sin().to(dtype)]
+    got = ops.rope_cpu(*_with_views(data, args))
+    # Its contract is the eager code's roundings (each product, then the sum), so: bit for bit that code.
+    for g, w in zip(got, apply_rotary_pos_emb(*args)):
+        assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
+
+
+@PROPERTY
+@given(rows=st.integers(0, 6), n=st.sampled_from([1, 7, 16, 33]), data=st.data(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(FLOATS))
+def test_rms_norm(rows, n, data, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    args = [(torch.randn(rows, n, generator=gen) * 3).to(dtype), torch.randn(n, generator=gen).to(dtype), 1e-6]
+    _check(ops.rms_norm_cpu(*_with_views(data, args)), ref.rms_norm(*args), dtype)
+
+
+@PROPERTY
+@given(batch=st.integers(0, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 3), length=st.integers(0, 9),
+       dim=st.sampled_from([1, 8, 13]), masked=st.booleans(), data=st.data(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(FLOATS))
+def test_decode_attention(batch, kv_heads, group, length, dim, masked, data, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, 1, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, length, dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, length, dim, generator=gen).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, 1, 1, length, generator=gen) > 0.3
+        mask[..., -1:] = True  # the new token sees itself
+    args = [q, k, v, mask, dim**-0.5]
+    _check(ops.decode_attention_cpu(*_with_views(data, args)), ref.decode_attention(*args), dtype)
 
 
 # ----------------------------------------------------------------------------------------------- MoE layers
