@@ -302,8 +302,9 @@ def on_device(device, *objects):
 
 @contextlib.contextmanager
 def own_cpu_kernels():
-    """The CPU ops on our own kernels only, whatever the CPU: no oneDNN bf16 matmul (native_bf16.h) and no int8
-    activations for the int4 GEMM (int4_vnni.h). Those paths round intermediate values (as the torch path does);
+    """The CPU ops on our own fp32-sum kernels only, whatever the CPU: no oneDNN bf16 matmul (native_bf16.h), no
+    bf16-rounded activations for the vdpbf16ps kernel (bf16_dot.h) and no int8 activations for the int4 GEMM
+    (int4_vnni.h). Those paths round intermediate values (as the torch path does);
     tests of the ops' one-rounding contract run without them, and the paths have tests of their own."""
     from qwen2_moe_hf.kernels.build import cpu_module, load_cpu_ops
 
@@ -314,9 +315,11 @@ def own_cpu_kernels():
     module.set_native_bf16_rows(0)
     module.set_native_int4_rows(0)
     module.set_int4_vnni(False)
+    module.set_bf16_dot(False)
     try:
         yield
     finally:
         module.set_native_bf16_rows(-1)
         module.set_native_int4_rows(-1)
         module.set_int4_vnni(True)
+        module.set_bf16_dot(True)

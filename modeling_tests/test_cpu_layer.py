@@ -107,11 +107,54 @@ def test_native_bf16_rows_default_follows_the_cpu(native_bf16_rows):
     from qwen2_moe_hf.kernels.build import cpu_module
 
     caps = torch._C._cpu._get_cpu_capability()
-    want = 4 if caps.get("amx_bf16") else 16 if caps.get("avx512_bf16") else 0
+    dot = cpu_module().bf16_dot_compiled()  # the vdpbf16ps kernel takes the jobs oneDNN would below 128 rows
+    want = 4 if caps.get("amx_bf16") else (128 if dot else 16) if caps.get("avx512_bf16") else 0
     native_bf16_rows(-1)
     assert cpu_module().native_bf16_rows() == want
     with pytest.raises(RuntimeError, match="rows must be >= 0"):
         native_bf16_rows(-2)
+
+
+def test_the_kept_workspace_is_reused_and_released_without_changing_results():
+    """The layers' fp32 intermediates live in one buffer kept between calls (the largest so far): a call that
+    reuses it, holding a larger call's values, gives bit for bit what it gives on a fresh one; two threads' calls at
+    once (one on the kept buffer, one on its own) too; release_workspace lets it go."""
+    import threading
+
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    block = _block(torch.bfloat16, seed=6)
+    xs = [torch.randn(1, t, 40).to(torch.bfloat16) for t in (40, 3, 17, 1)]
+    with torch.no_grad():
+        fresh = []
+        for x in xs:
+            module.release_workspace()
+            assert module.workspace_bytes() == 0
+            fresh.append(block(x))
+        module.release_workspace()
+        reused = [block(x) for x in xs]
+        kept = module.workspace_bytes()
+        block(xs[0])
+        assert kept > 0 and module.workspace_bytes() == kept  # the 40-token call's, kept through smaller ones
+        for got, want in zip(reused, fresh):
+            assert torch.equal(got, want)
+        results = {}
+
+        def run(i):
+            with torch.no_grad():  # grad mode is per thread
+                results[i] = [block(xs[(i + j) % len(xs)]) for j in range(20)]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i in range(2):
+        for j, got in enumerate(results[i]):
+            assert torch.equal(got, fresh[(i + j) % len(xs)]), (i, j)
+    module.release_workspace()
+    assert module.workspace_bytes() == 0
 
 
 def test_fused_lane_equals_the_general_way():

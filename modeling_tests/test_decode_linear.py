@@ -70,6 +70,34 @@ def test_one_row_lanes_kernel_matches_the_reference(n, k, x_dtype):
         module.set_dense_row_lanes(True)
 
 
+@pytest.mark.parametrize("rows", [2, 5, 6, 7, 13, 17, 40])
+@pytest.mark.parametrize("n,k", [(1, 7), (3, 40), (4, 32), (5, 96), (67, 2048), (130, 33)])
+def test_bf16_dot_kernel_matches_the_reference(rows, n, k):
+    """Several bf16 rows against bf16 weights take the vdpbf16ps kernel where the build has it (bf16_dot.h): 6-row
+    tiles and their 1-5-row tails, 4-weight-row groups and their 1-3-row tails, K with and without a part of 32,
+    items of 64 weight rows. Each element is the fp32 sum of the exact products, rounded once to bf16: within half
+    a bf16 step of the exact sum plus fp32's summation error. Its switch off gives the other kernels, held to the
+    same bound."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    want = F.linear(x.double(), w.double())
+    bound = 2.0 ** -8 * want.abs() + 2.0 ** -20 * F.linear(x.double().abs(), w.double().abs())
+    try:
+        for dot in (True, False):
+            module.set_bf16_dot(dot)
+            assert module.bf16_dot() == (dot and module.bf16_dot_compiled())
+            got = torch.ops.qwen2_moe_hf.dense_linear_cpu(x, w, None)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            excess = ((got.double() - want).abs() - bound).max().item()
+            assert excess <= 0, (dot, excess)
+    finally:
+        module.set_bf16_dot(True)
+
+
 def _layer(n=96, k=64, bias=True, dtype=torch.bfloat16, seed=0):
     torch.manual_seed(seed)
     layer = DecodeLinear(k, n, bias=bias).to(dtype).eval()

@@ -197,19 +197,25 @@ def _cpuinfo_flags():
 
 
 def test_the_build_is_picked_for_the_cpu_and_never_beyond_it(monkeypatch):
-    """The flags follow /proc/cpuinfo (avx512vnni needs AVX-512 F/BW/VL/VNNI and AVX2; avx2 needs AVX2, FMA, F16C);
-    QWEN2_MOE_HF_CPU_ISA asks for less, never more, and a value it does not know is an error naming it."""
+    """The flags follow /proc/cpuinfo (avx512vnni needs AVX-512 F/BW/VL/VNNI and AVX2, avx512bf16 that and AVX-512
+    BF16; avx2 needs AVX2, FMA, F16C); QWEN2_MOE_HF_CPU_ISA asks for less, never more, and a value it does not know
+    is an error naming it."""
     flags = _cpuinfo_flags()
     has_avx2 = {"avx2", "fma", "f16c"} <= flags
     expected = "avx512vnni" if has_avx2 and extension.AVX512_VNNI <= flags else "avx2" if has_avx2 else "generic"
+    if expected == "avx512vnni" and "avx512_bf16" in flags:
+        expected = "avx512bf16"
     monkeypatch.delenv(extension.ENV_ISA, raising=False)
     tag, cflags = extension._cpu_flags()
-    assert tag == expected and ("-mavx512vnni" in cflags) == (tag == "avx512vnni")
+    assert tag == expected
+    assert ("-mavx512vnni" in cflags) == tag.startswith("avx512") and ("-mavx512bf16" in cflags) == (tag == "avx512bf16")
     assert extension.cpu_build()[0].startswith(f"qwen2_moe_hf_cpu_{tag}_")  # one cache entry per build kind
+    monkeypatch.setenv(extension.ENV_ISA, "avx512vnni")  # the VNNI build without BF16, on a machine with it
+    assert extension._cpu_flags()[0] == expected.replace("avx512bf16", "avx512vnni")
     monkeypatch.setenv(extension.ENV_ISA, "avx2")
     assert extension._cpu_flags()[0] == ("avx2" if has_avx2 else "generic")
     monkeypatch.setenv(extension.ENV_ISA, "generic")
     assert extension._cpu_flags() == ("generic", [])
     monkeypatch.setenv(extension.ENV_ISA, "avx1024")
-    with pytest.raises(ValueError, match="QWEN2_MOE_HF_CPU_ISA='avx1024': expected avx512, avx2 or generic"):
+    with pytest.raises(ValueError, match="QWEN2_MOE_HF_CPU_ISA='avx1024': expected avx512, avx512vnni, avx2 or generic"):
         extension._cpu_flags()

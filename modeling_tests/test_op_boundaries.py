@@ -542,13 +542,15 @@ def test_every_compiled_entry_point_is_in_the_table():
     if load_cpu_ops()[0]:
         functions = {n for n in dir(cpu_module()) if not n.startswith("_")}
         switches = {*PATH_SWITCHES, *(s for s in PATH_SWITCHES.values() if s)}
-        assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *switches}, functions
+        kept = {"workspace_bytes", "release_workspace"}  # the layers' kept workspace (test_cpu_layer.py)
+        assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *kept, *switches}, functions
 
 
 # The module's switches of its ISA-dependent paths (native_bf16.h, int4_vnni.h): getter -> setter.
 PATH_SWITCHES = {"native_bf16_rows": "set_native_bf16_rows", "native_int4_rows": "set_native_int4_rows",
                  "int4_vnni": "set_int4_vnni", "int4_vnni_row": "set_int4_vnni_row", "int4_vnni_compiled": None,
-                 "int4_path": None, "dense_row_lanes": "set_dense_row_lanes"}
+                 "int4_path": None, "dense_row_lanes": "set_dense_row_lanes", "bf16_dot": "set_bf16_dot",
+                 "bf16_dot_compiled": None}
 
 
 def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
@@ -588,6 +590,12 @@ def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
     assert module.dense_row_lanes() is False
     module.set_dense_row_lanes(True)
     assert module.dense_row_lanes() == module.int4_vnni_compiled()  # compiled in the same AVX-512 builds
+    with pytest.raises(TypeError):
+        module.set_bf16_dot("yes")
+    module.set_bf16_dot(False)
+    assert module.bf16_dot() is False
+    module.set_bf16_dot(True)
+    assert module.bf16_dot() == module.bf16_dot_compiled()
 
 
 _WATCH_CHILD = r"""

@@ -50,25 +50,30 @@ Status = Tuple[bool, str]
 
 
 # AVX-512 with VNNI (and the BW / VL parts the kernels' masked loads use): the int4 kernels' integer dot products
-# (int4_vnni.h). Everything else stays the AVX2 code, which these CPUs also run.
+# (int4_vnni.h); with AVX-512 BF16 too, the bf16 expert GEMMs' vdpbf16ps kernel (bf16_dot.h). Everything else stays
+# the AVX2 code, which these CPUs also run.
 AVX512_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
-ENV_ISA = "QWEN2_MOE_HF_CPU_ISA"  # avx512 | avx2 | generic: build for less than the machine has (tests, benchmarks)
+ENV_ISA = "QWEN2_MOE_HF_CPU_ISA"  # avx512 | avx512vnni | avx2 | generic: build for less than the machine has (tests)
 
 
 def _cpu_flags() -> Tuple[str, List[str]]:
     """Vector flags this machine runs, picked at build time: AVX2 + FMA + F16C when present (+ AVX-512 VNNI when
-    present too), else portable code. QWEN2_MOE_HF_CPU_ISA asks for less (never more than the CPU has)."""
+    present too, + AVX-512 BF16 on top of that when present), else portable code. QWEN2_MOE_HF_CPU_ISA asks for
+    less (never more than the CPU has)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         flags = set()
     wanted = os.environ.get(ENV_ISA, "avx512")
-    if wanted not in ("avx512", "avx2", "generic"):
-        raise ValueError(f"{ENV_ISA}={wanted!r}: expected avx512, avx2 or generic")
+    if wanted not in ("avx512", "avx512vnni", "avx2", "generic"):
+        raise ValueError(f"{ENV_ISA}={wanted!r}: expected avx512, avx512vnni, avx2 or generic")
     avx2 = ["-mavx2", "-mfma", "-mf16c"]
-    if wanted == "avx512" and {"avx2", "fma", "f16c"} <= flags and AVX512_VNNI <= flags:
-        return "avx512vnni", avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+    if wanted.startswith("avx512") and {"avx2", "fma", "f16c"} <= flags and AVX512_VNNI <= flags:
+        avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+        if wanted == "avx512" and "avx512_bf16" in flags:
+            return "avx512bf16", avx512 + ["-mavx512bf16"]
+        return "avx512vnni", avx512
     if wanted != "generic" and {"avx2", "fma", "f16c"} <= flags:
         return "avx2", avx2
     return "generic", []

@@ -42,6 +42,9 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <new>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -49,6 +52,7 @@
 #include "../common/checks.h"
 #include "identity_watch.h"
 #include "int4_gemm.h"
+#include "bf16_dot.h"
 #include "native_bf16.h"
 #include "routing.h"
 #include "vec.h"
@@ -73,6 +77,9 @@ constexpr int64_t kTileN = 64;
 // The same for one row of x on the AVX-512 lanes kernel (lanes_bf16), in kTileLanes regions of 32 rows.
 constexpr int64_t kLaneTileN = 256;
 constexpr int kTileLanes = 8;
+// Rows per job from which bf16 weights meeting bf16 activations take bf16_dot_rows (AVX-512 BF16 builds; one row
+// stays on the lanes kernel). From 2 rather than 5: the bf16 block at 4 / 16 tokens 10.2 -> 8.0 / 25.6 -> 21.6 ms.
+constexpr int64_t kDotMinRows = 2;
 
 
 
@@ -529,6 +536,15 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
   }
   std::stable_sort(tiled.begin(), tiled.end(),
                    [](const Job* a, const Job* b) { return a->M * a->K > b->M * b->K; });
+  // bf16 weights meeting bf16 activations from kDotMinRows rows go to bf16_dot_rows (AVX-512 BF16 builds).
+  auto dot = [&](const Job& job) {
+#ifdef QMOE_BF16_DOT
+    return std::is_same<T, BFloat16>::value && native_ok && job.M >= kDotMinRows && bf16_dot_enabled().load();
+#else
+    (void)job;
+    return false;
+#endif
+  };
   // One bf16 row with K a multiple of 32 goes to lanes_bf16 in items of kLaneTileN rows (AVX-512 builds).
   auto lanes = [&](const Job& job) {
 #ifdef QMOE_VNNI
@@ -546,12 +562,32 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
   // x rows in the layout the kernels read: split32 for lanes_bf16, split16 for stream_split (bf16, few rows),
   // pack16 for xt_block (more rows); one copy per distinct x, as gate and up share theirs. Small next to the
   // weights.
+  // bf16_dot_rows reads x rounded to bf16 (exact for the layer's input; the down projection's input is rounded
+  // as the torch path rounds it).
   std::vector<const float*> x_prep(tiled.size(), nullptr);
+  std::vector<const BFloat16*> x_bf16(tiled.size(), nullptr);
 #ifdef QMOE_AVX2
   std::vector<std::vector<float>> x_prep_store;
+  std::vector<std::vector<BFloat16>> x_bf16_store;
   std::vector<std::pair<const float*, const float*>> done;  // (x, its prepared copy)
+  std::vector<std::pair<const float*, const BFloat16*>> done_bf16;
   for (size_t j = 0; j < tiled.size(); ++j) {
     const Job& job = *tiled[j];
+    if (dot(job)) {
+      auto it = std::find_if(done_bf16.begin(), done_bf16.end(), [&](const auto& d) { return d.first == job.x; });
+      if (it != done_bf16.end()) {
+        x_bf16[j] = it->second;
+        continue;
+      }
+      x_bf16_store.emplace_back(job.M * job.K);
+      BFloat16* dst = x_bf16_store.back().data();
+#ifdef QMOE_BF16_DOT
+      round_to_bf16(job.x, job.M * job.K, dst);
+#endif
+      x_bf16[j] = dst;
+      done_bf16.emplace_back(job.x, dst);
+      continue;
+    }
     const bool split = job.M <= kStreamRows && std::is_same<T, BFloat16>::value;
     if (job.M <= kStreamRows && !split) continue;
     auto it = std::find_if(done.begin(), done.end(), [&](const auto& d) { return d.first == job.x; });
@@ -591,6 +627,14 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
       const Job& job = *tiled[j];
       const int64_t n0 = (item - first_item[j]) * tile_n[j];
       const int64_t n1 = std::min(job.N, n0 + tile_n[j]);
+#ifdef QMOE_BF16_DOT
+      if constexpr (std::is_same<T, BFloat16>::value) {
+        if (x_bf16[j] != nullptr) {
+          bf16_dot_rows(x_bf16[j], job.M, job.K, static_cast<const T*>(job.w), job.N, n0, n1, job.y, job.ldy);
+          continue;
+        }
+      }
+#endif
 #ifdef QMOE_VNNI
       if constexpr (std::is_same<T, BFloat16>::value) {
         if (tile_n[j] == kLaneTileN) {
@@ -732,6 +776,73 @@ Routing routing_from_logits(const at::Tensor& logits, int64_t top_k, bool renorm
   return r;
 }
 
+// The layers' fp32 intermediates, kept between calls: a fresh allocation of this size (55 MB at 256 tokens of the
+// real shape) comes from mmap and is zeroed page by page on first touch, which cost 12% of a bf16 block at 256
+// tokens (117.7 -> 102.6 ms with the memory reused). One buffer is kept, up to kKeepWorkspaceBytes; a call that
+// finds it taken (another thread's layer) or needs more than that allocates its own.
+constexpr size_t kKeepWorkspaceBytes = size_t(256) << 20;
+
+struct KeptWorkspace {
+  std::mutex mutex;
+  std::unique_ptr<float[]> buffer;  // guarded by mutex; null while a call holds it
+  size_t floats = 0;
+};
+
+KeptWorkspace& kept_workspace() {
+  static KeptWorkspace kept;
+  return kept;
+}
+
+// `floats` floats for one call, from the kept buffer when free and large enough (else new); handed back on
+// destruction, kept if not larger than kKeepWorkspaceBytes.
+class Workspace {
+ public:
+  Workspace(size_t floats, const char* op) {
+    KeptWorkspace& kept = kept_workspace();
+    {
+      std::lock_guard<std::mutex> lock(kept.mutex);
+      if (kept.buffer && kept.floats >= floats) {
+        buffer_ = std::move(kept.buffer);
+        floats_ = kept.floats;
+        return;
+      }
+    }
+    buffer_.reset(new (std::nothrow) float[floats]);
+    TORCH_CHECK(buffer_ != nullptr, op, ": cannot allocate its workspace (", floats * sizeof(float), " bytes)");
+    floats_ = floats;
+  }
+  ~Workspace() {
+    if (floats_ * sizeof(float) > kKeepWorkspaceBytes) return;
+    KeptWorkspace& kept = kept_workspace();
+    std::lock_guard<std::mutex> lock(kept.mutex);
+    if (!kept.buffer || kept.floats < floats_) {  // keep the larger one
+      kept.buffer = std::move(buffer_);
+      kept.floats = floats_;
+    }
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  float* data() const { return buffer_.get(); }
+
+ private:
+  std::unique_ptr<float[]> buffer_;
+  size_t floats_ = 0;
+};
+
+// Bytes the kept workspace holds now (tests), and letting it go (release_workspace in the module).
+size_t kept_workspace_bytes() {
+  KeptWorkspace& kept = kept_workspace();
+  std::lock_guard<std::mutex> lock(kept.mutex);
+  return kept.buffer ? kept.floats * sizeof(float) : 0;
+}
+
+void release_kept_workspace() {
+  KeptWorkspace& kept = kept_workspace();
+  std::lock_guard<std::mutex> lock(kept.mutex);
+  kept.buffer.reset();
+  kept.floats = 0;
+}
+
 // The layer after its router: align (token, slot) pairs by expert, GEMM1 (gate, up) -> SiLU*up -> GEMM2, then
 // combine each token's k slots in order plus the gated shared expert. Weights come through `lw`. Every fp32
 // intermediate lives in one workspace allocation.
@@ -760,9 +871,9 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const Layer
                            mul(T, S), mul(T, H), S > 0 ? T : 0};
   int64_t total = 0;
   for (int64_t n : sizes) total = checked_add(total, checked_add(n, 15, op, "workspace size"), op, "workspace size");
-  at::Tensor workspace = at::empty({total + 16}, at::TensorOptions().dtype(at::kFloat));
+  Workspace workspace(static_cast<size_t>(total + 16), op);
   float* part[9];
-  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace.data_ptr<float>());
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace.data());
   float* cur = reinterpret_cast<float*>((base + 63) & ~uintptr_t(63));
   for (int i = 0; i < 9; ++i) {
     part[i] = cur;
@@ -1136,6 +1247,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether one row of x against bf16 weights (dense_linear_cpu, the experts) takes the AVX-512 lanes kernels.");
   m.def("set_dense_row_lanes", [](bool on) { row_lanes_enabled().store(on); }, py::arg("on"),
         "Switch the lanes kernel off (False: the AVX2 stream kernels) or back on (True; where the build has it).");
+  m.def("workspace_bytes", [] { return kept_workspace_bytes(); },
+        "Bytes of the MoE layers' fp32 workspace kept between calls (at most 256 MiB; 0 after release_workspace).");
+  m.def("release_workspace", [] { release_kept_workspace(); },
+        "Free the kept workspace now (the next layer call allocates a new one).");
+  m.def("bf16_dot", [] { return kHaveBf16Dot && bf16_dot_enabled().load(); },
+        "Whether bf16 expert GEMMs of a few rows with bf16 activations take the vdpbf16ps kernel (bf16_dot.h).");
+  m.def("set_bf16_dot", [](bool on) { bf16_dot_enabled().store(on); }, py::arg("on"),
+        "Switch the vdpbf16ps kernel off (False) or back on (True; it runs only where the build has it).");
+  m.def("bf16_dot_compiled", [] { return kHaveBf16Dot; });
   m.def("int4_path", [](int64_t rows, int64_t in_features, bool grouped, bool bf16) {
     return std::string(int4_path_name(int4_path(rows, in_features, grouped, bf16)));
   }, py::arg("rows"), py::arg("in_features"), py::arg("grouped"), py::arg("bf16"),

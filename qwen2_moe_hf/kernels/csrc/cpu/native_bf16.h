@@ -10,6 +10,8 @@
 #include <atomic>
 #include <cstdint>
 
+#include "bf16_dot.h"
+
 namespace qmoe {
 
 enum class NativeKind { kBf16Weights = 0, kInt4Weights = 1 };
@@ -27,9 +29,12 @@ inline int64_t native_rows_default(NativeKind kind) {
   //   expert's 256 rows gain; the routed experts' ~17 rows lose: dequantizing costs more than the matmul saves),
   //   at 64 tokens a 64-row threshold made it 67 -> 92 ms.
   if (has("amx_bf16") && at::cpu::init_amx()) return int4 ? 128 : 4;
-  // AVX-512 BF16 without AMX: from transformers' oneDNN path beating ours 1.4x at ~17 rows per expert on such a
-  // Xeon; the crossover is unmeasured. The int4 path is not enabled there (unmeasured).
-  if (has("avx512_bf16")) return int4 ? 0 : 16;
+  // AVX-512 BF16 without AMX: with the vdpbf16ps kernel compiled (bf16_dot.h), oneDNN only from 128 rows (Zen 4,
+  // whole real-shape block, interleaved medians: 1024 tokens, ~68 rows per expert: 383 ms with oneDNN from 64 rows,
+  // 365 from 128; the shared expert's 256+ rows stay on oneDNN, ~410 GFLOP/s). Without it, from 16 rows
+  // (transformers' oneDNN path beat our fp32-FMA kernels 1.4x at ~17 rows per expert on such a Xeon). The int4
+  // path is not enabled there (unmeasured).
+  if (has("avx512_bf16")) return int4 ? 0 : kHaveBf16Dot ? 128 : 16;
   return 0;  // AVX2 only: oneDNN's bf16 is emulated (~20 GFLOP/s)
 }
 
