@@ -157,6 +157,23 @@ def test_the_kept_workspace_is_reused_and_released_without_changing_results():
     assert module.workspace_bytes() == 0
 
 
+@pytest.mark.parametrize("hidden,inter", [(0, 8), (16, 0)])
+def test_empty_sums_give_zeros(hidden, inter):
+    """An empty hidden or intermediate size: every GEMM sums nothing. The op returns zeros of the right shape in
+    bf16 with several rows per expert (the vdpbf16ps kernel's jobs where the build has it) and in fp32."""
+    experts, tokens = 3, 5
+    ids = torch.tensor([[0, 1]] * tokens)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(tokens, hidden).to(dtype)
+        weights = torch.full((tokens, 2), 0.5).to(dtype)
+        gate = [torch.randn(inter, hidden).to(dtype) for _ in range(experts)]
+        up = [torch.randn(inter, hidden).to(dtype) for _ in range(experts)]
+        down = [torch.randn(hidden, inter).to(dtype) for _ in range(experts)]
+        out = torch.ops.qwen2_moe_hf.moe_ffn_cpu(x, ids, weights, gate, up, down, None, None, None, None)
+        assert out.shape == (tokens, hidden) and out.dtype == dtype
+        assert torch.equal(out, torch.zeros_like(out))
+
+
 def test_fused_lane_equals_the_general_way():
     """The lane and the general way (router as a module, route(), the registered op, the shared expert as modules)
     compute the same thing."""

@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -117,6 +118,10 @@ inline void dot_tile_rows(int64_t rows, const BFloat16* x, int64_t ldx, const BF
 // 4 at a time (the last 1-3 alone), each group against every 6-row block of x, while the next group is fetched.
 inline void bf16_dot_rows(const BFloat16* x, int64_t M, int64_t K, const BFloat16* w, int64_t N, int64_t n0,
                           int64_t n1, float* y, int64_t ldy) {
+  if (K <= 0) {  // empty sums
+    for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.f);
+    return;
+  }
   const int64_t steps = ((K + 31) / 32) * ((M + kDotTileRows - 1) / kDotTileRows);
   const char* w_end = reinterpret_cast<const char*>(w + N * K);
   for (int64_t n = n0; n < n1; n += kDotTileCols) {
