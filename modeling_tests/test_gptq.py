@@ -808,10 +808,9 @@ def test_cpu_int4_moe_layer_every_row_regime(group_size, act_order, routing):
             assert rel(got, want) < 1e-5, (tokens, rel(got, want))
 
 
-@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
-def test_cpu_int4_moe_layer_with_blocked_experts_is_bitwise_the_checkpoint_layout():
-    """The MoE op reads blocked expert weights (every projection 64k columns wide here) in each row regime and gives
-    bit for bit what it gives on the checkpoint layout; a layer with both layouts mixed (only some blocked) too."""
+def _int4_moe_block():
+    """A bf16 MoE block (5 experts of 64, top-2, shared expert 192, hidden 128) whose expert and shared-expert
+    projections are GPTQ 4-bit (group 32, asymmetric), on the cpu backend."""
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
 
     config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
@@ -828,6 +827,45 @@ def test_cpu_int4_moe_layer_with_blocked_experts_is_bitwise_the_checkpoint_layou
             setattr(mlp, name, layer)
     block = block.to(torch.bfloat16)  # bf16 activations: the VNNI kernels where the build has them
     block.config.moe_backend = "cpu"
+    return block
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("blocked", [False, True])
+def test_cpu_int4_moe_one_row_jobs_are_bitwise_the_multi_row_kernel(blocked):
+    """On VNNI builds the MoE op's jobs of one row (every job of a decode step; the experts with one token in a
+    longer batch) take the one-row kernel; the layer is bit for bit what it gives with that kernel switched off
+    (each job through the multi-row kernel), through the fused lane and the registered op, at 1 token and at batches
+    mixing one-row and many-row experts, in both qweight layouts."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    module = cpu_module()
+    block = _int4_moe_block()
+    if blocked:
+        assert all(m.use_blocked_layout() for m in block.modules() if isinstance(m, GPTQLinear))
+    gen = torch.Generator().manual_seed(7)
+    try:
+        for tokens in (1, 2, 3, 9):
+            x = torch.randn(1, tokens, 128, generator=gen).to(torch.bfloat16)
+            results = []
+            for row_kernel in (True, False):
+                module.set_int4_vnni_row(row_kernel)
+                with torch.no_grad():
+                    assert helpers.resolved_backend(block, x[0]) == "cpu"
+                    fused = block(x)
+                routed, _ = helpers.routed(block, x[0], "cpu")  # the block's own routing: one row per expert at 1
+                results.append((fused, routed))
+            for got, want in zip(*results):
+                assert torch.equal(got, want), (tokens, (got.float() - want.float()).abs().max())
+    finally:
+        module.set_int4_vnni_row(True)
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_cpu_int4_moe_layer_with_blocked_experts_is_bitwise_the_checkpoint_layout():
+    """The MoE op reads blocked expert weights (every projection 64k columns wide here) in each row regime and gives
+    bit for bit what it gives on the checkpoint layout; a layer with both layouts mixed (only some blocked) too."""
+    block = _int4_moe_block()
     blocked, mixed = copy.deepcopy(block), copy.deepcopy(block)
     for m in blocked.modules():
         if isinstance(m, GPTQLinear):

@@ -77,31 +77,12 @@ std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList lin
   std::vector<at::Tensor> out(L);
   for (int64_t i = 0; i < L; ++i) out[i] = at::empty({M, w[i].N}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
-  bool one_region = M == 1 && K > 0 && qmoe::vnni_row_enabled().load();
-  for (int64_t i = 0; i < L && one_region; ++i)
-    one_region = qmoe::int4_path(1, K, !w[i].runs.empty(), bf16) == qmoe::Int4Path::kVnni;
+  bool one_region = M == 1;
+  for (int64_t i = 0; i < L && one_region; ++i) one_region = qmoe::int4_row_in_region(w[i], bf16);
   if (one_region) {
-    // Column blocks of all the Linears in turn; each thread takes one contiguous run of them.
-    std::vector<int64_t> first{0};  // first global block of each Linear, + the total
-    std::vector<int64_t> unit(L);
-    for (int64_t i = 0; i < L; ++i) {
-      unit[i] = w[i].column_unit(8);
-      first.push_back(first.back() + (w[i].N + unit[i] - 1) / unit[i]);
-    }
-    const int64_t blocks = first.back();
-    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t b0 = blocks * s / slices, b1 = blocks * (s + 1) / slices;
-        for (int64_t i = 0; i < L; ++i) {
-          const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
-          if (lo >= hi) continue;
-          const int64_t n0 = unit[i] * (lo - first[i]), n1 = std::min(w[i].N, unit[i] * (hi - first[i]));
-          qmoe::int4_rows_times_weight(w[i], xp, 1, K, nullptr, n0, n1, out[i].data_ptr<float>(), w[i].N,
-                                       /*vnni=*/true);
-        }
-      }
-    });
+    std::vector<qmoe::Int4RowJob> jobs;
+    for (int64_t i = 0; i < L; ++i) jobs.push_back({&w[i], xp, out[i].data_ptr<float>()});
+    qmoe::int4_rows_one_region(jobs);
   } else {
     for (int64_t i = 0; i < L; ++i) qmoe::int4_matmul(w[i], xp, M, out[i].data_ptr<float>(), w[i].N, bf16);
   }

@@ -587,4 +587,46 @@ inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y
   });
 }
 
+// One row of x against each of several weights (each with its own x row and output row) in one parallel region:
+// the weights' column blocks taken together, each thread one contiguous slice of them, so that a thread walks long
+// runs of packed rows and the region starts once rather than once per weight (a GPTQ attention layer's q, k, v in
+// gptq_linears_cpu; the MoE op's one-row jobs measured slower this way, see run_int4_jobs). Each output is what
+// int4_matmul gives for that row, bit for bit.
+struct Int4RowJob {
+  const Int4Weight* w;
+  const float* x;  // [K] fp32
+  float* y;        // [N] fp32, overwritten
+};
+
+// Whether a one-row product with w takes int4_rows_one_region (the VNNI row kernel's path) rather than int4_matmul.
+inline bool int4_row_in_region(const Int4Weight& w, bool bf16) {
+  return w.K > 0 && w.N > 0 && vnni_row_enabled().load() &&
+         int4_path(1, w.K, !w.runs.empty(), bf16) == Int4Path::kVnni;
+}
+
+// Every job must pass int4_row_in_region.
+inline void int4_rows_one_region(const std::vector<Int4RowJob>& jobs) {
+  const int64_t L = static_cast<int64_t>(jobs.size());
+  std::vector<int64_t> first{0};  // first global block of each job, + the total
+  std::vector<int64_t> unit(L);
+  for (int64_t i = 0; i < L; ++i) {
+    unit[i] = jobs[i].w->column_unit(8);
+    first.push_back(first.back() + (jobs[i].w->N + unit[i] - 1) / unit[i]);
+  }
+  const int64_t blocks = first.back();
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t b0 = blocks * s / slices, b1 = blocks * (s + 1) / slices;
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
+        if (lo >= hi) continue;
+        const Int4Weight& w = *jobs[i].w;
+        const int64_t n0 = unit[i] * (lo - first[i]), n1 = std::min(w.N, unit[i] * (hi - first[i]));
+        int4_rows_times_weight(w, jobs[i].x, 1, w.K, nullptr, n0, n1, jobs[i].y, w.N, /*vnni=*/true);
+      }
+    }
+  });
+}
+
 }  // namespace qmoe

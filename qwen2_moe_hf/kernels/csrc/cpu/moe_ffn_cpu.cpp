@@ -649,8 +649,11 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
 }
 
 // Int4 jobs, one after another, each split into one contiguous column slice per thread (int4_matmul): every
-// thread then walks the longest possible row segments of qweight. (One region over tiles of all jobs, as run_jobs
-// does, measured 1.5x slower for a decode step: 5.0 vs 3.4 ms, shorter segments and threads on different matrices.)
+// thread then walks the longest possible row segments of qweight. Measured slower for a decode step: one region
+// over 64-column tiles of all jobs, as run_jobs does (5.0 vs 3.4 ms: shorter segments, threads on different
+// matrices), and one region over the one-row jobs with a contiguous slice of them all per thread, as
+// gptq_linears_cpu runs q, k, v (int4_rows_one_region; tree A/B, 3 pairs: the int4 block at 1 token 1.44 -> 1.64
+// ms, a 4-layer decode step 15.55 -> 15.93 ms).
 void run_int4_jobs(const std::vector<const Job*>& jobs, bool native_ok) {
   for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy, native_ok);
 }
