@@ -8,9 +8,10 @@
 //            4 rows at a time, read in place (xt_pair_block); fp16 widened 6 rows at a time into an L1 buffer; fp32
 //            used in place. Each tile prefetches the next one's weights while it computes;
 //   larger: the whole weight is widened once and MKL's sgemm takes it.
-// On CPUs with native bf16 arithmetic (AMX, AVX-512 BF16), bf16 jobs from native_bf16_rows() rows up go to
-// oneDNN's bf16 matmul instead (at::mm on the weights in place): the kernels above are fp32 FMAs on AVX2 registers
-// and compute-bound there, oneDNN's are not.
+// On CPUs with native bf16 arithmetic the kernels above, fp32 FMAs on AVX2 registers, are compute-bound once a job
+// has a few rows. There, with bf16 activations: jobs of 2+ rows take a vdpbf16ps kernel on the weights in place
+// (bf16_dot.h, AVX-512 BF16 builds), and jobs from native_bf16_rows() rows up (4 on AMX, 128 with bf16_dot.h
+// otherwise) go to oneDNN's bf16 matmul (at::mm on the weights in place).
 //
 // Entry points: the ops moe_ffn_cpu / moe_ffn_int4_cpu (from the router's top-k; schemas in
 // qwen2_moe_hf/kernels/ops.py) and the pybind moe_layer (the whole layer, router included, for the cpu backend's
@@ -1024,7 +1025,7 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& topk_ids, const at
 }
 
 // One dense Linear for the few rows of a decode step: y = x @ W^T (+ bias) with W [N, K] in float32 / bfloat16 /
-// float16 read once, in place, by the experts' streaming kernels (run_jobs: tiles of 64 weight rows handed out to
+// float16 read once, in place, by the experts' kernels (run_jobs: tiles of 64 weight rows handed out to
 // both threads), sums in fp32, rounded once to x's dtype as a Linear's output is. For lm_head (151,936 x 2048) and
 // the attention projections of an unquantized model, where oneDNN's GEMV read bf16 weights well below the memory
 // rate here (docs/benchmarks.md). Any rows work; the model sends only up to kStreamRows.
