@@ -28,6 +28,11 @@ import helpers
 FP32_TOL = 1e-4  # per-row relative, on logits: ours vs the built-in, and a recording vs a live run on any CPU
 ROUTER_TOL = 1e-5  # relative, on router logits and aux loss, ours vs the built-in on the same CPU
 BF16_TOL = 5e-2  # per-row relative, bf16 vs bf16 (ours vs the built-in, or a recording vs a live run)
+# Against a recording (the 4.38 stack) instead of the live built-in, ours may be off by what ours may be off from the
+# built-in plus what a recording is off from a live run on another CPU (measured up to 2.2e-2: top3_of_8_wide_heads
+# on Zen 4, whose bf16 experts' vdpbf16ps kernel put ours at 3.9e-2 from the live built-in, 6.1e-2 from the
+# recording; its mean error against fp32 stayed within BF16_ACCURACY of the built-in's, checked below).
+BF16_RECORDING_SPREAD = 3e-2
 BF16_ACCURACY = 1.25  # ours in bf16 is on average at most this much further from fp32 than the built-in in bf16
 BF16_WORST_ROW = 2.0  # ... and in its worst row (one sample: noisier)
 MIN_GREEDY_MARGIN = 1e-4  # top-1 minus top-2 logit over the row's largest, at every recorded greedy step
@@ -110,7 +115,8 @@ def test_bf16_parity(checkpoint, backend):
     real = helpers.parity_inputs(2)[1].reshape(-1).bool()
     got_logits, expected_logits = got["logits"].flatten(0, 1), expected["logits"].flatten(0, 1)
     rel = helpers.row_error(got_logits, expected_logits, real)
-    assert rel <= BF16_TOL, f"{name}: bf16 logits per-row relative error {rel:.2e}"
+    tol = BF16_TOL if compat.HAS_BUILTIN_QWEN2_MOE else BF16_TOL + BF16_RECORDING_SPREAD
+    assert rel <= tol, f"{name}: bf16 logits per-row relative error {rel:.2e}"
     # And ours is as accurate as the built-in's own bf16 run, measured against the fp32 result: on average over the
     # rows (the accuracy), with the worst row as a guard. The worst row alone is one sample of bf16 rounding: which
     # GEMMs take oneDNN moved it 0.8-1.8x the built-in's on one machine, with the mean within 10%.
