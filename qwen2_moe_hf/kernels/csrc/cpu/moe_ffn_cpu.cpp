@@ -537,15 +537,12 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
   }
   std::stable_sort(tiled.begin(), tiled.end(),
                    [](const Job* a, const Job* b) { return a->M * a->K > b->M * b->K; });
+#ifdef QMOE_BF16_DOT
   // bf16 weights meeting bf16 activations from kDotMinRows rows go to bf16_dot_rows (AVX-512 BF16 builds).
   auto dot = [&](const Job& job) {
-#ifdef QMOE_BF16_DOT
     return std::is_same<T, BFloat16>::value && native_ok && job.M >= kDotMinRows && bf16_dot_enabled().load();
-#else
-    (void)job;
-    return false;
-#endif
   };
+#endif
   // One bf16 row with K a multiple of 32 goes to lanes_bf16 in items of kLaneTileN rows (AVX-512 builds).
   auto lanes = [&](const Job& job) {
 #ifdef QMOE_VNNI
@@ -561,56 +558,56 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
     first_item.push_back(first_item.back() + (job->N + tile_n.back() - 1) / tile_n.back());
   }
   // x rows in the layout the kernels read: split32 for lanes_bf16, split16 for stream_split (bf16, few rows),
-  // pack16 for xt_block (more rows); one copy per distinct x, as gate and up share theirs. Small next to the
-  // weights.
-  // bf16_dot_rows reads x rounded to bf16 (exact for the layer's input; the down projection's input is rounded
-  // as the torch path rounds it).
+  // pack16 for xt_block (more rows), rounded to bf16 for bf16_dot_rows (exact for the layer's input; the down
+  // projection's input is rounded as the torch path rounds it); one copy per distinct x and kind, as gate and up
+  // share theirs. Small next to the weights.
   std::vector<const float*> x_prep(tiled.size(), nullptr);
   std::vector<const BFloat16*> x_bf16(tiled.size(), nullptr);
 #ifdef QMOE_AVX2
   std::vector<std::vector<float>> x_prep_store;
-  std::vector<std::vector<BFloat16>> x_bf16_store;
   std::vector<std::pair<const float*, const float*>> done;  // (x, its prepared copy)
+  // done's entry for x, else make()'s, recorded.
+  auto once = [](auto& done_list, const float* x, auto make) {
+    for (const auto& d : done_list) {
+      if (d.first == x) return d.second;
+    }
+    done_list.emplace_back(x, make());
+    return done_list.back().second;
+  };
+#ifdef QMOE_BF16_DOT
+  std::vector<std::vector<BFloat16>> x_bf16_store;
   std::vector<std::pair<const float*, const BFloat16*>> done_bf16;
+#endif
   for (size_t j = 0; j < tiled.size(); ++j) {
     const Job& job = *tiled[j];
-    if (dot(job)) {
-      auto it = std::find_if(done_bf16.begin(), done_bf16.end(), [&](const auto& d) { return d.first == job.x; });
-      if (it != done_bf16.end()) {
-        x_bf16[j] = it->second;
-        continue;
-      }
-      x_bf16_store.emplace_back(job.M * job.K);
-      BFloat16* dst = x_bf16_store.back().data();
 #ifdef QMOE_BF16_DOT
-      round_to_bf16(job.x, job.M * job.K, dst);
-#endif
-      x_bf16[j] = dst;
-      done_bf16.emplace_back(job.x, dst);
+    if (dot(job)) {
+      x_bf16[j] = once(done_bf16, job.x, [&] {
+        x_bf16_store.emplace_back(job.M * job.K);
+        round_to_bf16(job.x, job.M * job.K, x_bf16_store.back().data());
+        return static_cast<const BFloat16*>(x_bf16_store.back().data());
+      });
       continue;
     }
+#endif
     const bool split = job.M <= kStreamRows && std::is_same<T, BFloat16>::value;
     if (job.M <= kStreamRows && !split) continue;
-    auto it = std::find_if(done.begin(), done.end(), [&](const auto& d) { return d.first == job.x; });
-    if (it != done.end()) {
-      x_prep[j] = it->second;
-      continue;
-    }
+    x_prep[j] = once(done, job.x, [&] {
 #ifdef QMOE_VNNI
-    if (lanes(job)) {
-      x_prep_store.emplace_back(job.K);
-      split32(job.x, job.K, x_prep_store.back().data());
-    } else
+      if (lanes(job)) {
+        x_prep_store.emplace_back(job.K);
+        split32(job.x, job.K, x_prep_store.back().data());
+      } else
 #endif
-    if (split) {
-      x_prep_store.emplace_back(job.M * job.K);
-      split16(job.x, job.M, job.K, x_prep_store.back().data());
-    } else {
-      x_prep_store.emplace_back((job.M + 15) / 16 * 16 * job.K);
-      pack16(job.x, job.M, job.K, x_prep_store.back().data());
-    }
-    x_prep[j] = x_prep_store.back().data();
-    done.emplace_back(job.x, x_prep[j]);
+      if (split) {
+        x_prep_store.emplace_back(job.M * job.K);
+        split16(job.x, job.M, job.K, x_prep_store.back().data());
+      } else {
+        x_prep_store.emplace_back((job.M + 15) / 16 * 16 * job.K);
+        pack16(job.x, job.M, job.K, x_prep_store.back().data());
+      }
+      return static_cast<const float*>(x_prep_store.back().data());
+    });
   }
 #endif
   // Items are handed out one at a time from a shared counter: their costs differ by up to ~20x (a 16-row tile
