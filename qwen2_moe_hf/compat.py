@@ -80,32 +80,40 @@ if _DynamicLayer is not None:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             keys, values = self.keys, self.values
-            kbuf, vbuf = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
+            state = self.__dict__
+            kbuf, vbuf = state.get("_kbuf"), state.get("_vbuf")
             held = keys.shape[-2] if keys.dim() == 4 else 0
-            need = held + key_states.shape[-2]
-            if not (_prefix_of(keys, kbuf) and _prefix_of(values, vbuf) and held == getattr(self, "_written", -1)
-                    and need <= kbuf.shape[-2] and _fits(key_states, kbuf) and _fits(value_states, vbuf)):
+            step = key_states.shape[-2]
+            need = held + step
+            # The views handed out last step, untouched (the same objects over the same memory), are a prefix of
+            # the buffers by construction: the per-step check is identity, the full one only for anything else.
+            same = (keys is state.get("_kview") and values is state.get("_vview")
+                    and keys.data_ptr() == kbuf.data_ptr() and values.data_ptr() == vbuf.data_ptr()
+                    and held == state.get("_written", -1)) or (
+                _prefix_of(keys, kbuf) and _prefix_of(values, vbuf) and held == state.get("_written", -1))
+            if not (same and need <= kbuf.shape[-2] and _fits(key_states, kbuf) and _fits(value_states, vbuf)):
                 room = need + max(KV_SPARE, need // 2)
                 kbuf = key_states.new_empty(*key_states.shape[:2], room, key_states.shape[3])
                 vbuf = value_states.new_empty(*value_states.shape[:2], room, value_states.shape[3])
                 if held:
-                    kbuf[:, :, :held].copy_(keys)
-                    vbuf[:, :, :held].copy_(values)
+                    kbuf.narrow(2, 0, held).copy_(keys)
+                    vbuf.narrow(2, 0, held).copy_(values)
                 self._kbuf, self._vbuf = kbuf, vbuf
-            kbuf[:, :, held:need].copy_(key_states)
-            vbuf[:, :, held:need].copy_(value_states)
-            self.keys, self.values = kbuf[:, :, :need], vbuf[:, :, :need]
+            kbuf.narrow(2, held, step).copy_(key_states)
+            vbuf.narrow(2, held, step).copy_(value_states)
+            self.keys = self._kview = kbuf.narrow(2, 0, need)
+            self.values = self._vview = vbuf.narrow(2, 0, need)
             self._written = need
             return self.keys, self.values
 
         def reset(self) -> None:
-            self._kbuf = self._vbuf = None
+            self._kbuf = self._vbuf = self._kview = self._vview = None
             super().reset()
 
     def _fits(new: torch.Tensor, buf: torch.Tensor) -> bool:
         """Whether a step's new states (batch, heads, head size, dtype, device) go into buf."""
-        return (new.dim() == 4 and new.shape[:2] == buf.shape[:2] and new.shape[3] == buf.shape[3]
-                and new.dtype == buf.dtype and new.device == buf.device)
+        return (new.dim() == 4 and new.dtype == buf.dtype and new.shape[:2] == buf.shape[:2]
+                and new.shape[3] == buf.shape[3] and (new.is_cpu and buf.is_cpu or new.device == buf.device))
 else:
     AppendingLayer = None
 

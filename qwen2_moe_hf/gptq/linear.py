@@ -128,15 +128,17 @@ class GPTQLinear(nn.Module, Int4Projection):
     def cpu_linear_args(self, x: torch.Tensor) -> Optional[Tuple[Any, ...]]:
         if kernel_for(x, self.bits) != "cpu" or x.dim() == 0 or x.shape[-1] != self.in_features:
             return None
-        return self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset, self.bias
+        b = self._buffers  # read once: a decode step asks this of q, k and v in every layer
+        return b["qweight"], b["qzeros"], b["scales"], b["g_idx"], self.zero_offset, b["bias"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         kernel = kernel_for(x2, self.bits)
         if kernel == "cpu":
-            y = torch.ops.qwen2_moe_hf.gptq_linear_cpu(x2, self.qweight, self.qzeros, self.scales, self.g_idx,
-                                                       self.zero_offset, self.bias)
+            b = self._buffers
+            y = torch.ops.qwen2_moe_hf.gptq_linear_cpu.default(x2, b["qweight"], b["qzeros"], b["scales"], b["g_idx"],
+                                                               self.zero_offset, b["bias"])
         elif kernel == "triton":
             from ..kernels.triton_moe import gptq_linear_triton  # triton: optional, imported on first use
 
@@ -162,15 +164,18 @@ def use_blocked_layout(model: nn.Module, blocked: bool = True, in_place: bool = 
     return sum(m.use_blocked_layout(scratch=scratch) for m in layers)
 
 
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def kernel_for(x: torch.Tensor, bits: int) -> str:
     """"cpu" | "triton" | "torch": the kernel that computes a GPTQ linear for input x."""
-    if os.environ.get(ENV_KERNEL, "").lower() == "torch" or bits != 4:
+    if bits != 4 or os.environ.get(ENV_KERNEL, "").lower() == "torch":
         return "torch"
-    if torch.is_grad_enabled() and x.requires_grad:
+    if x.requires_grad and torch.is_grad_enabled():
         return "torch"  # the int4 kernels have no backward
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _cpu_kernel():
+    if x.is_cpu and x.dtype in _CPU_DTYPES and _cpu_kernel():  # is_cpu: a tenth of .device.type's cost
         return "cpu"
-    if x.device.type == "cuda" and _triton_installed():
+    if x.is_cuda and _triton_installed():
         return "triton"
     return "torch"
 

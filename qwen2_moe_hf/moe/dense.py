@@ -31,7 +31,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+        if (x.is_cpu and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
                 and type(w) in (nn.Parameter, torch.Tensor) and x.dim() >= 1
                 and x.numel() <= DECODE_ROWS * x.shape[-1]
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
@@ -58,11 +58,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     broadcastable to [b, heads, 1, kv]), or None where the op does not apply and the caller's attention function
     must run: more query positions, other devices, tensor subclasses, dropout, gradients, torch.compile, a sliding
     window the mask does not already hold, or keyword arguments that change the computation."""
-    if (query.device.type != "cpu" or query.dim() != 4 or query.shape[2] != 1 or key.dim() != 4
+    if (not query.is_cpu or query.dim() != 4 or query.shape[2] != 1 or key.dim() != 4
             or not all(type(t) is torch.Tensor for t in (query, key, value))  # subclasses (DTensor) dispatch themselves
             or key.dtype != query.dtype or value.dtype != query.dtype
             or query.dtype not in (torch.bfloat16, torch.float16, torch.float32) or dropout
-            or any(kwargs.get(name) is not None for name in _ATTENTION_EXTRAS)
+            or kwargs and any(kwargs.get(name) is not None for name in _ATTENTION_EXTRAS)
             or not _no_grad_needed(query, key, value) or torch.compiler.is_compiling()):
         return None
     if attention_mask is not None:
@@ -79,8 +79,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     """weight * normalise(x) as the model computes it (fp32 statistics, rounded to x's dtype, scaled by weight in
     x's dtype) in one CPU op, or None where it does not apply (other devices or dtypes, gradients, compile, a
     weight of another dtype or a subclassed one)."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or weight.dtype != x.dtype or weight.device != x.device or type(weight) not in (nn.Parameter, torch.Tensor)
+    if (not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or weight.dtype != x.dtype or not weight.is_cpu or type(weight) not in (nn.Parameter, torch.Tensor)
             or weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]
             or not _no_grad_needed(x, weight) or torch.compiler.is_compiling() or not load_cpu_ops()[0]):
         return None
@@ -94,8 +94,8 @@ def rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
     the eager code must run: other devices or dtypes, tensor subclasses, shapes it does not take (the eager code
     then broadcasts or raises as before), gradients, compile."""
     tensors = (query, key, cos, sin)
-    if (query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or not all(type(t) is torch.Tensor and t.dtype == query.dtype and t.device == query.device
+    if (not query.is_cpu or query.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(type(t) is torch.Tensor and t.dtype == query.dtype and t.is_cpu
                        for t in tensors)
             or query.dim() != 4 or key.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape
             or query.shape[-1] % 2 or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]
@@ -121,6 +121,7 @@ def fused_projections(x: torch.Tensor, modules: Sequence[nn.Module]) -> Optional
         if a is None or (args and a[4] != args[0][4]):
             return None
         args.append(a)
-    outs = torch.ops.qwen2_moe_hf.gptq_linears_cpu(x.reshape(-1, x.shape[-1]), [t for a in args for t in a[:4]],
-                                                   [a[5] for a in args], int(args[0][4]))
-    return [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+    lead = x.shape[:-1]
+    outs = torch.ops.qwen2_moe_hf.gptq_linears_cpu.default(
+        x.reshape(-1, x.shape[-1]), [t for a in args for t in a[:4]], [a[5] for a in args], int(args[0][4]))
+    return [o.view(*lead, o.shape[-1]) for o in outs]
