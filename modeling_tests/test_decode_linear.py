@@ -1,5 +1,5 @@
-"""DecodeLinear and its op: the attention projections and lm_head of an unquantized model stream their bf16 weight
-through the CPU ops (`dense_linear_cpu`) on a decode step's few rows, and are nn.Linear everywhere else.
+"""DecodeLinear and its op: the attention projections and lm_head of an unquantized model (and a GPTQ model's fp16
+lm_head) stream their bf16 / fp16 weight through the CPU ops (`dense_linear_cpu`) on a decode step's few rows, and are nn.Linear everywhere else.
 
 The op is held to the torch reference (fp32 sums of the same rounded values) per weight dtype at odd sizes; the
 module to nn.Linear's own forward, and to when it must give way (more rows, other dtypes, gradients, compile,
@@ -30,7 +30,7 @@ def _events(fn):
 
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,k", [(1, 67, 100), (3, 1000, 64), (5, 8, 2048), (0, 16, 32), (2, 1, 7)])
 def test_dense_linear_op_matches_the_reference(w_dtype, x_dtype, rows, n, k):
     gen = torch.Generator().manual_seed(n + k)
@@ -46,18 +46,19 @@ def test_dense_linear_op_matches_the_reference(w_dtype, x_dtype, rows, n, k):
 
 @pytest.mark.parametrize("n", [1, 3, 9, 1001, 4099])
 @pytest.mark.parametrize("k", [32, 96, 2048])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_one_row_lanes_kernel_matches_the_reference(n, k, x_dtype):
-    """One row against bf16 weights with K a multiple of 32 takes the AVX-512 lanes kernel where the build has it
-    (rows from 4 regions of each thread's share per pass, and the share's last rows alone): row counts below one
-    pass per thread, with leftovers, and many. Its switch off gives the AVX2 stream kernels, the same within the
-    same bound."""
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
+def test_one_row_lanes_kernel_matches_the_reference(n, k, x_dtype, w_dtype):
+    """One row against bf16 or fp16 weights with K a multiple of 32 takes the AVX-512 lanes kernel where the build
+    has it (rows from 4 regions of each thread's share per pass, and the share's last rows alone): row counts below
+    one pass per thread, with leftovers, and many. Its switch off gives the AVX2 stream kernels, the same within
+    the same bound."""
     from qwen2_moe_hf.kernels.build import cpu_module
 
     module = cpu_module()
     gen = torch.Generator().manual_seed(n * k)
     x = torch.randn(1, k, generator=gen).to(x_dtype)
-    w = torch.randn(n, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).to(w_dtype)
     want = F.linear(x.float(), w.float())
     try:
         for lanes in (True, False):
@@ -104,17 +105,30 @@ def _layer(n=96, k=64, bias=True, dtype=torch.bfloat16, seed=0):
     return layer
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 1, 64), (4, 64), (64,)])
-def test_decode_rows_take_the_op_and_match_nn_linear(shape):
-    layer = _layer()
-    x = torch.randn(*shape).bfloat16()
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 1, 64), (4, 64), (64,), (1, 48)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_rows_take_the_op_and_match_nn_linear(shape, dtype):
+    """bf16: up to 4 rows; fp16: one row with K a multiple of 32, where the AVX-512 lanes kernel is on."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    layer = _layer(k=shape[-1], dtype=dtype)
+    x = torch.randn(*shape).to(dtype)
+    one_row = x.numel() == shape[-1]
+    try:
+        for lanes in (True, False):
+            cpu_module().set_dense_row_lanes(lanes)
+            with torch.no_grad():
+                _, events = _events(lambda: layer(x))
+            takes_op = dtype == torch.bfloat16 or (one_row and shape[-1] % 32 == 0 and cpu_module().dense_row_lanes())
+            assert (OP_EVENT in events) == takes_op, (lanes, events)
+    finally:
+        cpu_module().set_dense_row_lanes(True)
     with torch.no_grad():
-        got, events = _events(lambda: layer(x))
+        got = layer(x)
         want = nn.Linear.forward(layer, x)
-    assert OP_EVENT in events
-    assert got.shape == want.shape and got.dtype == torch.bfloat16
-    assert helpers.row_error(got, F.linear(x.float(), layer.weight.float(), layer.bias.float())) <= TOL[torch.bfloat16]
-    assert helpers.row_error(got, want) <= 2 * TOL[torch.bfloat16]
+    assert got.shape == want.shape and got.dtype == dtype
+    assert helpers.row_error(got, F.linear(x.float(), layer.weight.float(), layer.bias.float())) <= TOL[dtype]
+    assert helpers.row_error(got, want) <= 2 * TOL[dtype]
 
 
 def test_everything_else_is_nn_linear():
@@ -122,7 +136,6 @@ def test_everything_else_is_nn_linear():
     x = torch.randn(1, 64).bfloat16()
     cases = {
         "5 rows": (lambda: layer(torch.randn(5, 64).bfloat16()), True),
-        "fp16": (lambda: layer.half()(x.half()), True),
         "fp32 input": (lambda: _layer(dtype=torch.float32)(x.float()), True),
         "gradients": (lambda: layer(x), False),  # grad mode on, the weight requires grad
     }
@@ -131,6 +144,9 @@ def test_everything_else_is_nn_linear():
             _, events = _events(fn)
         assert OP_EVENT not in events, name
         layer = _layer()
+    with torch.no_grad(), pytest.raises(RuntimeError) as mixed:  # an fp16 x on bf16 weights: nn.Linear's own error
+        layer(x.half())
+    assert "dense_linear_cpu" not in str(mixed.value)
     # A weight that is not a plain tensor (a subclass, as DTensor is) goes to nn.Linear, which dispatches it.
     class Tagged(torch.Tensor):
         pass

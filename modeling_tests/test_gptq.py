@@ -249,33 +249,39 @@ def test_cpu_int4_through_onednn_matches_dequantized(rows, dtype, native_int4_ro
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
 @pytest.mark.parametrize("group_size,zero_offset,act_order", [(32, 1, False), (128, 0, False), (-1, 1, False),
                                                               (32, 1, True)])
-def test_cpu_int4_vnni_matches_dequantized(group_size, zero_offset, act_order):
-    """bf16 activations, 1-40 rows: on an AVX-512 VNNI build the int4 GEMM quantizes x to int8 per group run and
-    uses integer dot products (int4_vnni.h) at every row count; within the bf16 bound of every GPTQ path, NaN rows
-    stay NaN, and the float paths (switched back on here: 1-4 rows a pass, tiles) still agree. Act-order weights
-    never take it (they have no group runs)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_int4_vnni_matches_dequantized(group_size, zero_offset, act_order, dtype):
+    """bf16 and fp16 activations, 1-40 rows: on an AVX-512 VNNI build the int4 GEMM quantizes x to int8 per group
+    run and uses integer dot products (int4_vnni.h) at every row count; within the dtype's bound of every GPTQ path
+    (for fp16 the auto-gptq contract's), NaN rows stay NaN, and the float paths (switched back on here: 1-4 rows a
+    pass, tiles) still agree. fp32 activations and act-order weights (no group runs) never take it."""
     from qwen2_moe_hf.kernels.build import cpu_module
 
     module = cpu_module()
     layer = _random_layer(256, 72, group_size, False, zero_offset, act_order, bias=False)  # 72 = 4 x 16 + 8 columns
     try:
         for tokens in (1, 3, 7, 8, 13, 40):  # one row; a tile of 8 rows, ones and a last short one
-            x = torch.randn(tokens, 256).to(torch.bfloat16)
+            x = torch.randn(tokens, 256).to(dtype)
             x[min(1, tokens - 1), 7] = float("nan") if tokens == 3 else x[0, 7]
-            want = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32))
+            want = torch.nn.functional.linear(x.double(), layer.dequantize(torch.float32).double())
             got = {}
             for vnni in (True, False):
                 module.set_int4_vnni(vnni)
                 with torch.no_grad():
-                    got[vnni] = layer(x).float()
+                    got[vnni] = layer(x)
             for y in got.values():
                 finite = torch.isfinite(want).all(1)
-                assert torch.equal(torch.isnan(y).all(1), ~finite), tokens
-                assert rel(y[finite], want[finite]) < TOL[torch.bfloat16], (tokens, rel(y[finite], want[finite]))
+                assert y.dtype == dtype and torch.equal(torch.isnan(y).all(1), ~finite), tokens
+                assert rel(y[finite].double(), want[finite]) < TOL[dtype], (tokens, rel(y[finite].double(), want[finite]))
+            if dtype != torch.float32:  # the two paths differ by less than the dtype's own rounding of the output
+                finite = torch.isfinite(want).all(1)
+                own_rounding = rel(want[finite].to(dtype).double(), want[finite])
+                assert rel(got[True][finite].double(), want[finite]) < 1.5 * own_rounding + 1e-6, tokens
             module.set_int4_vnni(True)
-            path = module.int4_path(tokens, 256, not act_order, True)
+            path = module.int4_path(tokens, 256, not act_order, str(dtype).removeprefix("torch."))
             float_path = "rows" if tokens < 16 else "tiles"
-            assert path == ("vnni" if module.int4_vnni_compiled() and not act_order else float_path), (tokens, path)
+            vnni_taken = module.int4_vnni_compiled() and not act_order and dtype != torch.float32
+            assert path == ("vnni" if vnni_taken else float_path), (tokens, path)
     finally:
         module.set_int4_vnni(True)
 
@@ -828,6 +834,31 @@ def _int4_moe_block():
     block = block.to(torch.bfloat16)  # bf16 activations: the VNNI kernels where the build has them
     block.config.moe_backend = "cpu"
     return block
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_int4_moe_layer_with_16bit_activations_matches_the_reference(dtype):
+    """fp16 activations (the compute dtype a GPTQ checkpoint loads in by default) take the VNNI kernels where the
+    build has them, as bf16 ones do: the whole int4 block on the fused lane, 1-40 tokens, with the VNNI path on and
+    off, within the dtype's bound of the fp32 reference routed from the same router logits."""
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    block = _int4_moe_block().to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for vnni in (True, False):
+            cpu_module().set_int4_vnni(vnni)
+            for tokens in (1, 3, 17, 40):
+                x = torch.randn(1, tokens, 128, generator=gen).to(dtype)
+                with torch.no_grad():
+                    assert helpers.resolved_backend(block, x) == "cpu"
+                    got, logits = block(x, return_router_logits=True)
+                want = helpers.block_reference(block, x, logits.float())
+                error = rel(got.reshape(-1, 128).float(), want)
+                assert got.dtype == dtype and error < TOL[dtype], (vnni, tokens, error)
+    finally:
+        cpu_module().set_int4_vnni(True)
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")

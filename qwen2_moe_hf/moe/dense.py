@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from ..kernels.build import load_cpu_ops
+from ..kernels.build import cpu_module, load_cpu_ops
 from .weights import Int4Projection
 
 # Rows of x up to which DecodeLinear streams its bf16 weight itself (the CPU ops' kStreamRows).
@@ -23,19 +23,22 @@ DECODE_ROWS = 4
 
 
 class DecodeLinear(nn.Linear):
-    """nn.Linear (same parameters, state dict and hooks) whose CPU calls on a decode step's few rows of bf16 go to
-    the CPU ops' streaming GEMV (`dense_linear_cpu`): oneDNN's bf16 GEMV reads the weight at 13-19 GB/s where ours
-    reads it at 28-32 (lm_head: 32.7 -> 22.2 ms per token; docs/benchmarks.md). Same math: fp32 sums, the output
-    rounded once. Anything else (more rows, other dtypes or devices, gradients, torch.compile, distributed
-    weights) is nn.Linear's own forward. Used for the attention projections and lm_head."""
+    """nn.Linear (same parameters, state dict and hooks) whose CPU calls on a decode step's few rows go to the CPU
+    ops' streaming GEMV (`dense_linear_cpu`) where it is the faster: bf16 up to DECODE_ROWS rows (oneDNN's bf16 GEMV
+    reads the weight at 13-19 GB/s where ours reads it at 28-32; lm_head: 32.7 -> 22.2 ms per token), and one fp16
+    row (a GPTQ checkpoint's lm_head in its default dtype) where the AVX-512 lanes kernel is built (torch's own fp16
+    GEMV is close behind it, 14.9 against 12.0 ms for lm_head, and ahead of the AVX2 kernels; docs/benchmarks.md).
+    Same math: fp32 sums, the output rounded once. Anything else (more rows, other dtypes or devices, gradients,
+    torch.compile, distributed weights) is nn.Linear's own forward. Used for the attention projections and lm_head."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.is_cpu and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-                and type(w) in (nn.Parameter, torch.Tensor) and x.dim() >= 1
-                and x.numel() <= DECODE_ROWS * x.shape[-1]
+        if (x.is_cpu and w.dtype == x.dtype and type(w) in (nn.Parameter, torch.Tensor) and x.dim() >= 1
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and not torch.compiler.is_compiling() and load_cpu_ops()[0]):
+                and not torch.compiler.is_compiling() and load_cpu_ops()[0]
+                and (x.dtype == torch.bfloat16 and x.numel() <= DECODE_ROWS * x.shape[-1]
+                     or x.dtype == torch.float16 and x.numel() == x.shape[-1] and x.shape[-1] % 32 == 0
+                     and cpu_module().dense_row_lanes())):
             y = torch.ops.qwen2_moe_hf.dense_linear_cpu(x.reshape(-1, x.shape[-1]), w, self.bias)
             return y.view(*x.shape[:-1], w.shape[0])
         return super().forward(x)

@@ -38,7 +38,7 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t M = x.size(0), N = w.N;
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N,  // K = 0 gives zeros
-                    /*bf16=*/x.scalar_type() == at::kBFloat16);
+                    qmoe::int4_act(x.scalar_type()));
   if (bias.has_value() && bias->defined()) {
     qmoe::TensorArg(*bias, op, "bias", cpu).floating().sizes({N}, "qweight");
     out.add_(bias->to(at::kFloat));
@@ -73,18 +73,18 @@ std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList lin
     }
   }
   const int64_t M = x.size(0), K = w[0].K;
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const qmoe::Int4Act act = qmoe::int4_act(x.scalar_type());
   std::vector<at::Tensor> out(L);
   for (int64_t i = 0; i < L; ++i) out[i] = at::empty({M, w[i].N}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   bool one_region = M == 1;
-  for (int64_t i = 0; i < L && one_region; ++i) one_region = qmoe::int4_row_in_region(w[i], bf16);
+  for (int64_t i = 0; i < L && one_region; ++i) one_region = qmoe::int4_row_in_region(w[i], act);
   if (one_region) {
     std::vector<qmoe::Int4RowJob> jobs;
     for (int64_t i = 0; i < L; ++i) jobs.push_back({&w[i], xp, out[i].data_ptr<float>()});
     qmoe::int4_rows_one_region(jobs);
   } else {
-    for (int64_t i = 0; i < L; ++i) qmoe::int4_matmul(w[i], xp, M, out[i].data_ptr<float>(), w[i].N, bf16);
+    for (int64_t i = 0; i < L; ++i) qmoe::int4_matmul(w[i], xp, M, out[i].data_ptr<float>(), w[i].N, act);
   }
   for (int64_t i = 0; i < L; ++i) {
     if (bias[i].defined()) out[i].add_(bias[i].to(at::kFloat));

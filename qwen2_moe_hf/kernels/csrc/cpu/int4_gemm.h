@@ -506,7 +506,7 @@ inline void int4_tiles(const Int4Weight& w, const float* x, int64_t M, int64_t l
 
 // y[m, n] = sum_k x[m, k] W[n, k] for m < M, n in [n0, n1) (multiples of 8); x fp32 with row stride ldx,
 // xsum = w.row_sums(x, M, ldx), y fp32 with row stride ldy (overwritten).
-// vnni: integer dot products on int8-quantized x (int4_vnni.h; bf16 activations, grouped weights only).
+// vnni: integer dot products on int8-quantized x (int4_vnni.h; 16-bit activations, grouped weights only).
 inline void int4_rows_times_weight(const Int4Weight& w, const float* x, int64_t M, int64_t ldx, const float* xsum,
                                    int64_t n0, int64_t n1, float* y, int64_t ldy, bool vnni = false) {
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.f);
@@ -542,12 +542,21 @@ inline const char* int4_path_name(Int4Path p) {
   }
 }
 
-// The path for M rows of x against a weight with K inputs (grouped: g_idx = k // G runs); bf16: x came from bf16
-// activations, so the paths that round x (oneDNN's bf16 matmul, VNNI's int8 planes) may take it.
-inline Int4Path int4_path(int64_t M, int64_t K, bool grouped, bool bf16) {
-  const int64_t native = bf16 ? native_rows(NativeKind::kInt4Weights) : 0;
+// The dtype x's values came from (the kernels get them as fp32). A path that rounds x may take x only where that
+// rounding stays below the dtype's own: VNNI's two int8 planes (an error of at most 1/64516 of a group run's
+// max|x|, against fp16's 1/2048 and bf16's 1/256 of each value) for fp16 and bf16 activations; oneDNN's bf16
+// matmul (x and W rounded to bf16) for bf16 activations only.
+enum class Int4Act { kFloat, kHalf, kBFloat16 };
+
+inline Int4Act int4_act(at::ScalarType t) {
+  return t == at::kBFloat16 ? Int4Act::kBFloat16 : t == at::kHalf ? Int4Act::kHalf : Int4Act::kFloat;
+}
+
+// The path for M rows of x against a weight with K inputs (grouped: g_idx = k // G runs), x from `act`.
+inline Int4Path int4_path(int64_t M, int64_t K, bool grouped, Int4Act act) {
+  const int64_t native = act == Int4Act::kBFloat16 ? native_rows(NativeKind::kInt4Weights) : 0;
   if (native > 0 && M >= native) return Int4Path::kOneDnn;
-  if (kHaveVnni && bf16 && grouped && vnni_enabled().load()) return Int4Path::kVnni;
+  if (kHaveVnni && act != Int4Act::kFloat && grouped && vnni_enabled().load()) return Int4Path::kVnni;
   if (M >= kInt4SgemmRows) return Int4Path::kSgemm;
   if (M >= (K > 4096 ? kInt4TileRowsLongK : kInt4TileRows)) return Int4Path::kTiles;
   return Int4Path::kRows;
@@ -555,13 +564,14 @@ inline Int4Path int4_path(int64_t M, int64_t K, bool grouped, bool bf16) {
 
 // y = x @ W^T (x [M, K] contiguous fp32, y fp32 with row stride ldy), by the path for M (int4_path), on all
 // threads. Column slices are contiguous, one per thread: each walks qweight's rows front to back.
-inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y, int64_t ldy, bool bf16 = false) {
+inline void int4_matmul(const Int4Weight& w, const float* x, int64_t M, float* y, int64_t ldy,
+                        Int4Act act = Int4Act::kFloat) {
   if (M <= 0 || w.N <= 0) return;
   if (w.K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy, y + m * ldy + w.N, 0.f);
     return;
   }
-  const Int4Path path = int4_path(M, w.K, !w.runs.empty(), bf16);
+  const Int4Path path = int4_path(M, w.K, !w.runs.empty(), act);
   if (path == Int4Path::kOneDnn) return int4_native_mm(w, x, M, y, ldy);
   if (path == Int4Path::kSgemm) return int4_sgemm(w, x, M, y, ldy);
   const bool tiles = path == Int4Path::kTiles, vnni = path == Int4Path::kVnni;
@@ -599,9 +609,9 @@ struct Int4RowJob {
 };
 
 // Whether a one-row product with w takes int4_rows_one_region (the VNNI row kernel's path) rather than int4_matmul.
-inline bool int4_row_in_region(const Int4Weight& w, bool bf16) {
+inline bool int4_row_in_region(const Int4Weight& w, Int4Act act) {
   return w.K > 0 && w.N > 0 && vnni_row_enabled().load() &&
-         int4_path(1, w.K, !w.runs.empty(), bf16) == Int4Path::kVnni;
+         int4_path(1, w.K, !w.runs.empty(), act) == Int4Path::kVnni;
 }
 
 // Every job must pass int4_row_in_region.

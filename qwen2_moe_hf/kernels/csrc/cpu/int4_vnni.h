@@ -1,6 +1,6 @@
-// The GPTQ 4-bit GEMM for bf16 activations on CPUs with AVX-512 VNNI, at any number of rows: integer dot products, as
-// llama.cpp's Q4 x Q8 kernels do, instead of widening every weight to fp32 (int4_gemm.h's `grouped`, which is
-// compute-bound: ~26 vector ops per 64 weights on AVX2, ~4x its memory floor at one row).
+// The GPTQ 4-bit GEMM for bf16 and fp16 activations on CPUs with AVX-512 VNNI, at any number of rows: integer dot
+// products, as llama.cpp's Q4 x Q8 kernels do, instead of widening every weight to fp32 (int4_gemm.h's `grouped`,
+// which is compute-bound: ~26 vector ops per 64 weights on AVX2, ~4x its memory floor at one row).
 //
 // Per one-group run of packed rows (g_idx = k // G) and per row of x, with x in two int8 planes
 //   x ~ sx * (hi + lo / 254),  sx = max|x| / 127 over the run,  hi = round(x / sx),  lo = round(254 (x / sx - hi))
@@ -11,7 +11,9 @@
 // 16 columns x 8 inputs: 3 ops to unpack (shared by the rows of a tile), 2 vpdpbusd per plane and row. The zero
 // correction uses the same quantized x, so the error is sum_k (q - z) (x - x~): below bf16's own rounding of the
 // output with the second plane (measured: the same relative error as the float path, 1.7e-3 at the real shape).
-// fp32 / fp16 activations never come here. A NaN or infinity in a run of x makes that run's contribution NaN.
+// With fp16 activations (a GPTQ checkpoint's default compute dtype) the error stays at fp16's own rounding of the
+// output (measured at 2048 -> 1408: 2.2e-4 per row against 2.15e-4 for the float path; int4_gemm.h's int4_path).
+// fp32 activations never come here. A NaN or infinity in a run of x makes that run's contribution NaN.
 #pragma once
 
 #include <ATen/ATen.h>

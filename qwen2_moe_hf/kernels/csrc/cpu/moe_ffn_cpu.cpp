@@ -75,7 +75,7 @@ constexpr int64_t kSgemmRows = 768;
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item (64 rows x K=2048 bf16 = 256 KiB of weights).
 constexpr int64_t kTileN = 64;
-// The same for one row of x on the AVX-512 lanes kernel (lanes_bf16), in kTileLanes regions of 32 rows.
+// The same for one row of x on the AVX-512 lanes kernel (lane_rows), in kTileLanes regions of 32 rows.
 constexpr int64_t kLaneTileN = 256;
 constexpr int kTileLanes = 8;
 // Rows per job from which bf16 weights meeting bf16 activations take bf16_dot_rows (AVX-512 BF16 builds; one row
@@ -343,8 +343,11 @@ constexpr bool kHaveRowLanes = true;
 // weights' even and odd halves of each 32-bit pair.
 constexpr int kRowLanes = 4;
 
-template <int S>
-QMOE_KERNEL void stream_lanes(const float* xs, int64_t K, const BFloat16* const* w, float* const* y) {
+// One pass over S weight rows: bf16 as 32 values per 64-byte load, x split32 (each value's even / odd half of a
+// 32-bit pair widened by a shift or a mask); fp16 as 16 values per 32-byte load widened by vcvtph2ps, x as it is.
+template <typename T, int S>
+QMOE_KERNEL void stream_lanes(const float* xs, int64_t K, const T* const* w, float* const* y) {
+  static_assert(std::is_same<T, BFloat16>::value || std::is_same<T, Half>::value, "bf16 or fp16 weights");
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 acc[S];
   QMOE_UNROLL
@@ -353,17 +356,24 @@ QMOE_KERNEL void stream_lanes(const float* xs, int64_t K, const BFloat16* const*
     const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
     QMOE_UNROLL
     for (int j = 0; j < S; ++j) {
-      const __m512i v = _mm512_loadu_si512(w[j] + k);
-      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-      acc[j] = _mm512_fmadd_ps(xo, odd, _mm512_fmadd_ps(xe, even, acc[j]));
+      __m512 lo, hi;
+      if constexpr (std::is_same<T, BFloat16>::value) {
+        const __m512i v = _mm512_loadu_si512(w[j] + k);
+        lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        hi = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      } else {
+        lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k)));
+        hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k + 16)));
+      }
+      acc[j] = _mm512_fmadd_ps(xo, hi, _mm512_fmadd_ps(xe, lo, acc[j]));
     }
   }
   QMOE_UNROLL
   for (int j = 0; j < S; ++j) *y[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
-// x [K] (a multiple of 32) as stream_lanes reads it: per 32 elements, the 16 even then the 16 odd ones.
+// x [K] (a multiple of 32) as stream_lanes reads it against bf16 weights: per 32 elements, the 16 even then the 16
+// odd ones.
 inline void split32(const float* x, int64_t K, float* xs) {
   for (int64_t k = 0; k < K; k += 32)
     for (int i = 0; i < 16; ++i) {
@@ -373,42 +383,44 @@ inline void split32(const float* x, int64_t K, float* xs) {
 }
 
 // y[n] = x . w[n] for n in [n0, n1), the range cut into S regions walked in step (the last few rows one by one).
-// xs: split32(x).
-template <int S>
-void lanes_bf16(const float* xs, int64_t K, const BFloat16* w, int64_t n0, int64_t n1, float* y) {
+// xs: x as stream_lanes<T> reads it (bf16: split32(x)).
+template <int S, typename T>
+void lane_rows(const float* xs, int64_t K, const T* w, int64_t n0, int64_t n1, float* y) {
   const int64_t len = (n1 - n0) / S;
-  const BFloat16* wp[S];
+  const T* wp[S];
   float* yp[S];
   for (int64_t i = 0; i < len; ++i) {
     for (int j = 0; j < S; ++j) {
       wp[j] = w + (n0 + j * len + i) * K;
       yp[j] = y + n0 + j * len + i;
     }
-    stream_lanes<S>(xs, K, wp, yp);
+    stream_lanes<T, S>(xs, K, wp, yp);
   }
   for (int64_t n = n0 + S * len; n < n1; ++n) {
-    const BFloat16* w1[1] = {w + n * K};
+    const T* w1[1] = {w + n * K};
     float* y1[1] = {y + n};
-    stream_lanes<1>(xs, K, w1, y1);
+    stream_lanes<T, 1>(xs, K, w1, y1);
   }
 }
 
-// y[n] = x . w[n] for all N rows (K a multiple of 32), one large weight (lm_head): each thread takes a contiguous
-// share of the rows in kRowLanes regions. (The experts' jobs take lanes_bf16<kTileLanes> per item in run_jobs.)
-void row_lanes_bf16(const float* x, int64_t K, const BFloat16* w, int64_t N, float* y) {
-  std::vector<float> xs(K);
-  split32(x, K, xs.data());
+// y[n] = x . w[n] for all N rows (K a multiple of 32), one large bf16 or fp16 weight (lm_head; fp16 is how the
+// GPTQ checkpoints keep it): each thread takes a contiguous share of the rows in kRowLanes regions. (The experts'
+// jobs take lane_rows<kTileLanes> per item in run_jobs.)
+template <typename T>
+void row_lanes(const float* x, int64_t K, const T* w, int64_t N, float* y) {
+  std::vector<float> xs(x, x + K);
+  if constexpr (std::is_same<T, BFloat16>::value) split32(x, K, xs.data());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kRowLanes));
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) lanes_bf16<kRowLanes>(xs.data(), K, w, N * t / threads, N * (t + 1) / threads, y);
+    for (int64_t t = t0; t < t1; ++t) lane_rows<kRowLanes>(xs.data(), K, w, N * t / threads, N * (t + 1) / threads, y);
   });
 }
 #else
 constexpr bool kHaveRowLanes = false;
 #endif
 
-// Whether one row of x against bf16 weights takes the lanes kernels (where compiled): row_lanes_bf16 in
-// dense_linear_cpu, lanes_bf16 in the experts' jobs; off for benchmarks' A/B and tests.
+// Whether one row of x takes the lanes kernels (where compiled): row_lanes in dense_linear_cpu (bf16 and fp16
+// weights), lane_rows in the experts' jobs (bf16); off for benchmarks' A/B and tests.
 std::atomic<bool>& row_lanes_enabled() {
   static std::atomic<bool> on{true};
   return on;
@@ -543,7 +555,7 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
     return std::is_same<T, BFloat16>::value && native_ok && job.M >= kDotMinRows && bf16_dot_enabled().load();
   };
 #endif
-  // One bf16 row with K a multiple of 32 goes to lanes_bf16 in items of kLaneTileN rows (AVX-512 builds).
+  // One bf16 row with K a multiple of 32 goes to lane_rows in items of kLaneTileN rows (AVX-512 builds).
   auto lanes = [&](const Job& job) {
 #ifdef QMOE_VNNI
     return std::is_same<T, BFloat16>::value && job.M == 1 && job.K % 32 == 0 && row_lanes_enabled().load();
@@ -557,7 +569,7 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
     tile_n.push_back(lanes(*job) ? kLaneTileN : kTileN);
     first_item.push_back(first_item.back() + (job->N + tile_n.back() - 1) / tile_n.back());
   }
-  // x rows in the layout the kernels read: split32 for lanes_bf16, split16 for stream_split (bf16, few rows),
+  // x rows in the layout the kernels read: split32 for lane_rows, split16 for stream_split (bf16, few rows),
   // pack16 for xt_block (more rows), rounded to bf16 for bf16_dot_rows (exact for the layer's input; the down
   // projection's input is rounded as the torch path rounds it); one copy per distinct x and kind, as gate and up
   // share theirs. Small next to the weights.
@@ -636,7 +648,7 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
 #ifdef QMOE_VNNI
       if constexpr (std::is_same<T, BFloat16>::value) {
         if (tile_n[j] == kLaneTileN) {
-          lanes_bf16<kTileLanes>(x_prep[j], job.K, static_cast<const T*>(job.w), n0, n1, job.y);
+          lane_rows<kTileLanes>(x_prep[j], job.K, static_cast<const T*>(job.w), n0, n1, job.y);
           continue;
         }
       }
@@ -652,11 +664,12 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
 // matrices), and one region over the one-row jobs with a contiguous slice of them all per thread, as
 // gptq_linears_cpu runs q, k, v (int4_rows_one_region; tree A/B, 3 pairs: the int4 block at 1 token 1.44 -> 1.64
 // ms, a 4-layer decode step 15.55 -> 15.93 ms).
-void run_int4_jobs(const std::vector<const Job*>& jobs, bool native_ok) {
-  for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy, native_ok);
+void run_int4_jobs(const std::vector<const Job*>& jobs, Int4Act act) {
+  for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy, act);
 }
 
-// x_dtype: the layer's activations' dtype; only bf16 activations may take oneDNN's bf16 matmul (native_bf16.h).
+// x_dtype: the layer's activations' dtype; only bf16 activations may take oneDNN's bf16 matmul (native_bf16.h),
+// 16-bit ones the int4 VNNI path (int4_path).
 void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs, at::ScalarType x_dtype) {
   const bool native_ok = x_dtype == at::kBFloat16;
   std::vector<const Job*> int4;
@@ -665,7 +678,7 @@ void run_jobs_any(at::ScalarType dtype, const std::vector<Job>& jobs, at::Scalar
     if (job.M == 0) continue;
     if (job.q != nullptr) int4.push_back(&job); else dense.push_back(job);
   }
-  if (!int4.empty()) run_int4_jobs(int4, native_ok);
+  if (!int4.empty()) run_int4_jobs(int4, int4_act(x_dtype));
   if (dense.empty()) return;
   switch (dtype) {
     case at::kFloat: return run_jobs<float>(dense, native_ok);
@@ -1038,8 +1051,11 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   if (M > 0 && N > 0 && K > 0) {
     const at::Tensor xf = x.to(at::kFloat).contiguous();
 #ifdef QMOE_VNNI
-    if (M == 1 && K % 32 == 0 && w.scalar_type() == at::kBFloat16 && row_lanes_enabled().load()) {
-      row_lanes_bf16(xf.data_ptr<float>(), K, static_cast<const BFloat16*>(w.data_ptr()), N, y.data_ptr<float>());
+    const bool lanes_ok = M == 1 && K % 32 == 0 && row_lanes_enabled().load();
+    if (lanes_ok && w.scalar_type() == at::kBFloat16) {
+      row_lanes(xf.data_ptr<float>(), K, static_cast<const BFloat16*>(w.data_ptr()), N, y.data_ptr<float>());
+    } else if (lanes_ok && w.scalar_type() == at::kHalf) {
+      row_lanes(xf.data_ptr<float>(), K, static_cast<const Half*>(w.data_ptr()), N, y.data_ptr<float>());
     } else
 #endif
     {
@@ -1236,7 +1252,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_native_bf16_rows", [](int64_t rows) { set_native_rows(NativeKind::kBf16Weights, rows); },
         py::arg("rows"));
   m.def("int4_vnni", [] { return kHaveVnni && vnni_enabled().load(); },
-        "Whether bf16 activations meet GPTQ 4-bit weights in VNNI integer dot products (int4_vnni.h) for few rows.");
+        "Whether bf16 / fp16 activations meet GPTQ 4-bit weights in VNNI integer dot products (int4_vnni.h).");
   m.def("set_int4_vnni", [](bool on) { vnni_enabled().store(on); }, py::arg("on"),
         "Switch the VNNI path off (False) or back on (True; it runs only where the build has it).");
   m.def("int4_vnni_compiled", [] { return kHaveVnni; });
@@ -1245,7 +1261,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int4_vnni_row", [](bool on) { vnni_row_enabled().store(on); }, py::arg("on"),
         "One row of x on the VNNI path: register-blocked grouped_vnni_row (True, default) or the multi-row kernel.");
   m.def("dense_row_lanes", [] { return kHaveRowLanes && row_lanes_enabled().load(); },
-        "Whether one row of x against bf16 weights (dense_linear_cpu, the experts) takes the AVX-512 lanes kernels.");
+        "Whether one row of x takes the AVX-512 lanes kernels: dense_linear_cpu (bf16, fp16 weights), bf16 experts.");
   m.def("set_dense_row_lanes", [](bool on) { row_lanes_enabled().store(on); }, py::arg("on"),
         "Switch the lanes kernel off (False: the AVX2 stream kernels) or back on (True; where the build has it).");
   m.def("workspace_bytes", [] { return kept_workspace_bytes(); },
@@ -1257,10 +1273,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_bf16_dot", [](bool on) { bf16_dot_enabled().store(on); }, py::arg("on"),
         "Switch the vdpbf16ps kernel off (False) or back on (True; it runs only where the build has it).");
   m.def("bf16_dot_compiled", [] { return kHaveBf16Dot; });
-  m.def("int4_path", [](int64_t rows, int64_t in_features, bool grouped, bool bf16) {
-    return std::string(int4_path_name(int4_path(rows, in_features, grouped, bf16)));
-  }, py::arg("rows"), py::arg("in_features"), py::arg("grouped"), py::arg("bf16"),
-        "The path the int4 GEMM takes for these rows of x: onednn, sgemm, tiles, vnni or rows.");
+  m.def("int4_path", [](int64_t rows, int64_t in_features, bool grouped, const std::string& activations) {
+    TORCH_CHECK(activations == "float32" || activations == "float16" || activations == "bfloat16",
+                "int4_path: activations must be 'float32', 'float16' or 'bfloat16', got '", activations, "'");
+    const Int4Act act = activations == "bfloat16" ? Int4Act::kBFloat16
+                        : activations == "float16" ? Int4Act::kHalf : Int4Act::kFloat;
+    return std::string(int4_path_name(int4_path(rows, in_features, grouped, act)));
+  }, py::arg("rows"), py::arg("in_features"), py::arg("grouped"), py::arg("activations"),
+        "The path the int4 GEMM takes for these rows of x, from activations 'float32', 'float16' or 'bfloat16': "
+        "onednn, sgemm, tiles, vnni or rows.");
   m.def("native_int4_rows", [] { return native_rows(NativeKind::kInt4Weights); },
         "Rows per job from which GPTQ 4-bit GEMMs are dequantized to bf16 and go to oneDNN (0: never).");
   m.def("set_native_int4_rows", [](int64_t rows) { set_native_rows(NativeKind::kInt4Weights, rows); },
