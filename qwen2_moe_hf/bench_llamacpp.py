@@ -14,8 +14,9 @@ What it does:
    bf16 on disk, one layer at a time; from it our GPTQ-Int4 (`qwen2-moe-hf quantize`: RTN, group 128, sym) and an
    f16 GGUF (to_gguf.py), which llama.cpp's own quantizer turns into Q4_0 and Q4_K_M, each with token
    embeddings and output kept f16 (like our GPTQ's fp16 embeddings / lm_head) and with llama.cpp's default types.
-2. Rows: ours bf16, ours GPTQ-Int4, the built-in bf16 (transformers' own class: a process that never imports this
-   package; the best of its experts implementations, picked on a warm-up), llama.cpp f16 / Q4_0 / Q4_K_M.
+2. Rows: ours bf16, ours GPTQ-Int4 (in bf16, and in fp16: what the blog's code loads, no dtype given), the
+   built-in bf16 (transformers' own class: a process that never imports this package; the best of its experts
+   implementations, picked on a warm-up), llama.cpp f16 / Q4_0 / Q4_K_M.
    Each measurement is one greedy generate of --new-tokens after a --prompt-token prompt (random ids, the same for
    every row), in a fresh process per row and round (one model in memory at a time; no OpenMP pools shared between
    torch and ggml), after a short warm-up generate. Rounds interleave the rows; cells are medians over rounds.
@@ -79,6 +80,7 @@ STD = 0.02  # random weights; norms are ones (see bench.randomize_)
 ROWS: List[Tuple[str, str, str]] = [
     ("ours bf16", "ours", "ckpt"),
     ("ours GPTQ-Int4", "ours", "gptq"),
+    ("ours GPTQ-Int4 (fp16: its default dtype)", "ours", "gptq"),
     ("built-in bf16", "builtin", "ckpt"),
     ("llama.cpp f16", "llama", "f16.gguf"),
     ("llama.cpp Q4_0 (embd+output f16)", "llama", "q4_0-f16eo.gguf"),
@@ -86,6 +88,9 @@ ROWS: List[Tuple[str, str, str]] = [
     ("llama.cpp Q4_0 (llama.cpp default embd/output)", "llama", "q4_0.gguf"),
     ("llama.cpp Q4_K_M (llama.cpp default embd/output)", "llama", "q4_k_m.gguf"),
 ]
+# The dtype our / the built-in's rows load in (from_pretrained's `dtype`): bf16, except a GPTQ row as the blog's code
+# loads it, with no dtype given ("auto": the checkpoint's fp16).
+ROW_DTYPE = {"ours GPTQ-Int4 (fp16: its default dtype)": "auto"}
 REF_F16 = "llama.cpp f16"
 REF_Q4 = "llama.cpp Q4_0 (embd+output f16)"
 
@@ -368,7 +373,9 @@ def child_torch(spec: Dict[str, Any]) -> Dict[str, Any]:
         pass
     before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.bfloat16).eval()
+    dtype = spec.get("dtype", "bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    model.eval()
     load_s = time.perf_counter() - start
     load_peak = _status_bytes("VmHWM") - before
     module = type(model).__module__
@@ -673,7 +680,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             for name, kind, artifact in rows:
                 row = results["rows"][name]
                 spec = {"row": name, "kind": kind, "path": paths[artifact], "prompt_ids": prompt_ids,
-                        "new_tokens": new, "threads": args.threads, "extra_bufts": row.get("extra_bufts", True)}
+                        "new_tokens": new, "threads": args.threads, "extra_bufts": row.get("extra_bufts", True),
+                        "dtype": ROW_DTYPE.get(name, "bfloat16")}
                 start = time.perf_counter()
                 sample = measure(spec, args.timeout)
                 if kind == "llama" and spec["extra_bufts"] and sample.get("error", "").startswith("exit -11"):
