@@ -865,9 +865,10 @@ def test_cpu_int4_moe_layer_with_16bit_activations_matches_the_reference(dtype):
 @pytest.mark.parametrize("blocked", [False, True])
 def test_cpu_int4_moe_one_row_jobs_are_bitwise_the_multi_row_kernel(blocked):
     """On VNNI builds the MoE op's jobs of one row (every job of a decode step; the experts with one token in a
-    longer batch) take the one-row kernel; the layer is bit for bit what it gives with that kernel switched off
-    (each job through the multi-row kernel), through the fused lane and the registered op, at 1 token and at batches
-    mixing one-row and many-row experts, in both qweight layouts."""
+    longer batch) take the one-row kernel, a decode step's jobs all in one parallel region; the layer is bit for bit
+    what it gives with one region per job, and with the kernel switched off (each job through the multi-row
+    kernel), through the fused lane and the registered op, at 1 token and at batches mixing one-row and many-row
+    experts, in both qweight layouts."""
     from qwen2_moe_hf.kernels.build import cpu_module
 
     module = cpu_module()
@@ -879,17 +880,20 @@ def test_cpu_int4_moe_one_row_jobs_are_bitwise_the_multi_row_kernel(blocked):
         for tokens in (1, 2, 3, 9):
             x = torch.randn(1, tokens, 128, generator=gen).to(torch.bfloat16)
             results = []
-            for row_kernel in (True, False):
+            for row_kernel, together in ((True, True), (True, False), (False, True)):
                 module.set_int4_vnni_row(row_kernel)
+                module.set_int4_jobs_together(together)
                 with torch.no_grad():
                     assert helpers.resolved_backend(block, x[0]) == "cpu"
                     fused = block(x)
                 routed, _ = helpers.routed(block, x[0], "cpu")  # the block's own routing: one row per expert at 1
                 results.append((fused, routed))
-            for got, want in zip(*results):
-                assert torch.equal(got, want), (tokens, (got.float() - want.float()).abs().max())
+            for other in results[1:]:
+                for got, want in zip(results[0], other):
+                    assert torch.equal(got, want), (tokens, (got.float() - want.float()).abs().max())
     finally:
         module.set_int4_vnni_row(True)
+        module.set_int4_jobs_together(True)
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")

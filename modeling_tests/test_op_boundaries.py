@@ -550,7 +550,7 @@ def test_every_compiled_entry_point_is_in_the_table():
 PATH_SWITCHES = {"native_bf16_rows": "set_native_bf16_rows", "native_int4_rows": "set_native_int4_rows",
                  "int4_vnni": "set_int4_vnni", "int4_vnni_row": "set_int4_vnni_row", "int4_vnni_compiled": None,
                  "int4_path": None, "dense_row_lanes": "set_dense_row_lanes", "bf16_dot": "set_bf16_dot",
-                 "bf16_dot_compiled": None}
+                 "bf16_dot_compiled": None, "int4_jobs_together": "set_int4_jobs_together"}
 
 
 def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
@@ -575,7 +575,8 @@ def test_path_switches_refuse_bad_values_and_restore_the_cpu_default():
     # On / off switches: getter -> what it reads when switched on (a path runs only where the build has it; the
     # lanes kernel is compiled in the same AVX-512 builds as the VNNI one).
     on = {"int4_vnni": module.int4_vnni_compiled(), "int4_vnni_row": True,
-          "dense_row_lanes": module.int4_vnni_compiled(), "bf16_dot": module.bf16_dot_compiled()}
+          "dense_row_lanes": module.int4_vnni_compiled(), "bf16_dot": module.bf16_dot_compiled(),
+          "int4_jobs_together": True}
     for getter, when_on in on.items():
         setter = getattr(module, PATH_SWITCHES[getter])
         with pytest.raises(TypeError):

@@ -19,7 +19,7 @@
 //   kInt4TileRows <= M < kInt4SgemmRows: 16 columns of W at a time dequantized to fp32 into an L2 buffer, then a
 //     register-blocked GEMM (6 rows of x x 16 columns in 12 accumulators) over every row of x (int4_tiles);
 //   larger: W dequantized to fp32 once and MKL's sgemm.
-// On AVX-512 VNNI builds, bf16 activations and grouped weights take integer dot products at every M instead
+// On AVX-512 VNNI builds, bf16 and fp16 activations with grouped weights take integer dot products at every M instead
 // (int4_vnni.h: one row by grouped_vnni_row, more by register tiles of 8 rows): at the real shapes 1.7-2.5x the
 // float paths from 2 to 1024 rows (docs/benchmarks.md), with x rounded to two int8 planes (error ~3e-4 relative).
 // Accumulation is fp32 in a fixed order (independent of the thread count).

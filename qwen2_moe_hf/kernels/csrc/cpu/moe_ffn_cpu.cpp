@@ -658,14 +658,42 @@ void run_jobs(const std::vector<Job>& jobs, bool native_ok) {
   });
 }
 
-// Int4 jobs, one after another, each split into one contiguous column slice per thread (int4_matmul): every
-// thread then walks the longest possible row segments of qweight. Measured slower for a decode step: one region
-// over 64-column tiles of all jobs, as run_jobs does (5.0 vs 3.4 ms: shorter segments, threads on different
-// matrices), and one region over the one-row jobs with a contiguous slice of them all per thread, as
-// gptq_linears_cpu runs q, k, v (int4_rows_one_region; tree A/B, 3 pairs: the int4 block at 1 token 1.44 -> 1.64
-// ms, a 4-layer decode step 15.55 -> 15.93 ms).
+// Whether a decode step's one-row int4 jobs run in one parallel region (run_int4_jobs); off for A/B and tests.
+std::atomic<bool>& int4_jobs_together() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// Int4 jobs, each split into one contiguous column slice per thread (int4_matmul's): every thread then walks the
+// longest possible row segments of qweight, and both threads stream the same weight at once. A decode step's
+// one-row jobs run so in one region (below: the int4 block at 1 token 1-4% faster, 4 of 4 runs); jobs of more rows
+// one region each. Measured slower for a decode step: one region over 64-column tiles of all jobs, as run_jobs
+// does (5.0 vs 3.4 ms: shorter segments, threads on different matrices), and one region with a contiguous slice
+// of all the jobs' columns per thread, as gptq_linears_cpu runs q, k, v (int4_rows_one_region: threads on
+// different matrices; tree A/B, 3 pairs: the int4 block at 1 token 1.44 -> 1.64 ms).
 void run_int4_jobs(const std::vector<const Job*>& jobs, Int4Act act) {
-  for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy, act);
+  bool together = jobs.size() > 1 && int4_jobs_together().load();
+  for (const Job* job : jobs) together = together && job->M == 1 && int4_row_in_region(*job->q, act);
+  if (!together) {
+    for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy, act);
+    return;
+  }
+  // A decode step's one-row jobs on the VNNI row kernel: each thread takes the column slice of every job that
+  // int4_matmul would give it, in one region, so a thread done with its share of one weight goes on to the next
+  // instead of waiting at a barrier per job. Same slices, same kernel: the same bits as one job at a time.
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (const Job* job : jobs) {
+        const Int4Weight& w = *job->q;
+        const int64_t unit = w.column_unit(8), blocks = (w.N + unit - 1) / unit;
+        const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+        if (t >= slices) continue;
+        const int64_t n0 = unit * (blocks * t / slices), n1 = std::min(w.N, unit * (blocks * (t + 1) / slices));
+        int4_rows_times_weight(w, job->x, 1, w.K, nullptr, n0, n1, job->y, job->ldy, /*vnni=*/true);
+      }
+    }
+  });
 }
 
 // x_dtype: the layer's activations' dtype; only bf16 activations may take oneDNN's bf16 matmul (native_bf16.h),
@@ -1264,6 +1292,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether one row of x takes the AVX-512 lanes kernels: dense_linear_cpu (bf16, fp16 weights), bf16 experts.");
   m.def("set_dense_row_lanes", [](bool on) { row_lanes_enabled().store(on); }, py::arg("on"),
         "Switch the lanes kernel off (False: the AVX2 stream kernels) or back on (True; where the build has it).");
+  m.def("int4_jobs_together", [] { return int4_jobs_together().load(); },
+        "Whether a decode step's one-row int4 expert jobs on the VNNI row kernel run in one parallel region.");
+  m.def("set_int4_jobs_together", [](bool on) { int4_jobs_together().store(on); }, py::arg("on"),
+        "Run them in one region (True, default) or one region per job (False): the same result bit for bit.");
   m.def("workspace_bytes", [] { return kept_workspace_bytes(); },
         "Bytes of the MoE layers' fp32 workspace kept between calls (at most 256 MiB; 0 after release_workspace).");
   m.def("release_workspace", [] { release_kept_workspace(); },
