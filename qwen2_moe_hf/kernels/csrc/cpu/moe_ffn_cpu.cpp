@@ -666,7 +666,7 @@ std::atomic<bool>& int4_jobs_together() {
 
 // Int4 jobs, each split into one contiguous column slice per thread (int4_matmul's): every thread then walks the
 // longest possible row segments of qweight, and both threads stream the same weight at once. A decode step's
-// one-row jobs run so in one region (below: the int4 block at 1 token 1-4% faster, 4 of 4 runs); jobs of more rows
+// one-row jobs run so in one region (int4_rows_each_sliced, int4_gemm.h); jobs of more rows
 // one region each. Measured slower for a decode step: one region over 64-column tiles of all jobs, as run_jobs
 // does (5.0 vs 3.4 ms: shorter segments, threads on different matrices), and one region with a contiguous slice
 // of all the jobs' columns per thread, as gptq_linears_cpu runs q, k, v (int4_rows_one_region: threads on
@@ -678,22 +678,9 @@ void run_int4_jobs(const std::vector<const Job*>& jobs, Int4Act act) {
     for (const Job* job : jobs) int4_matmul(*job->q, job->x, job->M, job->y, job->ldy, act);
     return;
   }
-  // A decode step's one-row jobs on the VNNI row kernel: each thread takes the column slice of every job that
-  // int4_matmul would give it, in one region, so a thread done with its share of one weight goes on to the next
-  // instead of waiting at a barrier per job. Same slices, same kernel: the same bits as one job at a time.
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (const Job* job : jobs) {
-        const Int4Weight& w = *job->q;
-        const int64_t unit = w.column_unit(8), blocks = (w.N + unit - 1) / unit;
-        const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
-        if (t >= slices) continue;
-        const int64_t n0 = unit * (blocks * t / slices), n1 = std::min(w.N, unit * (blocks * (t + 1) / slices));
-        int4_rows_times_weight(w, job->x, 1, w.K, nullptr, n0, n1, job->y, job->ldy, /*vnni=*/true);
-      }
-    }
-  });
+  std::vector<Int4RowJob> rows;
+  for (const Job* job : jobs) rows.push_back({job->q, job->x, job->y});
+  int4_rows_each_sliced(rows);
 }
 
 // x_dtype: the layer's activations' dtype; only bf16 activations may take oneDNN's bf16 matmul (native_bf16.h),
