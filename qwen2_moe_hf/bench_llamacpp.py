@@ -77,10 +77,13 @@ QUICK = dict(REAL, hidden_size=256, intermediate_size=256, moe_intermediate_size
 STD = 0.02  # random weights; norms are ones (see bench.randomize_)
 
 # (row name, kind, artifact). Order = the order within each round.
+# A GPTQ row as the blog's code loads it, with no dtype given ("auto": the checkpoint's fp16); every other row of
+# ours and the built-in's loads in bf16.
+GPTQ_FP16 = "ours GPTQ-Int4 (fp16: its default dtype)"
 ROWS: List[Tuple[str, str, str]] = [
     ("ours bf16", "ours", "ckpt"),
     ("ours GPTQ-Int4", "ours", "gptq"),
-    ("ours GPTQ-Int4 (fp16: its default dtype)", "ours", "gptq"),
+    (GPTQ_FP16, "ours", "gptq"),
     ("built-in bf16", "builtin", "ckpt"),
     ("llama.cpp f16", "llama", "f16.gguf"),
     ("llama.cpp Q4_0 (embd+output f16)", "llama", "q4_0-f16eo.gguf"),
@@ -88,9 +91,6 @@ ROWS: List[Tuple[str, str, str]] = [
     ("llama.cpp Q4_0 (llama.cpp default embd/output)", "llama", "q4_0.gguf"),
     ("llama.cpp Q4_K_M (llama.cpp default embd/output)", "llama", "q4_k_m.gguf"),
 ]
-# The dtype our / the built-in's rows load in (from_pretrained's `dtype`): bf16, except a GPTQ row as the blog's code
-# loads it, with no dtype given ("auto": the checkpoint's fp16).
-ROW_DTYPE = {"ours GPTQ-Int4 (fp16: its default dtype)": "auto"}
 REF_F16 = "llama.cpp f16"
 REF_Q4 = "llama.cpp Q4_0 (embd+output f16)"
 
@@ -681,7 +681,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                 row = results["rows"][name]
                 spec = {"row": name, "kind": kind, "path": paths[artifact], "prompt_ids": prompt_ids,
                         "new_tokens": new, "threads": args.threads, "extra_bufts": row.get("extra_bufts", True),
-                        "dtype": ROW_DTYPE.get(name, "bfloat16")}
+                        "dtype": "auto" if name == GPTQ_FP16 else "bfloat16"}
                 start = time.perf_counter()
                 sample = measure(spec, args.timeout)
                 if kind == "llama" and spec["extra_bufts"] and sample.get("error", "").startswith("exit -11"):

@@ -87,10 +87,10 @@ if _DynamicLayer is not None:
             need = held + step
             # The views handed out last step, untouched (the same objects over the same memory), are a prefix of
             # the buffers by construction: the per-step check is identity, the full one only for anything else.
-            same = (keys is state.get("_kview") and values is state.get("_vview")
-                    and keys.data_ptr() == kbuf.data_ptr() and values.data_ptr() == vbuf.data_ptr()
-                    and held == state.get("_written", -1)) or (
-                _prefix_of(keys, kbuf) and _prefix_of(values, vbuf) and held == state.get("_written", -1))
+            ours = (keys is state.get("_kview") and values is state.get("_vview")
+                    and keys.data_ptr() == kbuf.data_ptr() and values.data_ptr() == vbuf.data_ptr())
+            same = held == state.get("_written", -1) and (
+                ours or _prefix_of(keys, kbuf) and _prefix_of(values, vbuf))
             if not (same and need <= kbuf.shape[-2] and _fits(key_states, kbuf) and _fits(value_states, vbuf)):
                 room = need + max(KV_SPARE, need // 2)
                 kbuf = key_states.new_empty(*key_states.shape[:2], room, key_states.shape[3])
