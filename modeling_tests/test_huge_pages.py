@@ -138,3 +138,27 @@ def test_the_moe_layers_read_the_moved_weights_not_the_old_ones(dtype, monkeypat
             t.zero_()
         assert torch.equal(model(ids).logits, want)
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_a_model_with_nothing_large_enough_is_left_as_it_is(checkpoints, monkeypatch):
+    """The tiny model's tensors are all under MIN_BYTES: the switch on, the load still works and moves nothing."""
+    monkeypatch.setenv(pages.ENV_HUGE_PAGES, "1")
+    model = load(checkpoints["gptq"])
+    assert all(t.numel() * t.element_size() < pages.MIN_BYTES for t in slots(model).values())
+    before = {name: t for name, t in slots(model).items()}
+    assert pages.hold_in_huge_pages(model) == 0
+    assert all(slots(model)[name] is t for name, t in before.items())
+
+
+def test_two_tensors_over_one_storage_stay_aliases(monkeypatch):
+    """A buffer that is a view of a parameter's whole storage: copying each would make them two; both stay."""
+    model = build_model("gqa", seed=1)
+    norm = model.model.norm
+    norm.register_buffer("alias", norm.weight.detach().view(-1))
+    monkeypatch.setattr(pages, "MIN_BYTES", 1)
+    pages.hold_in_huge_pages(model)
+    assert norm.alias.data_ptr() == norm.weight.data_ptr()
+    with torch.no_grad():
+        norm.weight.mul_(2)
+    assert torch.equal(norm.alias, norm.weight.detach())
+    assert model.lm_head.weight.data_ptr() % 4096 == 0  # the others did move

@@ -78,40 +78,49 @@ def hold_in_huge_pages(model: nn.Module) -> int:
     is "never")."""
     if thp_mode() == "never" or not load_cpu_ops()[0]:
         return 0
-    # Each distinct tensor once (a tied weight is one object in two slots), grouped into chunks in module order.
-    order: List[torch.Tensor] = []
-    where: Dict[int, List[Tuple[Dict[str, torch.Tensor], str]]] = {}
-    for slots, key, tensor in _slots(model):
-        if not _movable(tensor):
-            continue
-        if id(tensor) not in where:
-            where[id(tensor)] = []
-            order.append(tensor)
-        where[id(tensor)].append((slots, key))
-    chunks: List[List[torch.Tensor]] = [[]]
-    size = 0
-    for tensor in order:
-        if size >= CHUNK_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(tensor)
-        size += tensor.numel() * tensor.element_size()
-    del order, tensor
+    chunks = _chunks(model)
     moved = 0
     trim = _malloc_trim()
-    while chunks and chunks[0]:
-        chunk = chunks.pop(0)  # the only references left to these tensors, besides the model's slots
-        pieces, _ = cpu_module().huge_page_tensors([t.numel() * t.element_size() for t in chunk])
-        for old, piece in zip(chunk, pieces):
+    while chunks:
+        chunk = chunks.pop(0)  # with the model's slots, the only references to these tensors
+        pieces, _ = cpu_module().huge_page_tensors([t.numel() * t.element_size() for t, _ in chunk])
+        for (old, where), piece in zip(chunk, pieces):
             new = piece.view(old.dtype).view(old.shape)
             with torch.no_grad():
                 new.copy_(old)
             if isinstance(old, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
-            for slots, key in where.pop(id(old)):
+            for slots, key in where:
                 slots[key] = new
             moved += piece.numel()
-        del chunk, pieces, old, new, piece
+        chunk = pieces = old = new = None  # the old tensors' last references go before the next chunk is made
         if trim is not None:
-            trim(0)  # the replaced tensors' memory, if glibc's heap held it, back to the system now
+            trim(0)  # their memory, if glibc's heap held it, back to the system now
     return moved
+
+
+Slot = Tuple[Dict[str, torch.Tensor], str]
+
+
+def _chunks(model: nn.Module) -> List[List[Tuple[torch.Tensor, List[Slot]]]]:
+    """The movable tensors in module order, each once with every slot that holds it (a tied weight is one object in
+    two slots), in chunks of about CHUNK_BYTES. A storage that two different tensor objects cover (aliases the
+    copies would split) is left out."""
+    found: Dict[int, Tuple[torch.Tensor, List[Slot]]] = {}
+    storages: Dict[int, set] = {}
+    for slots, key, tensor in _slots(model):
+        if not _movable(tensor):
+            continue
+        found.setdefault(id(tensor), (tensor, []))[1].append((slots, key))
+        storages.setdefault(tensor.untyped_storage().data_ptr(), set()).add(id(tensor))
+    chunks: List[List[Tuple[torch.Tensor, List[Slot]]]] = []
+    size = CHUNK_BYTES
+    for tensor, where in found.values():
+        if len(storages[tensor.untyped_storage().data_ptr()]) > 1:
+            continue
+        if size >= CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((tensor, where))
+        size += tensor.numel() * tensor.element_size()
+    return chunks
