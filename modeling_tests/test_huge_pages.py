@@ -21,6 +21,9 @@ from helpers import build_model, save_checkpoint
 CPU_OPS, CPU_OPS_WHY = load_cpu_ops()
 pytestmark = pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
 MIB = 1 << 20
+THP = pages.thp_mode()
+# Where the kernel has no transparent huge pages (or is not Linux) nothing is moved, and the tests of the move skip.
+moves = pytest.mark.skipif(THP in ("never", ""), reason=f"transparent huge pages unavailable here (mode {THP!r})")
 
 
 def rss_bytes():
@@ -31,7 +34,8 @@ def rss_bytes():
 def test_tensors_lie_back_to_back_from_a_huge_page_boundary_each_its_own_storage():
     sizes = [3 * MIB, 100, 0, 5000, MIB]
     tensors, advised = cpu_module().huge_page_tensors(sizes)
-    assert advised == (sys.platform.startswith("linux") and pages.thp_mode() in ("always", "madvise"))
+    if THP in ("always", "madvise"):
+        assert advised
     assert [t.numel() for t in tensors] == sizes and all(t.dtype == torch.uint8 for t in tensors)
     starts = [t.untyped_storage().data_ptr() for t in tensors]
     if sys.platform.startswith("linux"):
@@ -83,6 +87,7 @@ def checkpoints(tmp_path_factory):
     return {"fp": fp, "gptq": gptq}
 
 
+@moves
 @pytest.mark.parametrize("kind", ["fp", "gptq"])
 def test_from_pretrained_moves_the_weights_and_computes_the_same(checkpoints, kind, monkeypatch, tmp_path):
     """QWEN2_MOE_HF_HUGE_PAGES=1: every large tensor (here every tensor: the threshold lowered for a tiny model)
@@ -121,6 +126,7 @@ def test_without_the_switch_nothing_moves(checkpoints, monkeypatch):
     assert any(t.data_ptr() % 4096 for t in slots(model).values())
 
 
+@moves
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_moe_layers_read_the_moved_weights_not_the_old_ones(dtype, monkeypatch):
     """After a forward (the experts' prepared weights built on the old tensors), the move and then the old tensors
@@ -150,6 +156,7 @@ def test_a_model_with_nothing_large_enough_is_left_as_it_is(checkpoints, monkeyp
     assert all(slots(model)[name] is t for name, t in before.items())
 
 
+@moves
 def test_two_tensors_over_one_storage_stay_aliases(monkeypatch):
     """A buffer that is a view of a parameter's whole storage: copying each would make them two; both stay."""
     model = build_model("gqa", seed=1)
