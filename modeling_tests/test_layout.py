@@ -18,7 +18,7 @@ ALLOWED = {
     "gptq": ["gptq", "kernels", "moe.weights", "files", "compat"],
     "files": [],
     "compat": [],
-    "loading": ["loading", "gptq", "kernels", "files", "compat"],
+    "loading": ["loading", "gptq", "files", "compat"],
     "configuration_qwen2_moe": ["compat", "files"],
     "modeling_qwen2_moe": ["compat", "configuration_qwen2_moe", "loading", "moe"],
     "registration": ["compat", "configuration_qwen2_moe", "modeling_qwen2_moe"],

@@ -543,8 +543,7 @@ def test_every_compiled_entry_point_is_in_the_table():
         functions = {n for n in dir(cpu_module()) if not n.startswith("_")}
         switches = {*PATH_SWITCHES, *(s for s in PATH_SWITCHES.values() if s)}
         kept = {"workspace_bytes", "release_workspace"}  # the layers' kept workspace (test_cpu_layer.py)
-        memory = {"huge_page_tensors"}  # sizes only, its bad ones refused by index (test_huge_pages.py)
-        assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *kept, *memory, *switches}, functions
+        assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *kept, *switches}, functions
 
 
 # The module's switches of its ISA-dependent paths (native_bf16.h, int4_vnni.h): getter -> setter.

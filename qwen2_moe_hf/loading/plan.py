@@ -11,9 +11,6 @@ checked by name, shape and dtype; a quantized layer is read by its hooks. Nothin
 quantized layer, and each tensor is read once into its final buffer, so peak memory is about the model's size plus
 one tensor (transformers 4.38's loader held a shard's memory map beside its copies: 1.6x the checkpoint).
 
-With QWEN2_MOE_HF_HUGE_PAGES=1 a model loaded whole on the CPU then has its weights moved into memory advised for
-2 MiB pages (pages.py), either way it was loaded.
-
 Strict in both, where transformers is not: a tensor of the checkpoint's own architecture that the checkpoint lacks
 (a missing expert, a truncated shard) raises, where transformers would initialise it at random with a warning.
 What transformers defines as legitimate loads as it does there, with its warning: a head the checkpoint never had
@@ -28,7 +25,6 @@ import copy
 import logging
 import os
 import re
-from itertools import chain
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Type, Union
 
 import torch
@@ -44,7 +40,6 @@ from .. import compat
 from ..files import CONFIG_FILE, CheckpointError, SafetensorsFile, read_config_json, weight_files
 from ..gptq import hooks as gptq_hooks
 from ..gptq import linear as gptq_linear
-from . import pages
 
 logger = logging.getLogger("qwen2_moe_hf")
 
@@ -70,14 +65,8 @@ def from_pretrained(cls: Type[nn.Module], transformers_load: Callable, pretraine
     quantization = _quantization(str(pretrained), kwargs) if not model_args else None
     _check_distributed(kwargs, quantization)
     if quantization is not None:
-        loaded = _stream_load(cls, pretrained, kwargs, quantization)
-    else:
-        loaded = _checked_transformers_load(cls, transformers_load, pretrained, model_args, kwargs)
-    if pages.wanted():
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if all(t.device.type == "cpu" for t in chain(model.parameters(), model.buffers())):
-            pages.hold_in_huge_pages(model)  # QWEN2_MOE_HF_HUGE_PAGES=1: decode reads them from 2 MiB pages
-    return loaded
+        return _stream_load(cls, pretrained, kwargs, quantization)
+    return _checked_transformers_load(cls, transformers_load, pretrained, model_args, kwargs)
 
 
 def _check_distributed(kwargs: Dict[str, Any], quantization: Optional[gptq_hooks.GPTQHooks]) -> None:

@@ -51,7 +51,6 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "huge_pages.h"
 #include "identity_watch.h"
 #include "int4_gemm.h"
 #include "bf16_dot.h"
@@ -1284,9 +1283,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether a decode step's one-row int4 expert jobs on the VNNI row kernel run in one parallel region.");
   m.def("set_int4_jobs_together", [](bool on) { int4_jobs_together().store(on); }, py::arg("on"),
         "Run them in one region (True, default) or one region per job (False): the same result bit for bit.");
-  m.def("huge_page_tensors", &qwen2_moe_hf::huge_page_tensors, py::arg("nbytes"),
-        "(tensors, advised): uint8 tensors of the given sizes back to back in one mapping advised for 2 MiB pages, "
-        "each its own storage that unmaps its pages when freed (huge_pages.h).");
   m.def("workspace_bytes", [] { return kept_workspace_bytes(); },
         "Bytes of the MoE layers' fp32 workspace kept between calls (at most 256 MiB; 0 after release_workspace).");
   m.def("release_workspace", [] { release_kept_workspace(); },
