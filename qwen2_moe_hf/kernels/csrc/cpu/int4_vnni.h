@@ -246,36 +246,19 @@ void grouped_vnni(const Int4Weight& w, const S* scales, const VnniActs& a, int64
 // The same product for one row of x (a decode step), with every sum in registers: per block of 64 columns
 // (4 vectors of 16), the packed rows are walked front to back, so the int32 sums of a run and the fp32 sums of y
 // never go through memory; each run ends in the same epilogue as grouped_vnni, in the same order, so the result is
-// bit for bit grouped_vnni's for that row. x's planes are made once for all runs, 16 bytes per packed row as
-// VnniActs lays them out, so each of the four broadcasts is one 4-byte load: building them from single bytes (~40
-// scalar ops per packed row) held the loop below its 16 vpdpbusd per packed row, 1.16x slower from cache (one
-// thread, Zen 4: 47.5 against 55.2 GB/s). Unpacking the odd nibbles without the shift (their x16 values dotted into
-// sums of their own, folded in at the end of a run) needs 16 int32 sums instead of 8 and ran at 37.5; GFNI's affine
-// shift instead of shift + and at 45.3: neither kept. The block's next packed rows are prefetched
-// kVnniPrefetchRows ahead for the checkpoint layout (at the end of a block, the next block's first rows).
+// bit for bit grouped_vnni's for that row. x's planes are VnniActs' (made once for all runs), so each of the four
+// broadcasts is one 4-byte load: building them from single bytes (~40 scalar ops per packed row) held the loop
+// below its 16 vpdpbusd per packed row, 1.16x slower from cache (one thread, Zen 4: 47.5 against 55.2 GB/s).
+// Unpacking the odd nibbles without the shift (their x16 values dotted into sums of their own, folded in at the end
+// of a run) needs 16 int32 sums instead of 8 and ran at 37.5; GFNI's affine shift instead of shift + and at 45.3:
+// neither kept. The block's next packed rows are prefetched kVnniPrefetchRows ahead for the checkpoint layout (at
+// the end of a block, the next block's first rows).
 template <typename S>
 void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int64_t n0, int64_t n1, float* y) {
   using namespace int4_vnni_detail;
   constexpr int C = 4;  // vectors of 16 columns per block: 4 hi + 4 lo + 4 y sums, 4 broadcasts, a few temporaries
-  const int64_t R = w.num_runs(), K = w.K, rows = K / 8;
-  std::vector<int8_t> planes(2 * K);    // hi [K] | lo [K]
-  std::vector<int32_t> bc(4 * rows);  // per packed row the 4 broadcasts' bytes (written as bytes: char aliasing)
-  std::vector<float> sx(R), xsum(R);
-  for (int64_t run = 0; run < R; ++run) {
-    const int64_t k0 = 8 * w.runs[run], len = 8 * (w.runs[run + 1] - w.runs[run]);
-    quantize_run(x + k0, len, planes.data() + k0, planes.data() + K + k0, sx[run], xsum[run]);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* hi = planes.data() + 8 * r;
-    const int8_t* lo = planes.data() + K + 8 * r;
-    int8_t* d = reinterpret_cast<int8_t*>(bc.data() + 4 * r);
-    for (int j = 0; j < 4; ++j) {
-      d[j] = hi[2 * j];
-      d[4 + j] = hi[2 * j + 1];
-      d[8 + j] = lo[2 * j];
-      d[12 + j] = lo[2 * j + 1];
-    }
-  }
+  const int64_t R = w.num_runs(), rows = w.K / 8;
+  const VnniActs acts(w, x, 1, w.K);  // one row: made in the calling thread
   const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
   const __m512 lo_scale = _mm512_set1_ps(1.f / 254.f);
   for (int64_t nb = n0; nb < n1; nb += 16 * C) {
@@ -289,7 +272,8 @@ void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int6
       for (int c = 0; c < C; ++c) s[c] = t[c] = _mm512_setzero_si512();
       for (int64_t r = w.runs[run]; r < w.runs[run + 1]; ++r) {
         // Blocked weights (n0, hence nb, on a block): the block's rows are one contiguous stream, which the
-        // hardware prefetchers follow on their own (software prefetch 8 rows ahead measured no faster).
+        // hardware prefetchers follow on their own (software prefetch 8-1024 rows ahead: no faster, up to 18%
+        // slower for the 1-token block).
         const int32_t* qrow = w.q_at(r, nb);
         const int64_t ahead = r + kVnniPrefetchRows;
         const int32_t* pf = w.blocked ? nullptr
@@ -299,7 +283,7 @@ void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int6
           // Into L2 (T1): from DRAM ~19-20 GB/s against ~15 into L1 (T0) at distances 8-32, 2 threads, Zen 4.
           for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + 16 * c), _MM_HINT_T1);
         }
-        const int32_t* b = bc.data() + 4 * r;
+        const int32_t* b = acts.at(0, r);
         const __m512i he = _mm512_set1_epi32(b[0]), ho = _mm512_set1_epi32(b[1]);
         const __m512i le = _mm512_set1_epi32(b[2]), lodd = _mm512_set1_epi32(b[3]);
         for (int c = 0; c < C; ++c) {
@@ -321,8 +305,8 @@ void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int6
         const __m512 sc = scales16(srow + n, mask[c]);
         const __m512 z = zeros16(zrow, n, mask[c], w.zero_offset);
         const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[c]), lo_scale, _mm512_cvtepi32_ps(s[c]));
-        const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[run]), dot);
-        const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(sx[run]));
+        const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(acts.xsum[run]), dot);
+        const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(acts.sx[run]));
         yv[c] = _mm512_fmadd_ps(scaled, centred, yv[c]);
       }
     }
