@@ -39,7 +39,7 @@ declare -A STACK_TESTS=(
   [cuda-build]="modeling_tests/test_cuda_extension.py modeling_tests/test_moe_ops.py"
   [sanitize]="modeling_tests/test_op_boundaries.py modeling_tests/test_op_properties.py modeling_tests/test_moe_ops.py
               modeling_tests/test_properties.py modeling_tests/test_cpu_layer.py modeling_tests/test_moe_backends.py
-              modeling_tests/test_gptq.py"
+              modeling_tests/test_gptq.py modeling_tests/test_decode_layer.py"
 )
 # The venv each stack runs in (default: its own).
 declare -A STACK_VENV=([sanitize]=newest)

@@ -149,7 +149,39 @@ def good_args(op):
         w = _int4_weights(gen)
         return OrderedDict(x=_x(gen), router_weight=_router_weight(), top_k=K, renormalize=True, tensors=w["experts"] + w["shared"], experts=E,
                            int4=True, zero_offset=1, shared_expert_gate=w["shared_expert_gate"])
+    if op.startswith("decode_layer["):
+        return _decode_layer_args(gen, op == "decode_layer[int4]")
     raise KeyError(op)
+
+
+# decode_layer: 4 query heads on 2 key/value heads of 8, 3 cached positions in buffers of 5.
+NH, KVH, D, HELD, CAP = 4, 2, 8, 3, 5
+
+
+def _decode_layer_args(gen, int4):
+    """One decode position through a whole layer: the pack's tensors (norms, q/k/v/o), the cache buffers, the
+    MoE block's (as moe_layer's)."""
+    moe = _int4_weights(gen) if int4 else _dense_weights(gen)
+    if int4:
+        projections = _int4(gen, NH * D, H) + _int4(gen, KVH * D, H) + _int4(gen, KVH * D, H) + _int4(gen, H, NH * D)
+        tensors = moe["experts"] + moe["shared"]
+    else:
+        projections = [_randn(gen, NH * D, H), _randn(gen, KVH * D, H), _randn(gen, KVH * D, H), _randn(gen, H, NH * D)]
+        tensors = [w for e in range(E) for w in (moe["w_gate"][e], moe["w_up"][e], moe["w_down"][e])]
+        tensors += [moe["shared_gate"], moe["shared_up"], moe["shared_down"]]
+    angles = torch.rand(1, 1, D // 2, generator=gen) * 3
+    mask = torch.ones(1, 1, 1, HELD + 1, dtype=torch.bool)
+    mask[0, 0, 0, 1] = False
+    return OrderedDict(
+        hidden=torch.randn(1, 1, H, generator=gen), cos=torch.cat([angles.cos()] * 2, -1),
+        sin=torch.cat([angles.sin()] * 2, -1), key_cache=torch.randn(1, KVH, CAP, D, generator=gen),
+        value_cache=torch.randn(1, KVH, CAP, D, generator=gen), held=HELD, mask=mask,
+        ln1=1 + 0.1 * torch.randn(H, generator=gen), eps1=1e-6, ln2=1 + 0.1 * torch.randn(H, generator=gen), eps2=1e-5,
+        projections=projections, biases=[torch.randn(NH * D, generator=gen), torch.randn(KVH * D, generator=gen),
+                                         torch.randn(KVH * D, generator=gen), None],
+        int4=int4, zero_offset=1 if int4 else 0, heads=NH, kv_heads=KVH, head_dim=D, scaling=D ** -0.5,
+        router_weight=_router_weight(), top_k=K, renormalize=int4, tensors=tensors, experts=E,
+        shared_expert_gate=moe["shared_expert_gate"])
 
 
 # ----------------------------------------------------------------------------------------------- calls
@@ -171,6 +203,13 @@ def call(op, a):
         m = _module()
         pack = m.LayerPack(a["tensors"], a["experts"], a["int4"], a["zero_offset"])
         return m.moe_layer(a["x"], a["router_weight"], a["top_k"], a["renormalize"], pack, a["shared_expert_gate"])
+    if op.startswith("decode_layer["):
+        m = _module()
+        pack = m.DecodeLayerPack(a["ln1"], a["eps1"], a["ln2"], a["eps2"], a["projections"], a["biases"], a["int4"],
+                                 a["zero_offset"], a["heads"], a["kv_heads"], a["head_dim"], a["scaling"])
+        moe = m.LayerPack(a["tensors"], a["experts"], a["int4"], a["zero_offset"])
+        return m.decode_layer(a["hidden"], a["cos"], a["sin"], a["key_cache"], a["value_cache"], a["held"], a["mask"],
+                              pack, a["router_weight"], a["top_k"], a["renormalize"], moe, a["shared_expert_gate"])
     return getattr(_ops(), op)(*a.values())
 
 
@@ -189,10 +228,48 @@ REFERENCES = {"topk_softmax": ref.topk_softmax, "moe_align": ref.moe_align, "moe
                   for i in range(0, len(linears), 4)]}
 
 
+def _moe_weights(a):
+    if a["int4"]:
+        n = 12 * a["experts"]
+        return (*ref.int4_expert_weights(a["tensors"][:n], a["tensors"][n:], a["zero_offset"]), a["shared_expert_gate"])
+    return _dense_from_pack(a)
+
+
+def _decode_layer_reference(a):
+    """The layer, op by op: norm, q/k/v, RoPE, attention over the cached positions and the new one, o, residual,
+    norm, the MoE block, residual."""
+    def linear(x, i):
+        if a["int4"]:
+            return ref.gptq_linear(x, *a["projections"][4 * i:4 * i + 4], a["zero_offset"], a["biases"][i])
+        return ref.dense_linear(x, a["projections"][i], a["biases"][i])
+
+    h = a["hidden"].reshape(1, -1)
+    x = ref.rms_norm(h, a["ln1"], a["eps1"])
+    q, k, v = (linear(x, i).view(1, 1, -1, a["head_dim"]).transpose(1, 2) for i in range(3))
+    q, k = ref.rope(q, k, a["cos"], a["sin"])
+    held = a["held"]
+    keys = torch.cat([a["key_cache"][:, :, :held], k], 2)
+    values = torch.cat([a["value_cache"][:, :, :held], v], 2)
+    attn = ref.decode_attention(q, keys, values, a["mask"], a["scaling"])
+    h1 = h + linear(attn.reshape(1, -1), 3)
+    x2 = ref.rms_norm(h1, a["ln2"], a["eps2"])
+    logits = (x2.float() @ a["router_weight"].float().t()).to(x2.dtype)
+    out = h1 + ref.moe_block(x2, logits, a["top_k"], a["renormalize"], *_moe_weights(a))
+    return out.view(a["hidden"].shape), logits
+
+
+def _decode_layer_experts(a):
+    """The two experts the token goes to (the only ones whose weights the op reads)."""
+    _, logits = _decode_layer_reference(a)
+    return sorted(logits.float().topk(K, -1).indices[0].tolist())
+
+
 def reference(op, a):
     """What the op must return for arguments `a` (plain torch, float32 inside)."""
     if op in REFERENCES:
         return REFERENCES[op](*a.values())
+    if op.startswith("decode_layer["):
+        return _decode_layer_reference(a)
     if op.startswith("moe_layer["):
         if a["int4"]:
             n = 12 * a["experts"]
@@ -267,8 +344,12 @@ def _label(op, name, index=None):
         return rf"{py}|shared expert {projs[j // 4]}: {parts[j % 4]}"
     if name == "linears":  # gptq_linears_cpu: four tensors per Linear
         return rf"{py}|linear {index // 4}: {parts[index % 4]}"
-    if name == "biases":
+    if name == "projections" and "decode_layer" in op:  # errors name the projection's slice of the list
+        if "int4" in op:
+            return re.escape("projections[0:12]") if index < 12 else re.escape("[12:16]")
         return py
+    if name == "biases":
+        return re.escape("biases[0:3]") if "decode_layer[int4]" in op and index < 3 else py
     if name == "tensors":  # dense pack: gate, up, down per expert, then the shared expert's
         if index < 3 * E:
             return rf"{py}|expert {index // 3} {('gate', 'up', 'down')[index % 3]} weight"
@@ -290,11 +371,21 @@ def _tensor_targets(op, args):
         if isinstance(value, torch.Tensor):
             yield name, None
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            if name == "tensors":
+            if name == "tensors" and "decode_layer" in op:  # one token: only its top-k experts are read
+                e0, e1 = _decode_layer_experts(args)
+                if "int4" in op:
+                    picks = [12 * e0 + 4, 12 * e0 + 7, 12 * e1 + 9, 12 * E + 1, 12 * E + 11]
+                else:
+                    picks = [3 * e0, 3 * e1 + 1, 3 * e1 + 2, 3 * E, 3 * E + 2]
+            elif name == "tensors":
                 if "int4" in op:
                     picks = [12 + 4, 12 + 7, 24 + 9, 12 * E + 1, 12 * E + 11]
                 else:
                     picks = [0, 3 + 1, 6 + 2, 3 * E, 3 * E + 2]
+            elif name == "projections":
+                picks = [0, 5, 11, 12, 15] if "int4" in op else [0, 1, 2, 3]
+            elif name == "biases" and "decode_layer" in op:
+                picks = [0, 2]
             else:
                 picks = _LIST_ELEMENTS[name]
             for i in picks:
@@ -356,6 +447,14 @@ def _scalar_cases(op, args):
     for name in ("scaling", "eps"):
         if name in args:
             bad(name, [math.inf, math.nan] + ([-1.0] if name == "eps" else []), rf"{name} must be finite")
+    if "held" in args:
+        bad("held", [-1, CAP, 2**40], r"held=-?\d+ must be in")
+        bad("eps1", [math.inf, math.nan, -1.0], r"eps must be finite")
+        bad("heads", [0, 2**40], r"heads=-?\d+ must be in")
+        bad("kv_heads", [0, NH + 1], r"kv_heads=-?\d+ must be in")
+        bad("kv_heads", [3], r"heads \(\d+\) must be a multiple of kv_heads")
+        bad("head_dim", [7], r"head_dim must be even")
+        bad("head_dim", [0, 2**40], r"head_dim=-?\d+ must be in")
     if "experts" in args and isinstance(args["experts"], int):
         bad("experts", [0, -1, 2**62], r"LayerPack: (experts=-?\d+ must be in|expected \d+ tensors)")
     return out
@@ -380,6 +479,8 @@ def _range_cases(op, args):
         g_targets.append(("shared", 11))  # the shared expert's down_proj's g_idx
     if op == "moe_layer[int4]":
         g_targets.append(("tensors", 24 + 11))  # expert 2 down_proj's g_idx
+    if op == "decode_layer[int4]":  # q_proj's and o_proj's g_idx, the second chosen expert's down_proj's
+        g_targets += [("projections", 3), ("projections", 15), ("tensors", 12 * _decode_layer_experts(args)[1] + 11)]
     if op == "gptq_linears_cpu":
         g_targets.append(("linears", 4 + 3))  # the second Linear's g_idx
     for name, index in g_targets:
@@ -395,7 +496,7 @@ def _range_cases(op, args):
 
 
 def _dtype_of(op, args):
-    key = next(k for k in ("x", "logits", "expert_out", "ids", "query") if k in args)
+    key = next(k for k in ("x", "logits", "expert_out", "ids", "query", "hidden") if k in args)
     return args[key].dtype if args[key].dtype.is_floating_point else torch.float32
 
 
@@ -424,7 +525,7 @@ def cases(op):
 
 CPU_OPS = ["topk_softmax", "moe_align", "moe_combine", "gptq_linear_cpu", "gptq_linears_cpu", "dense_linear_cpu",
            "decode_attention_cpu", "rms_norm_cpu", "rope_cpu", "moe_ffn_cpu",
-           "moe_ffn_int4_cpu", "moe_layer[dense]", "moe_layer[int4]"]
+           "moe_ffn_int4_cpu", "moe_layer[dense]", "moe_layer[int4]", "decode_layer[dense]", "decode_layer[int4]"]
 
 
 def run_case(op, case_id, args, expect):
@@ -543,7 +644,8 @@ def test_every_compiled_entry_point_is_in_the_table():
         functions = {n for n in dir(cpu_module()) if not n.startswith("_")}
         switches = {*PATH_SWITCHES, *(s for s in PATH_SWITCHES.values() if s)}
         kept = {"workspace_bytes", "release_workspace"}  # the layers' kept workspace (test_cpu_layer.py)
-        assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *kept, *switches}, functions
+        layer = {"DecodeLayerPack", "decode_layer"}  # the whole decode layer (moe/decode_layer.py)
+        assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *layer, *kept, *switches}, functions
 
 
 # The module's switches of its ISA-dependent paths (native_bf16.h, int4_vnni.h): getter -> setter.

@@ -79,30 +79,45 @@ if _DynamicLayer is not None:
                    **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            step = key_states.shape[-2]
+            kbuf, vbuf, held = self.reserve(key_states.shape, value_states.shape, key_states.dtype,
+                                            key_states.device)
+            kbuf.narrow(2, held, step).copy_(key_states)
+            vbuf.narrow(2, held, step).copy_(value_states)
+            return self.commit(held + step)
+
+        def reserve(self, key_shape: Sequence[int], value_shape: Sequence[int], dtype: torch.dtype,
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int]:
+            """(key buffer, value buffer, positions held): buffers whose first `held` positions hold this layer's
+            keys and values, with room after them for a step of key_shape / value_shape ([batch, heads, step,
+            head_dim]) in dtype on device. The caller writes the step there, then commits."""
             keys, values = self.keys, self.values
             state = self.__dict__
             kbuf, vbuf = state.get("_kbuf"), state.get("_vbuf")
             held = keys.shape[-2] if keys.dim() == 4 else 0
-            step = key_states.shape[-2]
-            need = held + step
+            need = held + key_shape[2]
             # The views handed out last step, untouched (the same objects over the same memory), are a prefix of
             # the buffers by construction: the per-step check is identity, the full one only for anything else.
             ours = (keys is state.get("_kview") and values is state.get("_vview")
                     and keys.data_ptr() == kbuf.data_ptr() and values.data_ptr() == vbuf.data_ptr())
             same = held == state.get("_written", -1) and (
                 ours or _prefix_of(keys, kbuf) and _prefix_of(values, vbuf))
-            if not (same and need <= kbuf.shape[-2] and _fits(key_states, kbuf) and _fits(value_states, vbuf)):
+            if not (same and need <= kbuf.shape[-2] and _fits(key_shape, dtype, device, kbuf)
+                    and _fits(value_shape, dtype, device, vbuf)):
                 room = need + max(KV_SPARE, need // 2)
-                kbuf = key_states.new_empty(*key_states.shape[:2], room, key_states.shape[3])
-                vbuf = value_states.new_empty(*value_states.shape[:2], room, value_states.shape[3])
+                kbuf = torch.empty(*key_shape[:2], room, key_shape[3], dtype=dtype, device=device)
+                vbuf = torch.empty(*value_shape[:2], room, value_shape[3], dtype=dtype, device=device)
                 if held:
                     kbuf.narrow(2, 0, held).copy_(keys)
                     vbuf.narrow(2, 0, held).copy_(values)
                 self._kbuf, self._vbuf = kbuf, vbuf
-            kbuf.narrow(2, held, step).copy_(key_states)
-            vbuf.narrow(2, held, step).copy_(value_states)
-            self.keys = self._kview = kbuf.narrow(2, 0, need)
-            self.values = self._vview = vbuf.narrow(2, 0, need)
+            return kbuf, vbuf, held
+
+        def commit(self, need: int) -> Tuple[torch.Tensor, torch.Tensor]:
+            """The buffers' first `need` positions (written by update or by the caller of reserve) become this
+            layer's keys and values."""
+            self.keys = self._kview = self._kbuf.narrow(2, 0, need)
+            self.values = self._vview = self._vbuf.narrow(2, 0, need)
             self._written = need
             return self.keys, self.values
 
@@ -110,10 +125,10 @@ if _DynamicLayer is not None:
             self._kbuf = self._vbuf = self._kview = self._vview = None
             super().reset()
 
-    def _fits(new: torch.Tensor, buf: torch.Tensor) -> bool:
-        """Whether a step's new states (batch, heads, head size, dtype, device) go into buf."""
-        return (new.dim() == 4 and new.dtype == buf.dtype and new.shape[:2] == buf.shape[:2]
-                and new.shape[3] == buf.shape[3] and (new.is_cpu and buf.is_cpu or new.device == buf.device))
+    def _fits(shape: Sequence[int], dtype: torch.dtype, device: torch.device, buf: torch.Tensor) -> bool:
+        """Whether a step of this shape (batch, heads, head size), dtype and device goes into buf."""
+        return (len(shape) == 4 and dtype == buf.dtype and tuple(shape[:2]) == tuple(buf.shape[:2])
+                and shape[3] == buf.shape[3] and (device.type == "cpu" and buf.is_cpu or device == buf.device))
 else:
     AppendingLayer = None
 
@@ -127,6 +142,24 @@ def append_kv_in_place(cache: Optional[Cache], layer_idx: int, key: torch.Tensor
     layers = getattr(cache, "layers", None)
     if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is _DynamicLayer:
         layers[layer_idx].__class__ = AppendingLayer
+
+
+def decode_kv_layer(cache: Optional[Cache], layer_idx: int) -> Any:
+    """The cache layer whose buffers a whole-layer decode step writes into (moe/decode_layer.py): an AppendingLayer
+    of a plain 5.x DynamicCache that already holds this layer's states; None for anything else (other caches,
+    offloading, 4.x, a layer not yet filled), where the step goes through cache.update."""
+    if (AppendingLayer is None or not APPEND_KV_IN_PLACE or type(cache) is not DynamicCache
+            or getattr(cache, "offloading", False)):
+        return None
+    layers = cache.layers
+    if layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if type(layer) is _DynamicLayer:
+        layer.__class__ = AppendingLayer
+    elif type(layer) is not AppendingLayer:
+        return None
+    return layer if layer.is_initialized and layer.keys.is_cpu else None
 
 
 def config_base_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

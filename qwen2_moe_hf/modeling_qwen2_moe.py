@@ -27,6 +27,7 @@ from .configuration_qwen2_moe import Qwen2MoeConfig
 from .loading import from_pretrained as load_checkpoint
 from .moe import (DecodeLinear, ExpertWeights, decode_attention, fused_projections, prepare, requested_backend,
                   rms_norm, rope, route)
+from .moe import decode_layer
 from .moe import resolve as resolve_backend
 from .moe import select as select_backend
 
@@ -349,6 +350,11 @@ def clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states
 
 
+# The modules a decode layer's one-call CPU step stands in for (moe/decode_layer.py).
+_DECODE_KINDS = decode_layer.DecodeKinds(attention=Qwen2MoeAttention, moe=Qwen2MoeSparseMoeBlock,
+                                         norm=Qwen2MoeRMSNorm)
+
+
 class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
     """attention and MoE (or dense MLP) blocks, each pre-normed with a residual. On transformers 5.x it is a
     GradientCheckpointingLayer: with gradient checkpointing on and in training, it checkpoints its own forward and
@@ -375,6 +381,11 @@ class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """-> (hidden_states, attention weights or None, router logits or None). attention_kwargs reach the
         attention function (5.x: e.g. a paged cache and sequence offsets from continuous batching)."""
+        if not output_attentions and not torch.is_grad_enabled():
+            fused = self._decode_step(hidden_states, position_embeddings, attention_mask, past_key_values,
+                                      attention_kwargs)
+            if fused is not None:
+                return fused[0], None, fused[1]
         residual = hidden_states
         hidden_states, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values,
@@ -389,6 +400,27 @@ class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
         else:
             hidden_states = self.mlp(hidden_states)
         return clamp_fp16(residual + hidden_states), attn_weights, router_logits
+
+    def _decode_step(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+                     attention_mask: Optional[torch.Tensor], past_key_values: Optional[compat.Cache],
+                     attention_kwargs: Dict[str, Any]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """CPU decode of one sequence: the forward above in one call to the CPU ops (moe/decode_layer.py: the same
+        ops, in the same order, bit for bit), with the new position written into the cache's buffers in place;
+        None where anything differs from that case (then the modules run)."""
+        cache_layer = compat.decode_kv_layer(past_key_values, self.self_attn.layer_idx)
+        if cache_layer is None:
+            return None
+        call = decode_layer.prepare(self, hidden_states, position_embeddings, attention_kwargs, _DECODE_KINDS)
+        if call is None:
+            return None
+        held = cache_layer.keys.shape[-2] if cache_layer.keys.dim() == 4 else 0
+        if not decode_layer.mask_fits(attention_mask, held + 1):
+            return None
+        shape = (1, call.plan.kv_heads, 1, call.plan.head_dim)
+        key_cache, value_cache, held = cache_layer.reserve(shape, shape, hidden_states.dtype, hidden_states.device)
+        out = decode_layer.run(call, hidden_states, key_cache, value_cache, held, attention_mask)
+        cache_layer.commit(held + 1)
+        return out
 
 
 def validate_config(config: Qwen2MoeConfig) -> None:

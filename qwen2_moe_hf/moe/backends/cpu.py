@@ -70,10 +70,12 @@ def _no_modes() -> bool:
             and not torch.compiler.is_compiling())
 
 
-def fused_layer(block: nn.Module, hidden_states: torch.Tensor,
-                weights: ExpertWeights) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(out [T, H] with the shared expert, router logits [T, E]) in one call, or None when this call must go the
-    general way (the caller checked that autograd is off)."""
+def layer_args(block: nn.Module, hidden_states: torch.Tensor,
+               weights: ExpertWeights) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], Any]]:
+    """(router weight, shared expert gate weight or None, LayerPack): the extension's arguments for this block on
+    these hidden states, or None when the call must go the general way (the caller checked that autograd is off).
+    The gate weight is None when the shared expert is not in the pack (none, or full precision beside 4-bit
+    experts: its modules compute it)."""
     modules = block._modules
     gate = modules.get("gate")
     if type(gate) is not nn.Linear or gate._forward_hooks or gate._forward_pre_hooks:
@@ -84,15 +86,26 @@ def fused_layer(block: nn.Module, hidden_states: torch.Tensor,
             or weight.dtype is not hidden_states.dtype or _torch_module._global_forward_hooks
             or _torch_module._global_forward_pre_hooks or not _no_modes()):
         return None
-    shared, shared_gate = weights.shared_module, None
-    if shared is not None:
+    shared_gate = None
+    if weights.shared_module is not None:
         shared_gate_module = modules.get("shared_expert_gate")
         if type(shared_gate_module) is not nn.Linear:
             return None
         shared_gate = shared_gate_module._parameters.get("weight")
     pack = weights.cached("cpu.pack", lambda: _pack(weights))
-    out, logits = cpu_module().moe_layer(hidden_states, weight, block.top_k, block.norm_topk_prob, pack,
-                                         shared_gate if weights.shared is not None else None)
+    return weight, shared_gate if weights.shared is not None else None, pack
+
+
+def fused_layer(block: nn.Module, hidden_states: torch.Tensor,
+                weights: ExpertWeights) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(out [T, H] with the shared expert, router logits [T, E]) in one call, or None when this call must go the
+    general way (the caller checked that autograd is off)."""
+    args = layer_args(block, hidden_states, weights)
+    if args is None:
+        return None
+    router, shared_gate, pack = args
+    out, logits = cpu_module().moe_layer(hidden_states, router, block.top_k, block.norm_topk_prob, pack, shared_gate)
+    shared = weights.shared_module
     if shared is not None and weights.shared is None:  # a full-precision shared expert beside 4-bit experts
         out = out + torch.sigmoid(block.shared_expert_gate(hidden_states)) * shared(hidden_states)
     return out, logits

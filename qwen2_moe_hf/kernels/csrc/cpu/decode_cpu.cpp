@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "decode_ops.h"
 #include "vec.h"
 
 namespace {
@@ -151,6 +152,10 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   });
 }
 
+}  // namespace
+
+namespace qmoe {
+
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 const c10::optional<at::Tensor>& mask, double scaling) {
   const char* op = "decode_attention_cpu";
@@ -189,6 +194,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
   return out;
 }
 
+}  // namespace qmoe
+
+namespace {
+
 template <typename T>
 void rms_rows(const T* x, const T* w, T* y, int64_t rows, int64_t N, float eps) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));  // one thread for a decode row
@@ -214,6 +223,10 @@ void rms_rows(const T* x, const T* w, T* y, int64_t rows, int64_t N, float eps) 
   });
 }
 
+}  // namespace
+
+namespace qmoe {
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const char* op = "rms_norm_cpu";
   TensorArg xa(x, op, "x", kCpu);
@@ -232,6 +245,10 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   });
   return y;
 }
+
+}  // namespace qmoe
+
+namespace {
 
 // Products and sums as eager torch rounds them: each one rounded to T. For float, products must not be fused into
 // the add (an FMA would round once where torch rounds twice).
@@ -263,6 +280,10 @@ void rope_rows(const at::Tensor& x, const T* cos, const T* sin, int64_t cos_batc
 }
 #pragma GCC pop_options
 
+}  // namespace
+
+namespace qmoe {
+
 std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& cos,
                                             const at::Tensor& sin) {
   const char* op = "rope_cpu";
@@ -287,10 +308,10 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& query, const at::T
   return {q_out, k_out};
 }
 
-}  // namespace
+}  // namespace qmoe
 
 TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
-  m.impl("rope_cpu", &rope_cpu);
-  m.impl("decode_attention_cpu", &decode_attention_cpu);
-  m.impl("rms_norm_cpu", &rms_norm_cpu);
+  m.impl("rope_cpu", &qmoe::rope_cpu);
+  m.impl("decode_attention_cpu", &qmoe::decode_attention_cpu);
+  m.impl("rms_norm_cpu", &qmoe::rms_norm_cpu);
 }

@@ -22,9 +22,10 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "decode_ops.h"
 #include "int4_gemm.h"
 
-namespace {
+namespace qmoe {
 
 at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
                            const at::Tensor& scales, const at::Tensor& g_idx, int64_t zero_offset,
@@ -93,9 +94,9 @@ std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList lin
   return out;
 }
 
-}  // namespace
+}  // namespace qmoe
 
 TORCH_LIBRARY_IMPL(qwen2_moe_hf, CPU, m) {
-  m.impl("gptq_linear_cpu", &gptq_linear_cpu);
-  m.impl("gptq_linears_cpu", &gptq_linears_cpu);
+  m.impl("gptq_linear_cpu", &qmoe::gptq_linear_cpu);
+  m.impl("gptq_linears_cpu", &qmoe::gptq_linears_cpu);
 }

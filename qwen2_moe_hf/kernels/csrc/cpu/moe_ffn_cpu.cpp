@@ -54,6 +54,7 @@
 #include "identity_watch.h"
 #include "int4_gemm.h"
 #include "bf16_dot.h"
+#include "decode_ops.h"
 #include "native_bf16.h"
 #include "routing.h"
 #include "vec.h"
@@ -1249,6 +1250,138 @@ std::tuple<at::Tensor, at::Tensor> moe_layer_packed(const at::Tensor& x, const a
   return {x.dim() == 2 ? out : out.view(x.sizes()), logits};
 }
 
+
+// One decode step of a whole decoder layer (one sequence, one new position) in one call, for the model's decode
+// lane (moe/decode_layer.py): a step of the 24-layer model spends ~0.25-0.45 ms per layer between its kernels
+// (a dozen op calls from Python, each with its checks and its cold-cache start; docs/benchmarks.md). It calls the
+// very functions the layer's modules reach through the ops, in the modules' order, so its result is theirs bit for
+// bit:
+//   h1 = h + o_proj(attention(rope(q, k), cache + k, cache + v)),  q, k, v = projections(rms_norm(h, ln1))
+//   out = h1 + moe_layer(rms_norm(h1, ln2))                         (each sum clamped to fp16's range in fp16)
+// The step's key (after RoPE) and value are written at position `held` of the caller's cache buffers
+// [1, kv_heads, capacity, head_dim], and attention reads positions [0, held]; the caller owns the buffers and
+// their bookkeeping (compat.AppendingLayer).
+struct DecodeLayerPack {
+  at::Tensor ln1, ln2;
+  double eps1 = 0, eps2 = 0, scaling = 1;
+  int64_t heads = 0, kv_heads = 0, head_dim = 0, zero_offset = 0;
+  bool int4 = false;
+  std::vector<at::Tensor> projections;         // dense: q, k, v, o weights; int4: 4 GPTQ tensors per Linear
+  c10::List<c10::optional<at::Tensor>> biases;  // q, k, v, o
+
+  DecodeLayerPack(at::Tensor ln1_, double eps1_, at::Tensor ln2_, double eps2_, std::vector<at::Tensor> projections_,
+                  std::vector<c10::optional<at::Tensor>> biases_, bool int4_, int64_t zero_offset_, int64_t heads_,
+                  int64_t kv_heads_, int64_t head_dim_, double scaling_)
+      : ln1(std::move(ln1_)), ln2(std::move(ln2_)), eps1(eps1_), eps2(eps2_), scaling(scaling_), heads(heads_),
+        kv_heads(kv_heads_), head_dim(head_dim_), zero_offset(zero_offset_), int4(int4_),
+        projections(std::move(projections_)) {
+    const char* op = "DecodeLayerPack";
+    const size_t want = int4 ? 16 : 4;
+    TORCH_CHECK(projections.size() == want, op, ": projections must hold ", int4 ? "the 4 GPTQ tensors (qweight, "
+                "qzeros, scales, g_idx) of q, k, v and o (16)" : "the weights of q, k, v and o (4)", ", got ",
+                projections.size());
+    TORCH_CHECK(biases_.size() == 4, op, ": biases must hold one entry (a tensor or None) for each of q, k, v and o, "
+                "got ", biases_.size());
+    for (auto& b : biases_) biases.push_back(b);
+    check_range(heads, 1, 1 << 20, op, "heads");
+    check_range(kv_heads, 1, heads, op, "kv_heads");
+    TORCH_CHECK(heads % kv_heads == 0, op, ": heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ")");
+    check_range(head_dim, 2, 1 << 16, op, "head_dim");
+    TORCH_CHECK(head_dim % 2 == 0, op, ": head_dim must be even, got ", head_dim);
+    check_range(zero_offset, 0, 1, op, "zero_offset");
+    TORCH_CHECK(std::isfinite(eps1) && eps1 >= 0 && std::isfinite(eps2) && eps2 >= 0, op,
+                ": eps must be finite and >= 0, got ", eps1, " and ", eps2);
+    TORCH_CHECK(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
+  }
+};
+
+// x + y as the model's eager `residual + hidden_states`, then its clamp_fp16 (values past fp16's range would
+// become inf, then NaN in the next norm).
+at::Tensor residual_add(const at::Tensor& x, const at::Tensor& y) {
+  at::Tensor s = x + y;
+  if (s.scalar_type() == at::kHalf) {
+    const double limit = 65504.0 - 1000.0;  // torch.finfo(torch.float16).max - 1000, as clamp_fp16
+    s = s.clamp(-limit, limit);
+  }
+  return s;
+}
+
+// f(), with any error it raises prefixed by the decode_layer argument(s) it came from: the functions called below
+// name their own arguments (x, weight, ...), which alone would not say which of the layer's tensors was at fault.
+template <typename F>
+auto naming(const char* what, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "decode_layer: ", what, ": ", e.what_without_backtrace());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                                                const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                                int64_t held, const c10::optional<at::Tensor>& mask,
+                                                const DecodeLayerPack& p, const at::Tensor& router_weight,
+                                                int64_t top_k, bool renormalize, const LayerPack& moe,
+                                                const c10::optional<at::Tensor>& shared_expert_gate) {
+  const char* op = "decode_layer";
+  TensorArg(hidden, op, "hidden", kCpu).floating();
+  TORCH_CHECK(hidden.dim() >= 1 && hidden.dim() <= 3 && hidden.numel() == hidden.size(-1) && hidden.numel() > 0,
+              op, ": hidden must be one position of one sequence ([1, 1, hidden] or [1, hidden]), got shape ",
+              hidden.sizes());
+  const int64_t H = hidden.size(-1), NH = p.heads, KVH = p.kv_heads, D = p.head_dim;
+  const at::ScalarType dtype = hidden.scalar_type();
+  TensorArg(cos, op, "cos", kCpu).dtype(dtype).sizes({1, 1, D}, "the pack's head_dim");
+  TensorArg(sin, op, "sin", kCpu).dtype(dtype).sizes({1, 1, D}, "the pack's head_dim");
+  TensorArg(key_cache, op, "key_cache", kCpu).dtype(dtype).dim(4).sizes({1, KVH, -1, D}, "the pack's heads");
+  TensorArg(value_cache, op, "value_cache", kCpu).dtype(dtype).dim(4)
+      .sizes({1, KVH, key_cache.size(2), D}, "key_cache");
+  TORCH_CHECK(!key_cache.is_alias_of(value_cache), op, ": key_cache and value_cache must not share memory");
+  check_range(held, 0, key_cache.size(2) - 1, op, "held");  // the buffers must have room for one more position
+  TORCH_CHECK(p.ln1.dim() == 1 && p.ln1.size(0) == H, op, ": hidden has ", H, " features, ln1 has shape ",
+              p.ln1.sizes());
+  const at::Tensor h = hidden.reshape({1, H});
+
+  const at::Tensor x = naming("ln1", [&] { return rms_norm_cpu(h, p.ln1, p.eps1); });
+  at::Tensor q, k, v;
+  if (p.int4) {
+    const std::vector<at::Tensor> out = naming("q_proj, k_proj, v_proj (projections[0:12], biases[0:3])", [&] {
+      c10::List<c10::optional<at::Tensor>> qkv_bias({p.biases.get(0), p.biases.get(1), p.biases.get(2)});
+      return gptq_linears_cpu(x, at::TensorList(p.projections).slice(0, 12), qkv_bias, p.zero_offset);
+    });
+    q = out[0], k = out[1], v = out[2];
+  } else {
+    q = naming("q_proj (projections[0], biases[0])", [&] { return dense_linear_cpu(x, p.projections[0], p.biases.get(0)); });
+    k = naming("k_proj (projections[1], biases[1])", [&] { return dense_linear_cpu(x, p.projections[1], p.biases.get(1)); });
+    v = naming("v_proj (projections[2], biases[2])", [&] { return dense_linear_cpu(x, p.projections[2], p.biases.get(2)); });
+  }
+  TORCH_CHECK(q.size(1) == NH * D && k.size(1) == KVH * D && v.size(1) == KVH * D, op,
+              ": q_proj, k_proj, v_proj (projections) give ", q.size(1), ", ", k.size(1), ", ", v.size(1),
+              " features; the pack's heads want ", NH * D, ", ", KVH * D, ", ", KVH * D);
+  // [1, heads, 1, D] views of the projections, as the attention module's view(...).transpose(1, 2).
+  auto [q_rot, k_rot] = rope_cpu(q.view({1, 1, NH, D}).transpose(1, 2), k.view({1, 1, KVH, D}).transpose(1, 2),
+                                 cos, sin);
+  key_cache.narrow(2, held, 1).copy_(k_rot);
+  value_cache.narrow(2, held, 1).copy_(v.view({1, 1, KVH, D}).transpose(1, 2));
+  const at::Tensor attn = naming("mask", [&] {
+    return decode_attention_cpu(q_rot, key_cache.narrow(2, 0, held + 1), value_cache.narrow(2, 0, held + 1), mask,
+                                p.scaling);
+  });
+  const at::Tensor a = attn.reshape({1, NH * D});
+  const at::Tensor o = naming("o_proj (projections[3] or [12:16], biases[3])", [&] {
+    return p.int4 ? gptq_linear_cpu(a, p.projections[12], p.projections[13], p.projections[14], p.projections[15],
+                                    p.zero_offset, p.biases.get(3))
+                  : dense_linear_cpu(a, p.projections[3], p.biases.get(3));
+  });
+  TORCH_CHECK(o.size(1) == H, op, ": o_proj (projections) gives ", o.size(1), " features, hidden has ", H);
+  const at::Tensor h1 = residual_add(h, o);
+
+  const at::Tensor x2 = naming("ln2", [&] { return rms_norm_cpu(h1, p.ln2, p.eps2); });
+  auto [moe_out, logits] = naming("the MoE block (router_weight, moe, shared_expert_gate)", [&] {
+    return moe_layer_packed(x2, router_weight, top_k, renormalize, moe, shared_expert_gate);
+  });
+  return {residual_add(h1, moe_out).view(hidden.sizes()), logits};
+}
+
 }  // namespace
 
 // The cpu backend's fused lane (moe/backends/cpu.py): the whole layer, router included, called as a plain Python
@@ -1305,6 +1438,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Rows per job from which GPTQ 4-bit GEMMs are dequantized to bf16 and go to oneDNN (0: never).");
   m.def("set_native_int4_rows", [](int64_t rows) { set_native_rows(NativeKind::kInt4Weights, rows); },
         py::arg("rows"));
+  py::class_<DecodeLayerPack>(m, "DecodeLayerPack")
+      .def(py::init<at::Tensor, double, at::Tensor, double, std::vector<at::Tensor>,
+                    std::vector<c10::optional<at::Tensor>>, bool, int64_t, int64_t, int64_t, int64_t, double>(),
+           py::arg("ln1"), py::arg("eps1"), py::arg("ln2"), py::arg("eps2"), py::arg("projections"),
+           py::arg("biases"), py::arg("int4"), py::arg("zero_offset"), py::arg("heads"), py::arg("kv_heads"),
+           py::arg("head_dim"), py::arg("scaling"));
+  m.def("decode_layer", [](const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                           const at::Tensor& key_cache, const at::Tensor& value_cache, int64_t held,
+                           const c10::optional<at::Tensor>& mask, const DecodeLayerPack& pack,
+                           const at::Tensor& router_weight, int64_t top_k, bool renormalize, const LayerPack& moe,
+                           const c10::optional<at::Tensor>& shared_expert_gate) {
+    RECORD_FUNCTION("qwen2_moe_hf::decode_layer", std::vector<c10::IValue>({hidden}));
+    py::gil_scoped_release no_gil;
+    return decode_layer(hidden, cos, sin, key_cache, value_cache, held, mask, pack, router_weight, top_k,
+                        renormalize, moe, shared_expert_gate);
+  }, py::arg("hidden"), py::arg("cos"), py::arg("sin"), py::arg("key_cache"), py::arg("value_cache"), py::arg("held"),
+     py::arg("mask"), py::arg("pack"), py::arg("router_weight"), py::arg("top_k"), py::arg("renormalize"),
+     py::arg("moe"), py::arg("shared_expert_gate"));
   m.def("moe_layer", [](const at::Tensor& x, const at::Tensor& router_weight, int64_t top_k, bool renormalize,
                         const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
     RECORD_FUNCTION("qwen2_moe_hf::moe_layer", std::vector<c10::IValue>({x}));

@@ -1,0 +1,211 @@
+"""A decode step of one sequence on CPU runs each decoder layer in one call (moe/decode_layer.py, the extension's
+decode_layer): the same ops in the same order as the modules, so greedy generate gives the same tokens, the same
+logits bit for bit and the same cache; and wherever the modules would compute anything else (hooks, replaced
+modules, attention weights, gradients, other caches, dtypes or backends, batches), the lane stands aside."""
+
+import pytest
+import torch
+
+from qwen2_moe_hf import compat
+from qwen2_moe_hf import modeling_qwen2_moe as modeling
+from qwen2_moe_hf.kernels.build import load_cpu_ops
+from qwen2_moe_hf.moe import decode_layer
+
+import helpers
+
+pytestmark = [
+    pytest.mark.skipif(compat.AppendingLayer is None,
+                       reason="transformers 4.x: the lane writes into 5.x DynamicCache layers' buffers"),
+    pytest.mark.skipif(not load_cpu_ops()[0], reason="CPU ops unavailable"),
+]
+
+
+@pytest.fixture
+def lane(monkeypatch):
+    """Counts the layer steps the lane runs; `lane.off()` makes every layer run its modules."""
+    class Lane:
+        calls = 0
+
+        def off(self):
+            monkeypatch.setattr(modeling.Qwen2MoeDecoderLayer, "_decode_step", lambda self, *a, **k: None)
+
+        def on(self):
+            monkeypatch.setattr(modeling.Qwen2MoeDecoderLayer, "_decode_step", step)
+
+    step = modeling.Qwen2MoeDecoderLayer._decode_step
+    counter = Lane()
+    run = decode_layer.run
+
+    def counting(*args, **kwargs):
+        counter.calls += 1
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(decode_layer, "run", counting)
+    return counter
+
+
+def _generate(model, ids, **kwargs):
+    kwargs = dict(dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       output_logits=True, return_dict_in_generate=True), **kwargs)
+    return model.generate(ids, **kwargs)
+
+
+def _same(a, b):
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
+def _same_cache(a, b):
+    for la, lb in zip(a.past_key_values.layers, b.past_key_values.layers):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+
+
+def _both(model, ids, lane, **kwargs):
+    lane.on()
+    lane.calls = 0
+    fused = _generate(model, ids, **kwargs)
+    calls = lane.calls
+    lane.off()
+    modules = _generate(model, ids, **kwargs)
+    assert lane.calls == calls
+    return fused, modules, calls
+
+
+IDS = torch.tensor([[5, 9, 2, 7, 1, 3, 11]])
+
+
+@pytest.mark.parametrize("preset", ["gqa", "top3_of_8_wide_heads", "sparse_step2_mha_norm", "mlp_only_mqa_norm"])
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "int4-bf16", "int4-fp16"])
+def test_generate_is_the_modules_bit_for_bit(preset, kind, lane):
+    model = helpers.build_model(preset)
+    if kind.startswith("int4"):
+        from qwen2_moe_hf.bench import int4_copy
+
+        model = int4_copy(model, attention=True, blocked=True)
+    model = model.to(torch.float16 if kind.endswith("fp16") else torch.bfloat16)
+    fused, modules, calls = _both(model, IDS, lane)
+    moe_layers = sum(isinstance(layer.mlp, modeling.Qwen2MoeSparseMoeBlock) for layer in model.model.layers)
+    assert calls == 5 * moe_layers  # every decode step (6 tokens: the prompt's step gives the first) of each
+    _same(fused, modules)
+    _same_cache(fused, modules)
+
+
+def test_the_lane_writes_the_cache_as_the_modules_do_through_regrowth(lane, monkeypatch):
+    """With room for 2 more positions per buffer, a generate of 12 regrows the buffers on the lane's steps."""
+    monkeypatch.setattr(compat, "KV_SPARE", 2)
+    model = helpers.build_model("gqa").bfloat16()
+    fused, modules, calls = _both(model, IDS, lane, max_new_tokens=12, min_new_tokens=12)
+    assert calls == 11 * 3
+    _same(fused, modules)
+    _same_cache(fused, modules)
+
+
+def _no_lane(model, ids, lane, **kwargs):
+    fused, modules, calls = _both(model, ids, lane, **kwargs)
+    assert calls == 0
+    _same(fused, modules)
+
+
+def test_hooks_and_replaced_modules_keep_the_modules(lane):
+    model = helpers.build_model("gqa").bfloat16()
+    seen = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 2 and len(seen) == 2 * 6  # layer 1 ran its modules (and the hook) on every step, both runs
+    _same(fused, modules)
+    handle.remove()
+    pre = model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: None)
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 2
+    pre.remove()
+    layer = model.model.layers[2]
+    layer.self_attn.o_proj = helpers.Scaled(layer.self_attn.o_proj)  # a PEFT-style wrapper
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 2
+    _same(fused, modules)
+    layer.self_attn.o_proj = layer.self_attn.o_proj.base
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    _same(fused, modules)
+
+
+def test_replaced_and_changed_tensors_are_read(lane):
+    """A tensor replaced after the lane's pack was built, or changed in place, is what the next step reads."""
+    model = helpers.build_model("gqa").bfloat16()
+    before = _generate(model, IDS)
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight.detach() * -2)
+    model.model.layers[1].post_attention_layernorm.weight.data = torch.full_like(
+        model.model.layers[1].post_attention_layernorm.weight, 0.5)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.v_proj.bias.mul_(3)
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    _same(fused, modules)
+    assert not all(torch.equal(x, y) for x, y in zip(before.logits, fused.logits))
+
+
+def test_other_calls_keep_the_modules(lane):
+    model = helpers.build_model("gqa").bfloat16()
+    _no_lane(model, torch.cat([IDS, IDS.flip(1)]), lane)  # a batch of two
+    _no_lane(model, IDS, lane, output_attentions=True)
+    with torch.no_grad():
+        cache = model(IDS, use_cache=True).past_key_values
+    step = model(IDS[:, :1], past_key_values=cache, use_cache=True)  # autograd on (generate turns it off)
+    assert lane.calls == 0 and step.logits.requires_grad
+    _no_lane(model, IDS, lane, cache_implementation="static")
+    model.config.moe_backend = "torch"
+    _no_lane(model, IDS, lane)
+    model.config.moe_backend = None
+    model.config._attn_implementation = "eager"
+    _no_lane(model, IDS, lane)
+    model.config._attn_implementation = "sdpa"
+    _no_lane(model.float(), IDS, lane)  # float32: DecodeLinear keeps torch's own Linear there
+
+
+def test_train_mode_keeps_the_modules(lane):
+    model = helpers.build_model("gqa").bfloat16()
+    model.model.layers[1].train()
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 2
+    _same(fused, modules)
+
+
+def test_prepare_declines_what_the_modules_would_compute_otherwise():
+    model = helpers.build_model("gqa").bfloat16()
+    layer = model.model.layers[0]
+    kinds = modeling._DECODE_KINDS
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    cos = torch.randn(1, 1, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds) is not None
+        assert decode_layer.prepare(layer, x.repeat(1, 2, 1), (cos, cos), {}, kinds) is None  # two positions
+        assert decode_layer.prepare(layer, x, (cos.float(), cos.float()), {}, kinds) is None
+        assert decode_layer.prepare(layer, x, (cos.repeat(1, 2, 1), cos.repeat(1, 2, 1)), {}, kinds) is None
+        assert decode_layer.prepare(layer, x, (cos, cos), {"softcap": 30.0}, kinds) is None
+        assert decode_layer.prepare(layer, x.double(), (cos, cos), {}, kinds) is None
+        layer.self_attn.sliding_window = 4
+        assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds) is None
+        layer.self_attn.sliding_window = None
+        layer.input_layernorm.variance_epsilon = 1e-3  # a plan holds the eps it was built with
+        assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds) is None
+        layer.input_layernorm.variance_epsilon = model.config.rms_norm_eps
+        assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds) is not None
+    assert decode_layer.mask_fits(None, 5)
+    assert decode_layer.mask_fits(torch.ones(1, 1, 1, 5, dtype=torch.bool), 5)
+    assert not decode_layer.mask_fits(torch.ones(1, 1, 1, 4, dtype=torch.bool), 5)
+    assert not decode_layer.mask_fits(torch.ones(1, 5, dtype=torch.bool), 5)
+
+
+def test_a_failing_step_leaves_the_cache_as_it_was(lane, monkeypatch):
+    """An error inside the one call (here a bad router weight) raises, and the cache still holds what it held."""
+    model = helpers.build_model("gqa").bfloat16()
+    with torch.no_grad():
+        out = model(IDS, use_cache=True)
+        cache = out.past_key_values
+        held = [layer.keys.clone() for layer in cache.layers]
+        model.model.layers[0].mlp.gate.weight.data = torch.zeros(6, 63, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="router_weight"):
+            model(IDS[:, :1], past_key_values=cache, use_cache=True)
+    assert lane.calls == 1
+    assert all(torch.equal(layer.keys, h) for layer, h in zip(cache.layers, held))
