@@ -163,6 +163,41 @@ def test_other_calls_keep_the_modules(lane):
     _no_lane(model.float(), IDS, lane)  # float32: DecodeLinear keeps torch's own Linear there
 
 
+def test_changed_attributes_are_read(lane):
+    model = helpers.build_model("gqa").bfloat16()
+    _generate(model, IDS)
+    model.model.layers[0].input_layernorm.variance_epsilon = 0.5
+    model.model.layers[1].mlp.top_k = 1
+    model.model.layers[2].self_attn.scaling = 0.1
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    _same(fused, modules)
+
+
+def test_converted_and_copied_models_plan_again(lane):
+    """.to() converts tensors in place (a plan's tensors would keep the old dtype): the layers drop their plans;
+    deepcopy and pickle give models that plan their own."""
+    import copy
+    import pickle
+
+    model = helpers.build_model("gqa").bfloat16()
+    first = _generate(model, IDS)
+    model.float()  # bf16 -> fp32 -> bf16 is exact
+    assert all("_decode_plan" not in layer.__dict__ for layer in model.model.layers)
+    _generate(model, IDS)
+    model.bfloat16()
+    lane.calls = 0
+    _same(first, _generate(model, IDS))
+    assert lane.calls == 5 * 3
+    model.half()
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    _same(fused, modules)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(layer.__dict__.get("_decode_plan") is None for layer in clone.model.layers)
+        _same(fused, _generate(clone, IDS))
+
+
 def test_train_mode_keeps_the_modules(lane):
     model = helpers.build_model("gqa").bfloat16()
     model.model.layers[1].train()
@@ -187,10 +222,16 @@ def test_prepare_declines_what_the_modules_would_compute_otherwise():
         layer.self_attn.sliding_window = 4
         assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds) is None
         layer.self_attn.sliding_window = None
-        layer.input_layernorm.variance_epsilon = 1e-3  # a plan holds the eps it was built with
+        plan = decode_layer.prepare(layer, x, (cos, cos), {}, kinds).plan
+        assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds).plan is plan  # kept while nothing changes
+        layer.input_layernorm.variance_epsilon = 1e-3  # an attribute the plan holds: planned again
+        again = decode_layer.prepare(layer, x, (cos, cos), {}, kinds).plan
+        assert again is not plan and decode_layer.prepare(layer, x, (cos, cos), {}, kinds).plan is again
+        layer.self_attn.training = True
         assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds) is None
-        layer.input_layernorm.variance_epsilon = model.config.rms_norm_eps
-        assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds) is not None
+        layer.self_attn.training = False
+        layer.mlp.top_k = 1
+        assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds).plan.top_k == 1
     assert decode_layer.mask_fits(None, 5)
     assert decode_layer.mask_fits(torch.ones(1, 1, 1, 5, dtype=torch.bool), 5)
     assert not decode_layer.mask_fits(torch.ones(1, 1, 1, 4, dtype=torch.bool), 5)

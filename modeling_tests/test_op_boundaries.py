@@ -702,6 +702,8 @@ cases = {
     "key not a str": (lambda: W([d], [0], [1]), r"keys\[0\] must be a str, not int"),
     "key a str subclass": (lambda: W([d], [type("S", (str,), {})("a")], [1]), r"keys\[0\] must be a str"),
     "none": (lambda: W(None, None, None), "incompatible constructor arguments"),
+    "empty not a dict": (lambda: W([d], ["a"], [1], [d, [1]]), r"empty\[1\] must be a dict, not list"),
+    "empty not a list": (lambda: W([d], ["a"], [1], d), "incompatible constructor arguments"),
 }
 for name, (make, regex) in cases.items():
     try:
@@ -715,6 +717,10 @@ e = {"a": object()}
 w = W([e], ["a"], [e["a"]])
 del e
 print("ALIVE", w.current())
+h = {}
+w = W([], [], [], [h])
+h["hook"] = 1
+print("HOOKED", w.current())
 """
 
 
@@ -729,10 +735,10 @@ def test_identity_watch_refuses_bad_arguments(cpu_ops_available):
     assert proc.returncode == 0, f"rc {proc.returncode}:\n{proc.stderr[-3000:]}"
     lines = proc.stdout.splitlines()
     results = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
-    assert len(results) == 6, proc.stdout
+    assert len(results) == 8, proc.stdout
     for name, got, regex in results:
         assert re.search(regex, got), f"{name}: {got!r} does not match {regex!r}"
-    assert "EMPTY True" in lines and "ALIVE True" in lines, proc.stdout
+    assert "EMPTY True" in lines and "ALIVE True" in lines and "HOOKED False" in lines, proc.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA twins (csrc/cuda/moe_ops.cu) "

@@ -350,6 +350,10 @@ def clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states
 
 
+def _drop_decode_plan(layer: nn.Module, incompatible_keys: Any = None) -> None:
+    decode_layer.drop(layer)
+
+
 # The modules a decode layer's one-call CPU step stands in for (moe/decode_layer.py).
 _DECODE_KINDS = decode_layer.DecodeKinds(attention=Qwen2MoeAttention, moe=Qwen2MoeSparseMoeBlock,
                                          norm=Qwen2MoeRMSNorm)
@@ -369,6 +373,11 @@ class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
             self.mlp = Qwen2MoeMLP(config, intermediate_size=config.intermediate_size)
         self.input_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.register_load_state_dict_post_hook(_drop_decode_plan)
+
+    def _apply(self, fn, *args, **kwargs):
+        _drop_decode_plan(self)  # tensors converted in place (.to(), .half()): plan the decode steps again
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(
         self,

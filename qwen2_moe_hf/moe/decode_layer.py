@@ -14,24 +14,31 @@ are not called, so the lane is taken only where calling them would have taken ex
   without extra keyword arguments, cos / sin of one position, and a mask the decode attention op takes.
 The caller (the decoder layer) brings the cache's buffers (compat.decode_kv_layer) and commits the new position.
 
-What the pack was built from is watched (an IdentityWatch over every module and tensor slot it read); a replaced
-module or tensor rebuilds it. A layer that cannot take the lane keeps a plan that says so, watched the same way.
+Everything a layer's plan was built from is watched by one IdentityWatch, checked once per call: every module and
+tensor slot it read (the experts' too), the scalar attributes it holds (training, eps, scaling, top_k, ...) as slots
+of their modules' __dict__, and the hook dicts of every module the modular forward would call, which must stay
+empty. A replaced module or tensor, a changed attribute or a new hook rebuilds the plan; `_apply` (.to(), .half())
+and load_state_dict drop it (Qwen2MoeDecoderLayer). A layer that cannot take the lane keeps a plan that says so,
+watched the same way. With caches cold, as they are in decode, this one check costs a fraction of the Python
+checks it replaces (~100-130 us per layer for those at the real shape).
 """
 
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from ..kernels.build import cpu_module, load_cpu_ops
-from .backends import requested_backend, resolve
+from .backends import ENV_BACKEND, registry_version, requested_backend, resolve
 from .backends import cpu as cpu_backend
 from .dense import _ATTENTION_EXTRAS, DecodeLinear
 from .weights import Int4Projection
 
 _DTYPES = (torch.bfloat16, torch.float16)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 class DecodeKinds(NamedTuple):
@@ -43,17 +50,36 @@ class DecodeKinds(NamedTuple):
 
 @dataclass(eq=False)
 class DecodePlan:
+    """What a layer's decode steps need beyond the step's own tensors, and how to tell it still holds."""
     dtype: torch.dtype
-    watch: Any  # IdentityWatch (or None: nothing could be read)
+    watch: Any  # IdentityWatch over every slot read, and the hook dicts that must stay empty
+    container: dict  # the experts' module dict, and its length when the plan was built
+    size: int = 0
     pack: Any = None  # the extension's DecodeLayerPack; None: this layer does not take the lane
-    modules: Tuple[nn.Module, ...] = ()  # whose hooks would run in the modular forward
-    scalars: Tuple[Any, ...] = ()  # (eps1, eps2, scaling) as the pack holds them
-    attention: Optional[nn.Module] = None
-    norms: Tuple[nn.Module, ...] = ()
-    block: Optional[nn.Module] = None
+    env: Optional[str] = None  # the backend environment variable, and the registry's version, when built
+    registry: int = -1
+    router: Optional[torch.Tensor] = None
+    shared_gate: Optional[torch.Tensor] = None
+    moe_pack: Any = None
+    top_k: int = 0
+    renormalize: bool = False
     kv_heads: int = 0
     head_dim: int = 0
+    config: Any = None  # read per call when its attention implementation is not a watched slot
     lanes: bool = False  # fp16 dense projections: taken only while the lanes kernel is on
+    hooked: Tuple[dict, ...] = ()  # a plan without the lane for hooks: their dicts (it holds while any has one)
+
+    def current(self, x: torch.Tensor) -> bool:
+        return (self.dtype is x.dtype and len(self.container) == self.size and self.watch.current()
+                and self.registry == registry_version() and self.env == os.environ.get(ENV_BACKEND)
+                and (not self.hooked or any(self.hooked)))
+
+    # Copies and pickles of a model build their own (the plan holds compiled objects).
+    def __deepcopy__(self, memo: Dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> Tuple[type, tuple]:
+        return type(None), ()
 
 
 class DecodeCall(NamedTuple):
@@ -61,9 +87,6 @@ class DecodeCall(NamedTuple):
     plan: DecodePlan
     cos: torch.Tensor
     sin: torch.Tensor
-    router: torch.Tensor
-    shared_gate: Optional[torch.Tensor]
-    moe_pack: Any
 
 
 def _no_modes() -> bool:
@@ -79,6 +102,9 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
     dicts: List[dict] = []
     keys: List[str] = []
     expected: List[Any] = []
+    empty: List[dict] = []
+    container: Dict[str, Any] = {}
+    size = 0
 
     def read(d: Dict[str, Any], key: str) -> Any:
         value = d.get(key)
@@ -87,20 +113,38 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
         expected.append(value)
         return value
 
+    def attrs(module: nn.Module, *names: str) -> List[Any]:
+        return [read(module.__dict__, name) for name in names]
+
     def done(**fields: Any) -> DecodePlan:
-        return DecodePlan(dtype=x.dtype, watch=cpu_module().IdentityWatch(dicts, keys, expected), **fields)
+        watch = cpu_module().IdentityWatch(dicts, keys, expected, empty)
+        return DecodePlan(dtype=x.dtype, watch=watch, container=container, size=size,
+                          env=os.environ.get(ENV_BACKEND), registry=registry_version(), **fields)
 
     mods = layer._modules
     attn, block = read(mods, "self_attn"), read(mods, "mlp")
     ln1, ln2 = read(mods, "input_layernorm"), read(mods, "post_attention_layernorm")
     if (type(attn) is not kinds.attention or type(block) is not kinds.moe or type(ln1) is not kinds.norm
-            or type(ln2) is not kinds.norm or getattr(attn, "sliding_window", None) is not None):
+            or type(ln2) is not kinds.norm):
         return done()
+    layer_training = read(layer.__dict__, "training")
+    attn_training, window, scaling, config = attrs(attn, "training", "sliding_window", "scaling", "config")
+    eps1, eps2 = attrs(ln1, "variance_epsilon")[0], attrs(ln2, "variance_epsilon")[0]
+    top_k, renormalize, block_config = attrs(block, "top_k", "norm_topk_prob", "config")
+    if layer_training or attn_training or window is not None:
+        return done()
+    # The attention implementation: a watched slot where the config keeps it in its __dict__ (transformers 5.x's
+    # _attn_implementation property reads _attn_implementation_internal); else read on every call.
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation != "sdpa":
+        return done()
+    watched_config = "_attn_implementation_internal" in config.__dict__
+    if watched_config:
+        read(config.__dict__, "_attn_implementation_internal")
     projs = [read(attn._modules, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     norm_weights = [read(ln._parameters, "weight") for ln in (ln1, ln2)]
     if not all(_plain(w) and w.is_cpu and w.dtype == x.dtype and w.dim() == 1 for w in norm_weights):
         return done()
-    block_mods = [read(block._modules, name) for name in ("gate", "shared_expert_gate", "experts", "shared_expert")]
     heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
     lanes = False
     if all(type(p) is DecodeLinear for p in projs):
@@ -115,8 +159,7 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
         projections, zero_offset, int4 = weights, 0, False
     elif all(isinstance(p, Int4Projection) for p in projs):
         args = [p.cpu_linear_args(x) for p in projs[:3]]
-        o_args = projs[3].cpu_linear_args(x.new_empty(1, heads * head_dim))
-        args.append(o_args)
+        args.append(projs[3].cpu_linear_args(x.new_empty(1, heads * head_dim)))
         if any(a is None for a in args) or len({a[4] for a in args}) != 1:
             return done()
         for p, a in zip(projs, args):  # watch the buffers the arguments came from
@@ -132,19 +175,40 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
         zero_offset, int4 = int(args[0][4]), True
     else:
         return done()
-    scalars = (float(ln1.variance_epsilon), float(ln2.variance_epsilon), float(attn.scaling))
-    pack = cpu_module().DecodeLayerPack(norm_weights[0], scalars[0], norm_weights[1], scalars[1], projections,
-                                        biases, int4, zero_offset, heads, kv_heads, head_dim, scalars[2])
-    modules = (attn, ln1, ln2, block, *projs, *(m for m in block_mods if isinstance(m, nn.Module)))
-    return done(pack=pack, modules=modules, scalars=scalars, attention=attn, norms=(ln1, ln2), block=block,
-                kv_heads=kv_heads, head_dim=head_dim, lanes=lanes)
+    # The MoE block: the cpu backend's fused lane, as the block's forward would resolve it now.
+    experts, shared = read(block._modules, "experts"), read(block._modules, "shared_expert")
+    gate, shared_expert_gate = read(block._modules, "gate"), read(block._modules, "shared_expert_gate")
+    read(block_config.__dict__, "moe_backend")
+    weights = experts.prepared_weights(shared)
+    chosen = resolve(requested_backend(getattr(block_config, "moe_backend", None)), weights, x.device, x.dtype)
+    if chosen.fused_layer is not cpu_backend.fused_layer or (
+            weights.shared_module is not None and weights.shared is None):  # that one adds its shared expert
+        return done()
+    moe = cpu_backend.layer_args(block, x, weights)
+    if moe is None:
+        return done()
+    read(gate._parameters, "weight")
+    if isinstance(shared_expert_gate, nn.Module):
+        read(shared_expert_gate._parameters, "weight")
+    expert_dicts, expert_keys, expert_expected, container, size = weights.watched()
+    dicts += expert_dicts
+    keys += expert_keys
+    expected += expert_expected
+    called = [attn, ln1, ln2, block, *projs, gate, experts, shared, shared_expert_gate]
+    hooks = [getattr(m, h) for m in called if isinstance(m, nn.Module) for h in _HOOKS]
+    if any(hooks):  # the modules run, with their hooks, until the last one is removed
+        return done(hooked=tuple(hooks))
+    empty += hooks
+    pack = cpu_module().DecodeLayerPack(norm_weights[0], float(eps1), norm_weights[1], float(eps2), projections,
+                                        biases, int4, zero_offset, heads, kv_heads, head_dim, float(scaling))
+    return done(pack=pack, router=moe[0], shared_gate=moe[1], moe_pack=moe[2], top_k=int(top_k),
+                renormalize=bool(renormalize), kv_heads=kv_heads, head_dim=head_dim,
+                config=None if watched_config else config, lanes=lanes)
 
 
-def _hooked(modules: Sequence[nn.Module]) -> bool:
-    for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return True
-    return False
+def drop(layer: nn.Module) -> None:
+    """Forget the layer's plan (its tensors may have been converted in place: .to(), .half(), load_state_dict)."""
+    layer.__dict__.pop("_decode_plan", None)
 
 
 def prepare(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
@@ -153,38 +217,24 @@ def prepare(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: 
     checks), else None. The caller has checked that autograd is off and attention weights are not wanted."""
     x = hidden_states
     if (type(x) is not torch.Tensor or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 or x.shape[1] != 1
-            or x.dtype not in _DTYPES or layer.training or _torch_module._global_forward_hooks
+            or x.dtype not in _DTYPES or _torch_module._global_forward_hooks
             or _torch_module._global_forward_pre_hooks or _torch_module._global_backward_hooks
             or not _no_modes() or not load_cpu_ops()[0]):
         return None
     if attention_kwargs and any(attention_kwargs.get(name) is not None for name in _ATTENTION_EXTRAS):
         return None
     plan = layer.__dict__.get("_decode_plan")
-    if plan is None or plan.dtype is not x.dtype or not plan.watch.current():
+    if plan is None or not plan.current(x):
         plan = layer.__dict__["_decode_plan"] = _build(layer, x, kinds)
-    if plan.pack is None:
-        return None
-    attn, block = plan.attention, plan.block
-    ln1, ln2 = plan.norms
-    if (attn.training or block.training or attn.sliding_window is not None or _hooked(plan.modules)
-            or (ln1.variance_epsilon, ln2.variance_epsilon, attn.scaling) != plan.scalars
-            or (getattr(attn.config, "_attn_implementation", None) or "sdpa") != "sdpa"
-            or plan.lanes and not cpu_module().dense_row_lanes()):
+    if (plan.pack is None or plan.lanes and not cpu_module().dense_row_lanes()
+            or plan.config is not None and (getattr(plan.config, "_attn_implementation", None) or "sdpa") != "sdpa"):
         return None
     cos, sin = position_embeddings
     if (type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype != x.dtype
             or sin.dtype != x.dtype or not cos.is_cpu or not sin.is_cpu or cos.dim() != 3 or cos.shape[:2] != (1, 1)
             or sin.shape != cos.shape or cos.shape[2] != plan.head_dim):
         return None
-    weights = block.experts.prepared_weights(block.shared_expert)
-    chosen = resolve(requested_backend(getattr(block.config, "moe_backend", None)), weights, x.device, x.dtype)
-    if chosen.fused_layer is not cpu_backend.fused_layer or (
-            weights.shared_module is not None and weights.shared is None):  # that one adds its shared expert
-        return None
-    args = cpu_backend.layer_args(block, x, weights)
-    if args is None:
-        return None
-    return DecodeCall(plan, cos, sin, *args)
+    return DecodeCall(plan, cos, sin)
 
 
 def mask_fits(mask: Optional[torch.Tensor], positions: int) -> bool:
@@ -197,7 +247,6 @@ def run(call: DecodeCall, hidden_states: torch.Tensor, key_cache: torch.Tensor, 
         mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(the layer's output [1, 1, hidden], router logits [1, experts]); the step's key and value are written at
     position `held` of the cache buffers."""
-    block = call.plan.block
-    return cpu_module().decode_layer(hidden_states, call.cos, call.sin, key_cache, value_cache, held, mask,
-                                     call.plan.pack, call.router, block.top_k, block.norm_topk_prob, call.moe_pack,
-                                     call.shared_gate)
+    p = call.plan
+    return cpu_module().decode_layer(hidden_states, call.cos, call.sin, key_cache, value_cache, held, mask, p.pack,
+                                     p.router, p.top_k, p.renormalize, p.moe_pack, p.shared_gate)

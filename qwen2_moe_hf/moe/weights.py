@@ -116,6 +116,11 @@ class ExpertWeights:
             watch = self._watch = module.IdentityWatch(self._dicts, self._keys, self._expected)
         return watch.current()
 
+    def watched(self) -> Tuple[List[dict], List[str], List[Any], dict, int]:
+        """(dicts, keys, expected, container, size): what current() checks, for a caller that folds it into its own
+        watch (moe/decode_layer.py): every slot read, and the experts' container with its length."""
+        return self._dicts, self._keys, self._expected, self._container, self._container_size
+
     def cached(self, key: Any, build: Callable[[], Any], valid: Optional[Callable[[Any], bool]] = None) -> Any:
         """A backend's cache (the CPU layer pack, Triton tables, the resolved backend), built once per object (and
         again when `valid` says the cached value no longer holds)."""

@@ -8,6 +8,7 @@ from .registry import (
     backend,
     env_report,
     register_backend,
+    registry_version,
     requested_backend,
     resolve,
     select,
@@ -21,4 +22,4 @@ register_backend(Backend("cpu", cpu.experts_cpu, cpu.supports, cpu.available, pr
 register_backend(Backend("triton", triton.experts_triton, triton.supports, triton.available, priority=20))
 
 __all__ = ["ENV_BACKEND", "Backend", "available_backends", "backend", "env_report", "register_backend",
-           "requested_backend", "resolve", "select", "unregister_backend"]
+           "registry_version", "requested_backend", "resolve", "select", "unregister_backend"]

@@ -77,6 +77,11 @@ def unregister_backend(name: str) -> None:
     _changed()
 
 
+def registry_version() -> int:
+    """Bumped by every change to the registry: what was resolved before it must resolve again."""
+    return _version[0]
+
+
 def _changed() -> None:
     _ordered[:] = sorted(_BACKENDS.values(), key=lambda b: b.priority)
     _version[0] += 1

@@ -1,4 +1,5 @@
-// IdentityWatch: "does dicts[i].get(keys[i]) still return expected[i] (by identity), for every i?" in one call.
+// IdentityWatch: "does dicts[i].get(keys[i]) still return expected[i] (by identity), for every i, and is every dict
+// of `empty` still empty?" in one call.
 //
 // The MoE layer's prepared weights (qwen2_moe_hf/moe/weights.py) ask this before every forward, over each expert's
 // module and tensor slots (~600 entries for a bf16 layer of 60 experts, ~1200 for int4), so that a replaced module
@@ -7,6 +8,9 @@
 // ~100 µs per layer for that; a plain C loop ~50 µs; prefetching every dict and its keys table first, then looking
 // up, ~20 µs (measured on Zen 5 after a 64 MiB read). The semantics are exactly the Python check's: a missing key
 // reads as None, dict subclasses are looked up without their __getitem__ / __missing__, as dict.get does.
+//
+// The decode layer's plan (moe/decode_layer.py) adds its modules' hook dicts as `empty` (a hook registered since is
+// seen) and its scalar attributes (training, eps, ...) as slots of the modules' __dict__.
 //
 // It holds strong references to every dict, key and expected object, so none can be freed and its address reused
 // while the watch lives (the identity test is sound), and it checks every argument at construction: the lists
@@ -24,7 +28,8 @@ namespace qwen2_moe_hf {
 
 class IdentityWatch {
  public:
-  IdentityWatch(const py::list& dicts, const py::list& keys, const py::list& expected) {
+  IdentityWatch(const py::list& dicts, const py::list& keys, const py::list& expected,
+                const py::list& empty = py::list()) {
     const size_t n = dicts.size();
     if (keys.size() != n || expected.size() != n) {
       throw py::value_error("IdentityWatch: dicts, keys and expected must have one length (got " +
@@ -52,10 +57,19 @@ class IdentityWatch {
       keys_.push_back(std::move(k));
       expected_.push_back(std::move(e));
     }
+    for (size_t i = 0; i < empty.size(); ++i) {
+      py::object d = empty[i];
+      if (!PyDict_Check(d.ptr())) {
+        throw py::type_error("IdentityWatch: empty[" + std::to_string(i) + "] must be a dict, not " +
+                             std::string(Py_TYPE(d.ptr())->tp_name));
+      }
+      empty_.push_back(std::move(d));
+    }
   }
 
   // True while every slot still holds its expected object. Called with the GIL held (pybind's default).
   bool current() const {
+    for (const py::object& d : empty_) __builtin_prefetch(d.ptr());
     for (const py::object& d : unique_dicts_) __builtin_prefetch(d.ptr());
 #if !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030E0000
     // The keys tables (where the lookups go first); read only to prefetch: a stale pointer cannot fault here.
@@ -67,6 +81,9 @@ class IdentityWatch {
       __builtin_prefetch(table + 192);
     }
 #endif
+    for (const py::object& d : empty_) {
+      if (PyDict_GET_SIZE(d.ptr()) != 0) return false;
+    }
     const size_t n = dicts_.size();
     for (size_t i = 0; i < n; ++i) {
       PyObject* value = PyDict_GetItemWithError(dicts_[i].ptr(), keys_[i].ptr());  // borrowed
@@ -82,13 +99,13 @@ class IdentityWatch {
   size_t size() const { return dicts_.size(); }
 
  private:
-  std::vector<py::object> dicts_, keys_, expected_, unique_dicts_;
+  std::vector<py::object> dicts_, keys_, expected_, unique_dicts_, empty_;
 };
 
 inline void register_identity_watch(py::module& m) {
   py::class_<IdentityWatch>(m, "IdentityWatch")
-      .def(py::init<const py::list&, const py::list&, const py::list&>(), py::arg("dicts"), py::arg("keys"),
-           py::arg("expected"))
+      .def(py::init<const py::list&, const py::list&, const py::list&, const py::list&>(), py::arg("dicts"),
+           py::arg("keys"), py::arg("expected"), py::arg("empty") = py::list())
       .def("current", &IdentityWatch::current)
       .def("__len__", &IdentityWatch::size);
 }
