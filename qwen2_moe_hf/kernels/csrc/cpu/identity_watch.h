@@ -9,6 +9,12 @@
 // up, ~20 µs (measured on Zen 5 after a 64 MiB read). The semantics are exactly the Python check's: a missing key
 // reads as None, dict subclasses are looked up without their __getitem__ / __missing__, as dict.get does.
 //
+// Where CPython keeps a per-dict version (PEP 509's ma_version_tag, changed by every modification of the dict;
+// CPython <= 3.11 here, where it is not deprecated), a check first compares each dict's version with the one it had
+// when every slot last held: all unchanged, nothing has moved, and the lookups are skipped (one cache line per dict
+// instead of a chain per slot). Any change to a dict (a watched slot or any other) sends the check through the full
+// lookups, which record the versions again when every slot holds.
+//
 // The decode layer's plan (moe/decode_layer.py) adds its modules' hook dicts as `empty` (a hook registered since is
 // seen) and its scalar attributes (training, eps, ...) as slots of the modules' __dict__.
 //
@@ -20,9 +26,14 @@
 #include <Python.h>
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <string>
 #include <unordered_set>
 #include <vector>
+
+#if !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030C0000
+#define QMOE_DICT_VERSIONS 1
+#endif
 
 namespace qwen2_moe_hf {
 
@@ -65,12 +76,21 @@ class IdentityWatch {
       }
       empty_.push_back(std::move(d));
     }
+    seen_.assign(unique_dicts_.size(), kNever);
   }
 
   // True while every slot still holds its expected object. Called with the GIL held (pybind's default).
   bool current() const {
     for (const py::object& d : empty_) __builtin_prefetch(d.ptr());
     for (const py::object& d : unique_dicts_) __builtin_prefetch(d.ptr());
+    for (const py::object& d : empty_) {
+      if (PyDict_GET_SIZE(d.ptr()) != 0) return false;
+    }
+#ifdef QMOE_DICT_VERSIONS
+    bool unchanged = true;
+    for (size_t u = 0; u < unique_dicts_.size(); ++u) unchanged &= version(unique_dicts_[u]) == seen_[u];
+    if (unchanged) return true;
+#endif
 #if !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030E0000
     // The keys tables (where the lookups go first); read only to prefetch: a stale pointer cannot fault here.
     for (const py::object& d : unique_dicts_) {
@@ -81,9 +101,6 @@ class IdentityWatch {
       __builtin_prefetch(table + 192);
     }
 #endif
-    for (const py::object& d : empty_) {
-      if (PyDict_GET_SIZE(d.ptr()) != 0) return false;
-    }
     const size_t n = dicts_.size();
     for (size_t i = 0; i < n; ++i) {
       PyObject* value = PyDict_GetItemWithError(dicts_[i].ptr(), keys_[i].ptr());  // borrowed
@@ -93,13 +110,22 @@ class IdentityWatch {
       }
       if (value != expected_[i].ptr()) return false;
     }
+#ifdef QMOE_DICT_VERSIONS
+    for (size_t u = 0; u < unique_dicts_.size(); ++u) seen_[u] = version(unique_dicts_[u]);
+#endif
     return true;
   }
 
   size_t size() const { return dicts_.size(); }
 
  private:
+  static constexpr uint64_t kNever = UINT64_MAX;  // no full check has passed yet
+#ifdef QMOE_DICT_VERSIONS
+  static uint64_t version(const py::object& d) { return reinterpret_cast<PyDictObject*>(d.ptr())->ma_version_tag; }
+#endif
+
   std::vector<py::object> dicts_, keys_, expected_, unique_dicts_, empty_;
+  mutable std::vector<uint64_t> seen_;  // per unique dict: its version when every slot last held
 };
 
 inline void register_identity_watch(py::module& m) {
