@@ -7,7 +7,9 @@ real 151,936-token vocabulary, --layers layers), bf16 and GPTQ-Int4, split into
 
 each against its floor: the bytes it must read once per token / the read bandwidth measured in the same run. Times
 come from forward hooks (perf_counter before and after each module; the hooks' own cost, a few microseconds per
-module, lands in "the rest") over whole `generate` calls, medians over interleaved repeats.
+module, lands in "the rest") over whole `generate` calls, medians over interleaved repeats. Hooks keep every layer
+on its modules (the one-call decode lane, moe/decode_layer.py, stands aside for them), so the split is the modules'
+path; the last row times the same generate without hooks, each layer's step in one call, as users run it.
 
     python benchmarks/decode_breakdown.py [--layers 4] [--prompt 128] [--new-tokens 32] [--repeats 3] [--quick]
 """
@@ -35,6 +37,7 @@ class Clock:
     def __init__(self, model: nn.Module) -> None:
         self.totals: Dict[str, float] = collections.defaultdict(float)
         self.handles = []
+        self.model = model
         base = model.model
         self._watch(base.embed_tokens, "embedding")
         self._watch(model.lm_head, "lm_head")
@@ -65,6 +68,11 @@ class Clock:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles = []
+
+    def attach(self) -> None:
+        if not self.handles:
+            self.__init__(self.model)
 
 
 def floors(model: nn.Module, int4: bool, ctx: int) -> Dict[str, int]:
@@ -91,7 +99,11 @@ def floors(model: nn.Module, int4: bool, ctx: int) -> Dict[str, int]:
 
 
 def run(model: nn.Module, clock: Clock, ids: torch.Tensor, new_tokens: int) -> Dict[str, float]:
-    """Seconds per decoded token by part, for one generate (the prefill step left out)."""
+    """Seconds per decoded token by part, for one generate (the prefill step left out); "plain": the same generate
+    without the hooks."""
+    clock.remove()
+    plain = bench.decode_step_time(model, ids, new_tokens)
+    clock.attach()
     marks: List[float] = []
     snapshots: List[Dict[str, float]] = []
 
@@ -113,6 +125,7 @@ def run(model: nn.Module, clock: Clock, ids: torch.Tensor, new_tokens: int) -> D
            "attn_core": spent["attn"] - spent["attn_proj"], "norms": spent["norms"], "lm_head": spent["lm_head"],
            "embedding": spent["embedding"]}
     out["rest"] = total - sum(out[p] for p in PARTS if p != "rest")
+    out["plain"] = plain
     return out
 
 
@@ -155,21 +168,22 @@ def main(argv=None) -> int:
     print("| part | bf16 ms | bf16 floor ms | bf16 x floor | int4 ms | int4 floor ms | int4 x floor |")
     print("|---|---|---|---|---|---|---|")
     floor = {name: floors(m, name == "int4", ctx) for name, m in models.items()}
-    for part in (*PARTS, "total"):
+    for part in (*PARTS, "total", "plain"):
         cells = []
         for name in models:
             t = statistics.median(samples[name][part])
-            if part == "total":
+            if part in ("total", "plain"):
                 f = sum(floor[name].values()) / read_bw
             else:
                 f = floor[name].get(part, 0) / read_bw
             ratio = f"{t / f:.2f}x" if f > 0 else "-"
             cells += [f"{t * 1e3:.2f}", f"{f * 1e3:.2f}" if f > 0 else "-", ratio]
-        label = "whole step" if part == "total" else LABELS[part]
+        label = {"total": "whole step (hooks: the modules)",
+                 "plain": "whole step without hooks (layers in one call)"}.get(part) or LABELS[part]
         print(f"| {label} | " + " | ".join(cells) + " |")
     for name in models:
-        t = statistics.median(samples[name]["total"])
-        print(f"\n{name}: {1 / t:.2f} tokens/s decode ({t * 1e3:.1f} ms/token)", end="")
+        t = statistics.median(samples[name]["plain"])
+        print(f"\n{name}: {1 / t:.2f} tokens/s decode ({t * 1e3:.1f} ms/token, no hooks)", end="")
     print()
     for c in clocks.values():
         c.remove()

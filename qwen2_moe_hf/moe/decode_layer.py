@@ -145,7 +145,7 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
     norm_weights = [read(ln._parameters, "weight") for ln in (ln1, ln2)]
     if not all(_plain(w) and w.is_cpu and w.dtype == x.dtype and w.dim() == 1 for w in norm_weights):
         return done()
-    heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    heads, kv_heads, head_dim = attrs(attn, "num_heads", "num_key_value_heads", "head_dim")
     lanes = False
     if all(type(p) is DecodeLinear for p in projs):
         weights = [read(p._parameters, "weight") for p in projs]
