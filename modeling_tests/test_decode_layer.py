@@ -250,3 +250,21 @@ def test_a_failing_step_leaves_the_cache_as_it_was(lane, monkeypatch):
             model(IDS[:, :1], past_key_values=cache, use_cache=True)
     assert lane.calls == 1
     assert all(torch.equal(layer.keys, h) for layer, h in zip(cache.layers, held))
+
+
+def test_the_cache_layer_is_taken_only_on_the_cpu():
+    """decode_kv_layer hands out (and makes appending) only initialized CPU layers of a plain DynamicCache."""
+    cache = compat.DynamicCache()
+    assert compat.decode_kv_layer(cache, 0) is None  # no layer yet
+    states = torch.zeros(1, 2, 3, 4)
+    cache.update(states, states, 0)
+    cache.update(states.to("meta"), states.to("meta"), 1)
+    assert compat.decode_kv_layer(cache, 1) is None and type(cache.layers[1]) is not compat.AppendingLayer
+    assert compat.decode_kv_layer(cache, 0) is cache.layers[0] and type(cache.layers[0]) is compat.AppendingLayer
+    assert compat.decode_kv_layer(cache, 2) is None
+    assert compat.decode_kv_layer(None, 0) is None
+    compat.APPEND_KV_IN_PLACE = False
+    try:
+        assert compat.decode_kv_layer(cache, 0) is None
+    finally:
+        compat.APPEND_KV_IN_PLACE = True

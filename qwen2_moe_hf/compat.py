@@ -155,11 +155,10 @@ def decode_kv_layer(cache: Optional[Cache], layer_idx: int) -> Any:
     if layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    if type(layer) is _DynamicLayer:
-        layer.__class__ = AppendingLayer
-    elif type(layer) is not AppendingLayer:
+    if type(layer) not in (_DynamicLayer, AppendingLayer) or not layer.is_initialized or not layer.keys.is_cpu:
         return None
-    return layer if layer.is_initialized and layer.keys.is_cpu else None
+    layer.__class__ = AppendingLayer  # as append_kv_in_place: CPU layers append in place
+    return layer
 
 
 def config_base_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -1250,7 +1250,6 @@ std::tuple<at::Tensor, at::Tensor> moe_layer_packed(const at::Tensor& x, const a
   return {x.dim() == 2 ? out : out.view(x.sizes()), logits};
 }
 
-
 // One decode step of a whole decoder layer (one sequence, one new position) in one call, for the model's decode
 // lane (moe/decode_layer.py): a step of the 24-layer model spends ~0.25-0.45 ms per layer between its kernels
 // (a dozen op calls from Python, each with its checks and its cold-cache start; docs/benchmarks.md). It calls the
