@@ -159,7 +159,9 @@ def test_other_calls_keep_the_modules(lane):
     model.config.moe_backend = None
     model.config._attn_implementation = "eager"
     _no_lane(model, IDS, lane)
-    model.config._attn_implementation = "sdpa"
+    model.config._attn_implementation = "sdpa"  # back: the lane again
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
     _no_lane(model.float(), IDS, lane)  # float32: DecodeLinear keeps torch's own Linear there
 
 
@@ -196,6 +198,21 @@ def test_converted_and_copied_models_plan_again(lane):
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert all(layer.__dict__.get("_decode_plan") is None for layer in clone.model.layers)
         _same(fused, _generate(clone, IDS))
+
+
+def test_a_gptq_kernel_switched_to_torch_keeps_the_modules(lane, monkeypatch):
+    """4-bit projections asked per call: with their torch kernel chosen (the environment switch), the modules run."""
+    from qwen2_moe_hf.bench import int4_copy
+    from qwen2_moe_hf.gptq import linear as gptq_linear
+
+    model = int4_copy(helpers.build_model("gqa"), attention=True, blocked=True).bfloat16()
+    _generate(model, IDS)
+    monkeypatch.setenv(gptq_linear.ENV_KERNEL, "torch")
+    _no_lane(model, IDS, lane)
+    monkeypatch.delenv(gptq_linear.ENV_KERNEL)
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    _same(fused, modules)
 
 
 def test_train_mode_keeps_the_modules(lane):

@@ -65,9 +65,9 @@ class DecodePlan:
     renormalize: bool = False
     kv_heads: int = 0
     head_dim: int = 0
-    config: Any = None  # read per call when its attention implementation is not a watched slot
     lanes: bool = False  # fp16 dense projections: taken only while the lanes kernel is on
     hooked: Tuple[dict, ...] = ()  # a plan without the lane for hooks: their dicts (it holds while any has one)
+    int4_probe: Optional[nn.Module] = None  # 4-bit projections: asked per call whether they still take their op
 
     def current(self, x: torch.Tensor) -> bool:
         return (self.dtype is x.dtype and len(self.container) == self.size and self.watch.current()
@@ -133,14 +133,13 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
     top_k, renormalize, block_config = attrs(block, "top_k", "norm_topk_prob", "config")
     if layer_training or attn_training or window is not None:
         return done()
-    # The attention implementation: a watched slot where the config keeps it in its __dict__ (transformers 5.x's
-    # _attn_implementation property reads _attn_implementation_internal); else read on every call.
-    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    if implementation != "sdpa":
+    # The attention implementation, a watched slot: transformers 5.x's _attn_implementation property reads
+    # _attn_implementation_internal from the config's __dict__ (a config keeping it elsewhere: no lane).
+    if "_attn_implementation_internal" not in getattr(config, "__dict__", {}):
         return done()
-    watched_config = "_attn_implementation_internal" in config.__dict__
-    if watched_config:
-        read(config.__dict__, "_attn_implementation_internal")
+    read(config.__dict__, "_attn_implementation_internal")
+    if (getattr(config, "_attn_implementation", None) or "sdpa") != "sdpa":
+        return done()
     projs = [read(attn._modules, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     norm_weights = [read(ln._parameters, "weight") for ln in (ln1, ln2)]
     if not all(_plain(w) and w.is_cpu and w.dtype == x.dtype and w.dim() == 1 for w in norm_weights):
@@ -184,26 +183,26 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
     if chosen.fused_layer is not cpu_backend.fused_layer or (
             weights.shared_module is not None and weights.shared is None):  # that one adds its shared expert
         return done()
-    moe = cpu_backend.layer_args(block, x, weights)
-    if moe is None:
-        return done()
-    read(gate._parameters, "weight")
-    if isinstance(shared_expert_gate, nn.Module):
-        read(shared_expert_gate._parameters, "weight")
-    expert_dicts, expert_keys, expert_expected, container, size = weights.watched()
-    dicts += expert_dicts
-    keys += expert_keys
-    expected += expert_expected
     called = [attn, ln1, ln2, block, *projs, gate, experts, shared, shared_expert_gate]
     hooks = [getattr(m, h) for m in called if isinstance(m, nn.Module) for h in _HOOKS]
     if any(hooks):  # the modules run, with their hooks, until the last one is removed
         return done(hooked=tuple(hooks))
+    for linear in (gate, shared_expert_gate):
+        if isinstance(linear, nn.Module):
+            read(linear._parameters, "weight")
+    moe = cpu_backend.layer_args(block, x, weights)
+    if moe is None:
+        return done()
+    expert_dicts, expert_keys, expert_expected, container, size = weights.watched()
+    dicts += expert_dicts
+    keys += expert_keys
+    expected += expert_expected
     empty += hooks
     pack = cpu_module().DecodeLayerPack(norm_weights[0], float(eps1), norm_weights[1], float(eps2), projections,
                                         biases, int4, zero_offset, heads, kv_heads, head_dim, float(scaling))
     return done(pack=pack, router=moe[0], shared_gate=moe[1], moe_pack=moe[2], top_k=int(top_k),
                 renormalize=bool(renormalize), kv_heads=kv_heads, head_dim=head_dim,
-                config=None if watched_config else config, lanes=lanes)
+                lanes=lanes, int4_probe=projs[0] if int4 else None)
 
 
 def drop(layer: nn.Module) -> None:
@@ -227,7 +226,7 @@ def prepare(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: 
     if plan is None or not plan.current(x):
         plan = layer.__dict__["_decode_plan"] = _build(layer, x, kinds)
     if (plan.pack is None or plan.lanes and not cpu_module().dense_row_lanes()
-            or plan.config is not None and (getattr(plan.config, "_attn_implementation", None) or "sdpa") != "sdpa"):
+            or plan.int4_probe is not None and plan.int4_probe.cpu_linear_args(x) is None):
         return None
     cos, sin = position_embeddings
     if (type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype != x.dtype
