@@ -37,18 +37,14 @@ class Clock:
     def __init__(self, model: nn.Module) -> None:
         self.totals: Dict[str, float] = collections.defaultdict(float)
         self.handles = []
-        self.model = model
         base = model.model
-        self._watch(base.embed_tokens, "embedding")
-        self._watch(model.lm_head, "lm_head")
-        self._watch(base.norm, "norms")
+        self.watched = [(base.embed_tokens, "embedding"), (model.lm_head, "lm_head"), (base.norm, "norms")]
         for layer in base.layers:
-            self._watch(layer.mlp, "moe")
-            self._watch(layer.self_attn, "attn")
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                self._watch(getattr(layer.self_attn, name), "attn_proj")
-            self._watch(layer.input_layernorm, "norms")
-            self._watch(layer.post_attention_layernorm, "norms")
+            self.watched += [(layer.mlp, "moe"), (layer.self_attn, "attn")]
+            self.watched += [(getattr(layer.self_attn, name), "attn_proj")
+                             for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            self.watched += [(layer.input_layernorm, "norms"), (layer.post_attention_layernorm, "norms")]
+        self.attach()
 
     def _watch(self, module: nn.Module, part: str) -> None:
         starts: List[float] = []
@@ -65,14 +61,15 @@ class Clock:
     def reset(self) -> None:
         self.totals.clear()
 
+    def attach(self) -> None:
+        if not self.handles:
+            for module, part in self.watched:
+                self._watch(module, part)
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-    def attach(self) -> None:
-        if not self.handles:
-            self.__init__(self.model)
 
 
 def floors(model: nn.Module, int4: bool, ctx: int) -> Dict[str, int]:

@@ -10,6 +10,7 @@ from qwen2_moe_hf import compat
 from qwen2_moe_hf import modeling_qwen2_moe as modeling
 from qwen2_moe_hf.kernels.build import load_cpu_ops
 from qwen2_moe_hf.moe import decode_layer
+from qwen2_moe_hf.moe.dense import mask_fits
 
 import helpers
 
@@ -249,10 +250,10 @@ def test_prepare_declines_what_the_modules_would_compute_otherwise():
         layer.self_attn.training = False
         layer.mlp.top_k = 1
         assert decode_layer.prepare(layer, x, (cos, cos), {}, kinds).plan.top_k == 1
-    assert decode_layer.mask_fits(None, 5)
-    assert decode_layer.mask_fits(torch.ones(1, 1, 1, 5, dtype=torch.bool), 5)
-    assert not decode_layer.mask_fits(torch.ones(1, 1, 1, 4, dtype=torch.bool), 5)
-    assert not decode_layer.mask_fits(torch.ones(1, 5, dtype=torch.bool), 5)
+    assert mask_fits(None, 5)
+    assert mask_fits(torch.ones(1, 1, 1, 5, dtype=torch.bool), 5)
+    assert not mask_fits(torch.ones(1, 1, 1, 4, dtype=torch.bool), 5)
+    assert not mask_fits(torch.ones(1, 5, dtype=torch.bool), 5)
 
 
 def test_a_failing_step_leaves_the_cache_as_it_was(lane, monkeypatch):

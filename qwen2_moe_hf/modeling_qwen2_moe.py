@@ -28,6 +28,7 @@ from .loading import from_pretrained as load_checkpoint
 from .moe import (DecodeLinear, ExpertWeights, decode_attention, fused_projections, prepare, requested_backend,
                   rms_norm, rope, route)
 from .moe import decode_layer
+from .moe.dense import mask_fits
 from .moe import resolve as resolve_backend
 from .moe import select as select_backend
 
@@ -423,7 +424,7 @@ class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
         if call is None:
             return None
         held = cache_layer.keys.shape[-2] if cache_layer.keys.dim() == 4 else 0
-        if not decode_layer.mask_fits(attention_mask, held + 1):
+        if not mask_fits(attention_mask, held + 1):
             return None
         shape = (1, call.plan.kv_heads, 1, call.plan.head_dim)
         key_cache, value_cache, held = cache_layer.reserve(shape, shape, hidden_states.dtype, hidden_states.device)

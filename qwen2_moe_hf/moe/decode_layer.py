@@ -89,11 +89,6 @@ class DecodeCall(NamedTuple):
     sin: torch.Tensor
 
 
-def _no_modes() -> bool:
-    return (not torch._C._is_torch_function_mode_enabled() and not torch._C._len_torch_dispatch_stack()
-            and not torch.compiler.is_compiling())
-
-
 def _plain(t: Any) -> bool:
     return type(t) is nn.Parameter or type(t) is torch.Tensor
 
@@ -218,7 +213,7 @@ def prepare(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: 
     if (type(x) is not torch.Tensor or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 or x.shape[1] != 1
             or x.dtype not in _DTYPES or _torch_module._global_forward_hooks
             or _torch_module._global_forward_pre_hooks or _torch_module._global_backward_hooks
-            or not _no_modes() or not load_cpu_ops()[0]):
+            or not cpu_backend.no_modes() or not load_cpu_ops()[0]):
         return None
     if attention_kwargs and any(attention_kwargs.get(name) is not None for name in _ATTENTION_EXTRAS):
         return None
@@ -234,12 +229,6 @@ def prepare(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: 
             or sin.shape != cos.shape or cos.shape[2] != plan.head_dim):
         return None
     return DecodeCall(plan, cos, sin)
-
-
-def mask_fits(mask: Optional[torch.Tensor], positions: int) -> bool:
-    """Whether the decode attention op takes this mask for `positions` keys (as dense.decode_attention asks)."""
-    return mask is None or (type(mask) is torch.Tensor and mask.dim() == 4 and mask.shape[2] == 1
-                            and mask.shape[-1] == positions)
 
 
 def run(call: DecodeCall, hidden_states: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, held: int,

@@ -69,13 +69,20 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             or not _no_grad_needed(query, key, value) or torch.compiler.is_compiling()):
         return None
     if attention_mask is not None:
-        if attention_mask.dim() != 4 or attention_mask.shape[-1] != key.shape[2] or attention_mask.shape[2] != 1:
+        if not mask_fits(attention_mask, key.shape[2]):
             return None
     elif sliding_window is not None and key.shape[2] > sliding_window:
         return None
     if not load_cpu_ops()[0]:
         return None
     return torch.ops.qwen2_moe_hf.decode_attention_cpu(query, key, value, attention_mask, float(scaling))
+
+
+def mask_fits(mask: Optional[torch.Tensor], positions: int) -> bool:
+    """Whether decode_attention_cpu takes this mask for one query over `positions` keys: none, or a 4-D tensor
+    [.., .., 1, positions] (the op checks the rest and broadcasts batch and heads)."""
+    return mask is None or (type(mask) is torch.Tensor and mask.dim() == 4 and mask.shape[2] == 1
+                            and mask.shape[-1] == positions)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:

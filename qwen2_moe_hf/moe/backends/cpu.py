@@ -65,7 +65,8 @@ def _pack(weights: ExpertWeights) -> Any:
     return cpu_module().LayerPack(tensors, weights.num_experts, weights.kind == "int4", weights.zero_offset)
 
 
-def _no_modes() -> bool:
+def no_modes() -> bool:
+    """Outside torch.compile and function / dispatch modes (which must see every op the model calls)."""
     return (not torch._C._is_torch_function_mode_enabled() and not torch._C._len_torch_dispatch_stack()
             and not torch.compiler.is_compiling())
 
@@ -84,7 +85,7 @@ def layer_args(block: nn.Module, hidden_states: torch.Tensor,
     if (weight is None or gate._parameters.get("bias") is not None or type(hidden_states) is not torch.Tensor
             or type(weight) is not nn.Parameter and type(weight) is not torch.Tensor or not weight.is_cpu
             or weight.dtype is not hidden_states.dtype or _torch_module._global_forward_hooks
-            or _torch_module._global_forward_pre_hooks or not _no_modes()):
+            or _torch_module._global_forward_pre_hooks or not no_modes()):
         return None
     shared_gate = None
     if weights.shared_module is not None:
