@@ -241,6 +241,52 @@ def test_fused_lane_gives_way(case):
         assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+HOOKED = ["experts", "experts.{e}", "experts.{e}.up_proj", "shared_expert", "shared_expert.down_proj",
+          "shared_expert_gate"]
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["forward_hook", "forward_pre_hook"])
+@pytest.mark.parametrize("target", HOOKED)
+def test_hooks_on_the_modules_the_lane_stands_in_for_run(target, pre):
+    """A hook on a module the fused lane computes without calling (the experts' container, an expert, one of its
+    projections, the shared expert and its gate) runs as the modules' forward would run it, also when registered
+    after the weights were prepared; removing it brings the lane back. (The cpu backend named explicitly refuses a
+    layer whose experts' modules must run, naming the hooked module.)"""
+    block = _block(torch.float32, seed=7)
+    block.config.moe_backend = None
+    x = torch.randn(1, 6, 40)
+    with torch.no_grad():
+        (_, logits), events = _profiled(lambda: block(x, return_router_logits=True))
+    assert LAYER_EVENT in events
+    e = int(route(logits, 3, False)[1][0, 0])  # an expert the first token is routed to
+    module = block.get_submodule(target.format(e=e))
+    calls = []
+    if pre:
+        handle = module.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
+    else:
+        handle = module.register_forward_hook(lambda m, args, out: calls.append(out.clone()))
+    if target.startswith("experts."):
+        block.config.moe_backend = "cpu"
+        with torch.no_grad(), pytest.raises(RuntimeError, match=rf"hooks on {target.format(e=e)}\b"):
+            block(x)
+        block.config.moe_backend = None
+    expected_block = _torch_copy(block)  # the hook is copied with it: the reference's calls come second
+    with torch.no_grad():
+        out = block(x)
+        ours = len(calls)
+        want = expected_block(x)
+    assert ours > 0 and len(calls) == 2 * ours, f"{target}: {ours} calls, the reference {len(calls) - ours}"
+    for got, ref in zip(calls[:ours], calls[ours:]):
+        _assert_close(got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1]), torch.float32, target)
+    _assert_close(out.reshape(-1, 40), want.reshape(-1, 40), torch.float32, target)
+    handle.remove()
+    calls.clear()
+    with torch.no_grad():
+        again, events = _profiled(lambda: block(x))
+    assert LAYER_EVENT in events and not calls, f"{target}: the lane did not come back"
+    torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-5)
+
+
 def test_a_backend_registered_ahead_of_cpu_takes_cpu_inputs():
     """`auto` keeps the registry's order, and a registration reaches layers that resolved before it."""
     block = _block(torch.float32, seed=6)

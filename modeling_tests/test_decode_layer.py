@@ -130,6 +130,47 @@ def test_hooks_and_replaced_modules_keep_the_modules(lane):
     _same(fused, modules)
 
 
+def test_hooks_on_the_experts_run_and_their_removal_brings_the_lane_back(lane):
+    """Hooks registered after the plans were built, on every routed expert's down_proj of layer 1 and on layer 0's
+    shared expert's up_proj (modules the lane computes without calling): those layers run their modules, the hooks
+    see what they see there; removed, every layer takes the lane again."""
+    model = helpers.build_model("gqa").bfloat16()
+    _, _, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    seen = []
+    handles = [expert.down_proj.register_forward_hook(lambda m, i, o: seen.append(("routed", o.float().sum())))
+               for expert in model.model.layers[1].mlp.experts]
+    handles.append(model.model.layers[0].mlp.shared_expert.up_proj.register_forward_pre_hook(
+        lambda m, args: seen.append(("shared", args[0].float().sum()))))
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 1  # layer 2 only
+    _same(fused, modules)
+    half = len(seen) // 2
+    assert seen[:half] == seen[half:] and sum(kind == "shared" for kind, _ in seen[:half]) == 6
+    assert any(kind == "routed" for kind, _ in seen[:half])
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3 and not seen
+    _same(fused, modules)
+
+
+def test_a_wrapped_expert_keeps_the_modules_until_unwrapped(lane):
+    """A plan without the lane because of a wrapped expert projection (PEFT-style) watches the experts' slots: once
+    the wrapper is gone, the next step takes the lane again."""
+    model = helpers.build_model("gqa").bfloat16()
+    expert = model.model.layers[1].mlp.experts[0]
+    expert.gate_proj = helpers.Scaled(expert.gate_proj)
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 2
+    _same(fused, modules)
+    expert.gate_proj = expert.gate_proj.base
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    _same(fused, modules)
+
+
 def test_replaced_and_changed_tensors_are_read(lane):
     """A tensor replaced after the lane's pack was built, or changed in place, is what the next step reads."""
     model = helpers.build_model("gqa").bfloat16()

@@ -174,10 +174,18 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
     gate, shared_expert_gate = read(block._modules, "gate"), read(block._modules, "shared_expert_gate")
     read(block_config.__dict__, "moe_backend")
     weights = experts.prepared_weights(shared)
+    # What the experts' weights were read from, hooks included, so that a plan with or without the lane holds
+    # exactly as long as they do.
+    watched = weights.watched()
+    dicts += watched.dicts
+    keys += watched.keys
+    expected += watched.expected
+    empty += watched.empty
+    container, size = watched.container, watched.size
     chosen = resolve(requested_backend(getattr(block_config, "moe_backend", None)), weights, x.device, x.dtype)
     if chosen.fused_layer is not cpu_backend.fused_layer or (
             weights.shared_module is not None and weights.shared is None):  # that one adds its shared expert
-        return done()
+        return done(hooked=tuple(watched.hooked))
     called = [attn, ln1, ln2, block, *projs, gate, experts, shared, shared_expert_gate]
     hooks = [getattr(m, h) for m in called if isinstance(m, nn.Module) for h in _HOOKS]
     if any(hooks):  # the modules run, with their hooks, until the last one is removed
@@ -188,10 +196,6 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
     moe = cpu_backend.layer_args(block, x, weights)
     if moe is None:
         return done()
-    expert_dicts, expert_keys, expert_expected, container, size = weights.watched()
-    dicts += expert_dicts
-    keys += expert_keys
-    expected += expert_expected
     empty += hooks
     pack = cpu_module().DecodeLayerPack(norm_weights[0], float(eps1), norm_weights[1], float(eps2), projections,
                                         biases, int4, zero_offset, heads, kv_heads, head_dim, float(scaling))

@@ -18,14 +18,17 @@ A projection is read as
   dense: a plain `nn.Linear` without bias (its `weight`, [out, in]);
   int4:  an `Int4Projection` (gptq.GPTQLinear implements it) without bias: its GPTQ tensors;
 anything else (a wrapper, a bias, a quantization we do not know, a tensor subclass such as a tensor-parallel DTensor)
-leaves the layer to the reference backend, which calls the modules themselves.
+leaves the layer to the reference backend, which calls the modules themselves. So does a forward (pre-)hook on a
+routed expert or one of its projections, since the kernels never call those modules; a hooked shared expert is
+left out (its modules compute it beside the kernels). The hook dicts are watched too: a hook registered after
+preparing, or the last one removed, is seen on the next call.
 """
 
 import abc
 import operator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -98,6 +101,11 @@ class ExpertWeights:
     _caches: Dict[Any, Any] = field(default_factory=dict, repr=False)
     _container: dict = field(default_factory=dict, repr=False)
     _container_size: int = 0
+    # The forward (pre-)hook dicts of the modules whose forward the kernels stand in for: those empty when prepared
+    # must stay empty (a hook registered since is seen), those that held hooks must keep one (removing the last
+    # lets the kernels back in).
+    _empty: List[dict] = field(default_factory=list, repr=False)
+    _hooked: List[dict] = field(default_factory=list, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -106,20 +114,20 @@ class ExpertWeights:
     def current(self) -> bool:
         """Whether every module and tensor this object read is still the one the model holds (an expert added or
         removed shows in the length of the container's dict)."""
-        if len(self._container) != self._container_size:
+        if len(self._container) != self._container_size or self._hooked and not all(self._hooked):
             return False
         watch = self._watch
         if watch is None:
             module = loaded_cpu_module()  # the compiled check, once the CPU ops are loaded (never builds them)
             if module is None:
-                return _same_objects(self._dicts, self._keys, self._expected)
-            watch = self._watch = module.IdentityWatch(self._dicts, self._keys, self._expected)
+                return not any(self._empty) and _same_objects(self._dicts, self._keys, self._expected)
+            watch = self._watch = module.IdentityWatch(self._dicts, self._keys, self._expected, self._empty)
         return watch.current()
 
-    def watched(self) -> Tuple[List[dict], List[str], List[Any], dict, int]:
-        """(dicts, keys, expected, container, size): what current() checks, for a caller that folds it into its own
-        watch (moe/decode_layer.py): every slot read, and the experts' container with its length."""
-        return self._dicts, self._keys, self._expected, self._container, self._container_size
+    def watched(self) -> "Watched":
+        """What current() checks, for a caller that folds it into its own watch (moe/decode_layer.py)."""
+        return Watched(self._dicts, self._keys, self._expected, self._container, self._container_size, self._empty,
+                       self._hooked)
 
     def cached(self, key: Any, build: Callable[[], Any], valid: Optional[Callable[[Any], bool]] = None) -> Any:
         """A backend's cache (the CPU layer pack, Triton tables, the resolved backend), built once per object (and
@@ -143,7 +151,20 @@ class ExpertWeights:
         return type(None), ()
 
 
+class Watched(NamedTuple):
+    """Every slot an ExpertWeights read (dicts[i][keys[i]] is expected[i]), the experts' container with its
+    length, the hook dicts that must stay empty and those that must keep a hook."""
+    dicts: List[dict]
+    keys: List[str]
+    expected: List[Any]
+    container: dict
+    size: int
+    empty: List[dict]
+    hooked: List[dict]
+
+
 _MISSING = object()
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 
 
 def _same_objects(dicts: Sequence[dict], keys: Sequence[str], expected: Sequence[Any]) -> bool:
@@ -176,6 +197,14 @@ def prepare(container: nn.Module, shared_module: Optional[nn.Module] = None,
         child = mlp.__dict__.get("_modules", {})
         projections.append([_watch(w, child, name) for name in PROJECTIONS])
     routed, shared = projections[:len(mlps)], projections[len(mlps):]
+    # Forward hooks on an expert or its projections: the kernels would not call them, so the modules run.
+    names = [f"experts.{key}" for key in modules] + (["shared_expert"] if shared_module is not None else [])
+    hooked = [_hooks(w, [(name, mlp)] + [(f"{name}.{p}", m) for p, m in zip(PROJECTIONS, projs)])
+              for name, mlp, projs in zip(names, everything, projections)]
+    first = next((h for h in hooked[:len(mlps)] if h), None)
+    if first is not None:
+        w.reason = f"forward hooks on {first}: the experts' modules run"
+        return w
     kinds = {_kind(p) for mlp in routed for p in mlp}
     if len(kinds) != 1 or None in kinds:
         w.reason = "expert projections are not all plain bias-free nn.Linear or all 4-bit GPTQ layers (wrapped?)"
@@ -187,7 +216,7 @@ def prepare(container: nn.Module, shared_module: Optional[nn.Module] = None,
         w.gate.append(g)
         w.up.append(u)
         w.down.append(d)
-    if shared and all(_kind(p) == kind for p in shared[0]):
+    if shared and all(_kind(p) == kind for p in shared[0]) and not hooked[-1]:  # else its modules compute it
         w.shared = tuple(read(w, p) for p in shared[0])
     tensors = w.projection_tensors()
     if any(type(t) not in _PLAIN for t in tensors):
@@ -219,6 +248,23 @@ def prepare(container: nn.Module, shared_module: Optional[nn.Module] = None,
         return w
     w.kind = kind
     return w
+
+
+def _hooks(w: ExpertWeights, modules: Sequence[Tuple[str, Any]]) -> Optional[str]:
+    """Records the modules' forward hook dicts (empty ones to stay empty, others to keep a hook); returns the name
+    of the first module with a hook, or None."""
+    first = None
+    for name, module in modules:
+        for attr in _HOOK_DICTS:
+            d = module.__dict__.get(attr) if isinstance(module, nn.Module) else None
+            if not isinstance(d, dict):
+                continue
+            if d:
+                w._hooked.append(d)
+                first = first or name
+            else:
+                w._empty.append(d)
+    return first
 
 
 def _kind(projection: Optional[nn.Module]) -> Optional[str]:

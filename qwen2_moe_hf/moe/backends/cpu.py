@@ -7,7 +7,9 @@ in their storage dtype (bf16 / fp16 / fp32, or GPTQ 4-bit) and widening them on 
   the extension's moe_layer with the weights as a LayerPack built once per prepared weights. Decode runs it once per
   layer per token with caches cold, where every Python call costs microseconds, so it takes plain CPU tensors
   outside autograd, torch.compile and function / dispatch modes, with a router that is a plain bias-free Linear
-  without hooks; anything else declines (None) and the block goes the general way.
+  without hooks and no hooks on the modules it stands in for (the experts' container, the shared expert's gate; the
+  experts' and the shared expert's own are ExpertWeights'); anything else declines (None) and the block goes the
+  general way.
 """
 
 from typing import Any, List, Optional, Tuple
@@ -76,7 +78,7 @@ def layer_args(block: nn.Module, hidden_states: torch.Tensor,
     """(router weight, shared expert gate weight or None, LayerPack): the extension's arguments for this block on
     these hidden states, or None when the call must go the general way (the caller checked that autograd is off).
     The gate weight is None when the shared expert is not in the pack (none, or full precision beside 4-bit
-    experts: its modules compute it)."""
+    experts, or hooked: its modules compute it)."""
     modules = block._modules
     gate = modules.get("gate")
     if type(gate) is not nn.Linear or gate._forward_hooks or gate._forward_pre_hooks:
@@ -87,11 +89,17 @@ def layer_args(block: nn.Module, hidden_states: torch.Tensor,
             or weight.dtype is not hidden_states.dtype or _torch_module._global_forward_hooks
             or _torch_module._global_forward_pre_hooks or not no_modes()):
         return None
+    experts = modules.get("experts")
+    if experts is None or experts._forward_hooks or experts._forward_pre_hooks:  # the call would skip them
+        return None
     shared_gate = None
     if weights.shared_module is not None:
         shared_gate_module = modules.get("shared_expert_gate")
         if type(shared_gate_module) is not nn.Linear:
             return None
+        if weights.shared is not None and (shared_gate_module._forward_hooks
+                                           or shared_gate_module._forward_pre_hooks):
+            return None  # the pack would compute the gate without calling it
         shared_gate = shared_gate_module._parameters.get("weight")
     pack = weights.cached("cpu.pack", lambda: _pack(weights))
     return weight, shared_gate if weights.shared is not None else None, pack
