@@ -290,6 +290,27 @@ def test_moe_dense(c, data):
     _check(got, ref.moe_ffn(x, ids, weights, *w, *shared), c["x_dtype"])
 
 
+@pytest.mark.parametrize("hidden, inter, shared", [(64, 1102, 602), (2048, 96, 0), (32, 32, 64)])
+@pytest.mark.parametrize("lanes", [True, False])
+def test_moe_dense_one_row_per_expert(hidden, inter, shared, lanes):
+    """One token, bf16 weights, K a multiple of 32: each routed expert's and the shared expert's jobs are one row, on
+    the lanes kernel where the build has it (items of several regions, leftover rows where N % 4), else the stream
+    kernels; both against the reference."""
+    module = cpu_module()
+    c = dict(experts=3, top_k=2, hidden=hidden, inter=inter, shared=shared, tokens=1, x_dtype=torch.bfloat16,
+             w_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(hidden + inter + shared)
+    x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
+    ids, weights = _routing(c, gen)
+    w, shared_args = _dense_args(c, gen)
+    module.set_dense_row_lanes(lanes)
+    try:
+        got = ops.moe_ffn_cpu(x, ids, weights, *w, *shared_args)
+    finally:
+        module.set_dense_row_lanes(True)
+    _check(got, ref.moe_ffn(x, ids, weights, *w, *shared_args), torch.bfloat16)
+
+
 def _int4_args(c, gen):
     e, h, i, s, q = c["experts"], c["hidden"], c["inter"], c["shared"], c["q"]
     experts = []

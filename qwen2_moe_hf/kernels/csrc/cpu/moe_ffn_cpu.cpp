@@ -76,9 +76,11 @@ constexpr int64_t kSgemmRows = 768;
 constexpr int64_t kStreamRows = 4;
 // Output rows per parallel work item (64 rows x K=2048 bf16 = 256 KiB of weights).
 constexpr int64_t kTileN = 64;
-// The same for one row of x on the AVX-512 lanes kernel (lane_rows), in kTileLanes regions of 32 rows.
-constexpr int64_t kLaneTileN = 256;
-constexpr int kTileLanes = 8;
+// The same for one row of x on the AVX-512 lanes kernel (lane_rows), in kTileLanes regions of 128 rows: 4 streams
+// per thread, as for lm_head. 256 rows in 8 regions (before 2026-12-05 night) read 5-7% slower in the VM's fast
+// memory phase (the block at 1 token, 1 MB items in 8 streams), 1-2% in its slow one (docs/benchmarks.md).
+constexpr int64_t kLaneTileN = 512;
+constexpr int kTileLanes = 4;
 // Rows per job from which bf16 weights meeting bf16 activations take bf16_dot_rows (AVX-512 BF16 builds; one row
 // stays on the lanes kernel). From 2 rather than 5: the bf16 block at 4 / 16 tokens 10.2 -> 8.0 / 25.6 -> 21.6 ms.
 constexpr int64_t kDotMinRows = 2;
@@ -339,8 +341,7 @@ constexpr bool kHaveRowLanes = true;
 // each pass, one accumulator of 16 per row. Each region is one contiguous stream, and the regions sit in different
 // DRAM pages, which a core's prefetchers keep in flight together. lm_head (622 MB): 4 regions per thread read at
 // 1.21-1.39x the rate of stream_split's 8 adjacent rows per pass (2 threads, Zen 4; 8 or 16 regions were slower
-// there); the experts' 256-row items in 8 regions of 32 rows: the bf16 MoE block at 1 token 1.12x
-// (docs/benchmarks.md). x comes split per 32: its 16 even then its 16 odd elements (split32), lined up with the
+// there); the experts' 512-row items in 4 regions of 128 rows (docs/benchmarks.md). x comes split per 32: its 16 even then its 16 odd elements (split32), lined up with the
 // weights' even and odd halves of each 32-bit pair.
 constexpr int kRowLanes = 4;
 
