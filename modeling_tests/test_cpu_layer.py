@@ -287,6 +287,35 @@ def test_hooks_on_the_modules_the_lane_stands_in_for_run(target, pre):
     torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [None, "cpu"])
+def test_global_module_hooks_see_every_expert_call(backend):
+    """Global module hooks (torch.nn.modules.module.register_module_forward_hook) see every module a forward calls:
+    while one is registered, the experts run through their modules (the reference), even with the cpu backend
+    named; removed, the cpu lane runs again."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    block = _block(torch.float32, seed=8)
+    block.config.moe_backend = backend
+    x = torch.randn(1, 5, 40)
+    names = {module: name for name, module in block.named_modules()}
+    with torch.no_grad():
+        want = _torch_copy(block)(x)
+    seen = []
+    handle = register_module_forward_hook(lambda m, args, out: seen.append(names.get(m)))
+    try:
+        with torch.no_grad():
+            out = block(x)
+    finally:
+        handle.remove()
+    assert any(n and n.startswith("experts.") and n.endswith("_proj") for n in seen), seen
+    assert "shared_expert.down_proj" in seen and "experts" in seen
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        again, events = _profiled(lambda: block(x))
+    assert LAYER_EVENT in events
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_backend_registered_ahead_of_cpu_takes_cpu_inputs():
     """`auto` keeps the registry's order, and a registration reaches layers that resolved before it."""
     block = _block(torch.float32, seed=6)

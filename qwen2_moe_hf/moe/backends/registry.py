@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from ..weights import ExpertWeights
 
@@ -148,10 +149,17 @@ def needs_grad(hidden_states: torch.Tensor, weights: ExpertWeights) -> bool:
 
 
 def select(name: str, weights: ExpertWeights, hidden_states: torch.Tensor) -> Backend:
-    """The backend that runs this call: the resolved one, or the reference when autograd needs a backward."""
+    """The backend that runs this call: the resolved one, or the reference when autograd needs a backward or global
+    module hooks are registered (they see every module a forward calls, and the kernels call none of the experts')."""
     chosen = resolve(name, weights, hidden_states.device, hidden_states.dtype)
+    if chosen.name == "torch":
+        return chosen
     if not chosen.differentiable and needs_grad(hidden_states, weights):
         if name != "auto":
             _log_once(name, "autograd needs a backward; using the reference for this call")
+        return _BACKENDS["torch"]
+    if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+        if name != "auto":
+            _log_once(name, "global module hooks are registered; using the reference for this call")
         return _BACKENDS["torch"]
     return chosen
