@@ -341,8 +341,8 @@ constexpr bool kHaveRowLanes = true;
 // each pass, one accumulator of 16 per row. Each region is one contiguous stream, and the regions sit in different
 // DRAM pages, which a core's prefetchers keep in flight together. lm_head (622 MB): 4 regions per thread read at
 // 1.21-1.39x the rate of stream_split's 8 adjacent rows per pass (2 threads, Zen 4; 8 or 16 regions were slower
-// there); the experts' 512-row items in 4 regions of 128 rows (docs/benchmarks.md). x comes split per 32: its 16 even then its 16 odd elements (split32), lined up with the
-// weights' even and odd halves of each 32-bit pair.
+// there); the experts' 512-row items in 4 regions of 128 rows (docs/benchmarks.md). x comes split per 32: its 16
+// even then its 16 odd elements (split32), lined up with the weights' even and odd halves of each 32-bit pair.
 constexpr int kRowLanes = 4;
 
 // One pass over S weight rows: bf16 as 32 values per 64-byte load, x split32 (each value's even / odd half of a
