@@ -319,14 +319,14 @@ def test_cpu_int4_one_row_is_bitwise_that_row_among_others(group_size, zero_offs
 def test_cpu_int4_blocked_layout_is_bitwise_the_checkpoint_layout(group_size, act_order, dtype, native_int4_rows):
     """The blocked qweight [N/64, K/8, 64] is the same words in another order: every path of the int4 GEMM (1-4
     rows a pass, the one-row VNNI kernel and the float one, tiles, sgemm, oneDNN for bf16) gives bit for bit what it
-    gives on the checkpoint layout, at 3 column blocks (slices of 64 per thread) and against the dequantized
-    reference."""
+    gives on the checkpoint layout, at 5 column blocks (slices of 64 per thread: the one-row VNNI kernel takes two
+    blocks at a time on the blocked layout, then the last one alone) and against the dequantized reference."""
     from qwen2_moe_hf.kernels.build import cpu_module
 
     module = cpu_module()
-    layer = _random_layer(256, 192, group_size, False, 1, act_order, bias=True, seed=group_size)
+    layer = _random_layer(256, 320, group_size, False, 1, act_order, bias=True, seed=group_size)
     blocked = copy.deepcopy(layer)
-    assert blocked.use_blocked_layout() and blocked.blocked and blocked.qweight.shape == (3, 32, 64)
+    assert blocked.use_blocked_layout() and blocked.blocked and blocked.qweight.shape == (5, 32, 64)
     assert torch.equal(blocked.checkpoint_qweight(), layer.qweight)
     gen = torch.Generator().manual_seed(2)
     try:

@@ -243,6 +243,55 @@ void grouped_vnni(const Int4Weight& w, const S* scales, const VnniActs& a, int64
   }
 }
 
+// Two whole 64-column blocks of the blocked layout for one row of x (grouped_vnni_row's, below), their packed rows
+// walked in step: two contiguous streams per thread instead of one, and one set of broadcasts for 16 vectors. The
+// 1-token int4 block's moe_layer 1.47 -> 1.34x its floor in the VM's fast memory phase, the 4-layer GPTQ model's
+// decode step 10.60 -> 10.07 ms (in-process A/B, docs/benchmarks.md). 16 int32 sums stay in registers; y goes
+// through memory once per run, in the same operations and order as grouped_vnni_row's, so the result is bit for
+// bit that kernel's. Three blocks in step were slower (24 sums: spills).
+template <typename S>
+void vnni_row_pair(const Int4Weight& w, const S* scales, const VnniActs& acts, int64_t nb, float* y) {
+  using namespace int4_vnni_detail;
+  constexpr int C = 8;  // vectors of 16 columns: 4 per block
+  const int64_t R = w.num_runs();
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  const __m512 lo_scale = _mm512_set1_ps(1.f / 254.f);
+  for (int64_t run = 0; run < R; ++run) {
+    __m512i s[C], t[C];
+    QMOE_UNROLL
+    for (int c = 0; c < C; ++c) s[c] = t[c] = _mm512_setzero_si512();
+    for (int64_t r = w.runs[run]; r < w.runs[run + 1]; ++r) {
+      const int32_t* b = acts.at(0, r);
+      const __m512i he = _mm512_set1_epi32(b[0]), ho = _mm512_set1_epi32(b[1]);
+      const __m512i le = _mm512_set1_epi32(b[2]), lodd = _mm512_set1_epi32(b[3]);
+      const int32_t* rows[2] = {w.q_at(r, nb), w.q_at(r, nb + kInt4BlockCols)};
+      QMOE_UNROLL
+      for (int c = 0; c < C; ++c) {
+        const __m512i q = _mm512_loadu_si512(rows[c / 4] + 16 * (c % 4));
+        const __m512i even = _mm512_and_si512(q, nib);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(q, 4), nib);
+        s[c] = _mm512_dpbusd_epi32(s[c], even, he);
+        t[c] = _mm512_dpbusd_epi32(t[c], even, le);
+        s[c] = _mm512_dpbusd_epi32(s[c], odd, ho);
+        t[c] = _mm512_dpbusd_epi32(t[c], odd, lodd);
+      }
+    }
+    const int32_t g = w.g_idx[8 * w.runs[run]];
+    const S* srow = scales + g * w.N;
+    const int32_t* zrow = w.qzeros + g * (w.N / 8);
+    QMOE_UNROLL
+    for (int c = 0; c < C; ++c) {
+      const int64_t n = nb + 16 * c;
+      const __m512 sc = scales16(srow + n, __mmask16(0xFFFF));
+      const __m512 z = zeros16(zrow, n, __mmask16(0xFFFF), w.zero_offset);
+      const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[c]), lo_scale, _mm512_cvtepi32_ps(s[c]));
+      const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(acts.xsum[run]), dot);
+      const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(acts.sx[run]));
+      _mm512_storeu_ps(y + n, _mm512_fmadd_ps(scaled, centred, _mm512_loadu_ps(y + n)));
+    }
+  }
+}
+
 // The same product for one row of x (a decode step), with every sum in registers: per block of 64 columns
 // (4 vectors of 16), the packed rows are walked front to back, so the int32 sums of a run and the fp32 sums of y
 // never go through memory; each run ends in the same epilogue as grouped_vnni, in the same order, so the result is
@@ -252,7 +301,8 @@ void grouped_vnni(const Int4Weight& w, const S* scales, const VnniActs& a, int64
 // Unpacking the odd nibbles without the shift (their x16 values dotted into sums of their own, folded in at the end
 // of a run) needs 16 int32 sums instead of 8 and ran at 37.5; GFNI's affine shift instead of shift + and at 45.3:
 // neither kept. The block's next packed rows are prefetched kVnniPrefetchRows ahead for the checkpoint layout (at
-// the end of a block, the next block's first rows).
+// the end of a block, the next block's first rows). Blocked weights go by pairs of blocks (vnni_row_pair) where
+// two whole blocks remain.
 template <typename S>
 void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int64_t n0, int64_t n1, float* y) {
   using namespace int4_vnni_detail;
@@ -261,6 +311,9 @@ void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int6
   const VnniActs acts(w, x, 1, w.K);  // one row: made in the calling thread
   const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
   const __m512 lo_scale = _mm512_set1_ps(1.f / 254.f);
+  if (w.blocked) {  // n0 on a block: whole pairs of blocks first, then any last block (or part of one) below
+    for (; n0 + 2 * kInt4BlockCols <= n1; n0 += 2 * kInt4BlockCols) vnni_row_pair<S>(w, scales, acts, n0, y);
+  }
   for (int64_t nb = n0; nb < n1; nb += 16 * C) {
     __mmask16 mask[C];
     for (int c = 0; c < C; ++c) mask[c] = nb + 16 * c < n1 ? cols_mask(n1 - nb - 16 * c) : __mmask16(0);
