@@ -187,6 +187,34 @@ def test_replaced_and_changed_tensors_are_read(lane):
     assert not all(torch.equal(x, y) for x, y in zip(before.logits, fused.logits))
 
 
+def test_changed_gptq_tensors_are_read(lane):
+    """The lane's packs keep each layer's int4 projections and experts prepared between steps: GPTQ tensors changed
+    in place, or through `.data = ...` (no new object, no new version), after a first generate are what the next
+    one reads, as a fresh copy of the model reads them."""
+    import copy
+
+    from qwen2_moe_hf.bench import int4_copy
+    from qwen2_moe_hf.gptq.format import GPTQSpec
+
+    model = int4_copy(helpers.build_model("top3_of_8_wide_heads"), GPTQSpec(bits=4, group_size=32, sym=True),
+                      attention=True, blocked=True).bfloat16()
+    before = _generate(model, IDS)
+    with torch.no_grad():
+        attn = model.model.layers[0].self_attn
+        attn.q_proj.g_idx.copy_(attn.q_proj.g_idx.max() - attn.q_proj.g_idx)  # the groups in reverse order
+        attn.o_proj.scales.data = attn.o_proj.scales * -1
+        for expert in model.model.layers[1].mlp.experts:
+            expert.up_proj.g_idx.copy_(expert.up_proj.g_idx.max() - expert.up_proj.g_idx)
+        model.model.layers[2].mlp.shared_expert.down_proj.qweight.data = torch.randint_like(
+            model.model.layers[2].mlp.shared_expert.down_proj.qweight, -2**31, 2**31 - 1)
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * 3
+    fresh = _generate(copy.deepcopy(model), IDS)
+    _same(fused, fresh)
+    _same(modules, fresh)
+    assert not all(torch.equal(x, y) for x, y in zip(before.logits, fused.logits))
+
+
 def test_other_calls_keep_the_modules(lane):
     model = helpers.build_model("gqa").bfloat16()
     _no_lane(model, torch.cat([IDS, IDS.flip(1)]), lane)  # a batch of two

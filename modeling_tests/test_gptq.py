@@ -525,6 +525,80 @@ def test_cpu_int4_moe_layer_through_onednn_matches_the_reference(rows, native_in
         assert rel(got.reshape(-1, 128).float(), want.float()) < TOL[torch.bfloat16], (tokens, rows)
 
 
+def _regrouped(g_idx):
+    """Another valid g_idx for the same scales: the groups in reverse order."""
+    return (int(g_idx.max()) - g_idx).to(g_idx.dtype)
+
+
+def _set_data_twice(tensor, value):
+    """`.data = ...` twice: neither write advances the version, and the second tensor may be given the memory the
+    first write freed."""
+    tensor.data = torch.zeros_like(tensor)
+    tensor.data = value
+
+
+# Changes to a used expert's GPTQ tensors that keep every tensor object (so the prepared weights and the C++ pack
+# stay; the pack's kept int4 weights must see them): (module -> None).
+KEPT_WEIGHT_CHANGES = {
+    "g_idx_in_place": lambda m: m.g_idx.copy_(_regrouped(m.g_idx)),
+    "g_idx_data_twice": lambda m: _set_data_twice(m.g_idx, _regrouped(m.g_idx)),
+    "qweight_data": lambda m: setattr(m.qweight, "data", torch.randint_like(m.qweight, -2**31, 2**31 - 1)),
+    "qweight_in_place": lambda m: m.qweight.bitwise_xor_(0x11111111),
+    "scales_data_twice": lambda m: _set_data_twice(m.scales, m.scales * -2),
+    "qzeros_in_place": lambda m: m.qzeros.bitwise_xor_(0x12345678),
+}
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("change", list(KEPT_WEIGHT_CHANGES))
+@pytest.mark.parametrize("blocked", [True, False])
+def test_kept_int4_weights_follow_every_change_to_their_tensors(change, blocked):
+    """The fused lane's pack keeps each int4 expert's prepared weight between calls: after any change to its tensors
+    (in place, or `.data = ...` which advances no version), the next call computes what a fresh copy of the block
+    computes, bit for bit."""
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+    from qwen2_moe_hf.bench import int4_copy
+    from qwen2_moe_hf.moe import route
+
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
+        hidden_size=128, num_attention_heads=1, num_key_value_heads=1, head_dim=8, num_experts=5,
+        num_experts_per_tok=2, moe_intermediate_size=192, shared_expert_intermediate_size=128))
+    bf16 = helpers.randomize_(Qwen2MoeSparseMoeBlock(config), 4).eval()
+    block = int4_copy(bf16, GPTQSpec(bits=4, group_size=32, sym=True), blocked=blocked)
+    block.config.moe_backend = "cpu"
+    x = torch.randn(1, 1, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        before, logits = block(x, return_router_logits=True)
+        prepared = block.experts.__dict__["_prepared"][id(block.shared_expert)]
+        used = int(route(logits, 2, False)[1][0, 0])
+        for module in (block.experts[used].down_proj, block.shared_expert.gate_proj):
+            KEPT_WEIGHT_CHANGES[change](module)
+        after = block(x)
+        assert block.experts.__dict__["_prepared"][id(block.shared_expert)] is prepared, "the change replaced an object: the pack was not kept"
+        fresh = copy.deepcopy(block)(x)
+    assert torch.equal(after, fresh)
+    assert not torch.equal(after, before), "the change did not matter"
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_a_kept_int4_weight_with_g_idx_broken_in_place_is_refused_by_name():
+    from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+    from qwen2_moe_hf.bench import int4_copy
+
+    config = Qwen2MoeConfig(**helpers.tiny_config_kwargs(
+        hidden_size=128, num_attention_heads=1, num_key_value_heads=1, head_dim=8, num_experts=4,
+        num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=64))
+    block = int4_copy(helpers.randomize_(Qwen2MoeSparseMoeBlock(config), 4).eval(),
+                      GPTQSpec(bits=4, group_size=32, sym=True))
+    block.config.moe_backend = "cpu"
+    x = torch.randn(1, 1, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        block(x)
+        block.experts[2].up_proj.g_idx[70] = 4  # 4 groups of 32: one past the last
+        with pytest.raises(RuntimeError, match=r"expert 2 up_proj: g_idx\[70\] = 4 is outside the 4 groups"):
+            block(x)
+
+
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
 def test_cpu_int4_kernel_survives_nan_inputs():
     layer = _random_layer(64, 16, 32, True, 1, False, bias=False)

@@ -23,5 +23,13 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            const c10::optional<at::Tensor>& bias);
 std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList linears,
                                          const c10::List<c10::optional<at::Tensor>>& biases, int64_t zero_offset);
+// The same, with the weights kept between calls in `cache` (a DecodeLayerPack's: slot i for linears i; the
+// single Linear's at `slot`); nullptr prepares them for the call, as the ops do.
+class Int4WeightCache;
+at::Tensor gptq_linear_kept(const at::Tensor& x, const at::Tensor* t, int64_t zero_offset,
+                            const c10::optional<at::Tensor>& bias, Int4WeightCache* cache, size_t slot);
+std::vector<at::Tensor> gptq_linears_kept(const at::Tensor& x, at::TensorList linears,
+                                          const c10::List<c10::optional<at::Tensor>>& biases, int64_t zero_offset,
+                                          Int4WeightCache* cache);
 
 }  // namespace qmoe

@@ -27,13 +27,34 @@
 
 namespace qmoe {
 
+namespace {
+
+// The weight from t[0..3]: kept in `cache` at `slot` (a DecodeLayerPack's) between calls, else prepared for this one.
+std::shared_ptr<const Int4Weight> int4_weight(const at::Tensor* t, int64_t zero_offset, const std::string& what,
+                                              Int4WeightCache* cache, size_t slot) {
+  auto prepare = [&](Int4Weight& w) { w.prepare(t[0], t[1], t[2], t[3], zero_offset, what); };
+  if (cache != nullptr) return cache->get(slot, t, prepare);
+  auto w = std::make_shared<Int4Weight>();
+  prepare(*w);
+  return w;
+}
+
+}  // namespace
+
 at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
                            const at::Tensor& scales, const at::Tensor& g_idx, int64_t zero_offset,
                            const c10::optional<at::Tensor>& bias) {
+  const at::Tensor t[4] = {qweight, qzeros, scales, g_idx};
+  return gptq_linear_kept(x, t, zero_offset, bias, nullptr, 0);
+}
+
+at::Tensor gptq_linear_kept(const at::Tensor& x, const at::Tensor* t, int64_t zero_offset,
+                            const c10::optional<at::Tensor>& bias, Int4WeightCache* cache, size_t slot) {
   const char* op = "gptq_linear_cpu";
   const at::Device cpu(at::kCPU);
-  qmoe::Int4Weight w;  // checks the four GPTQ tensors and keeps (contiguous copies of) them for the call
-  w.prepare(qweight, qzeros, scales, g_idx, zero_offset, op);
+  // checks the four GPTQ tensors and keeps (contiguous copies of) them for the call
+  const std::shared_ptr<const Int4Weight> kept = int4_weight(t, zero_offset, op, cache, slot);
+  const Int4Weight& w = *kept;
   const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w.K}, "qweight").tensor().to(at::kFloat)
                             .contiguous();
   const int64_t M = x.size(0), N = w.N;
@@ -49,6 +70,12 @@ at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
 std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList linears,
                                          const c10::List<c10::optional<at::Tensor>>& biases, int64_t zero_offset) {
+  return gptq_linears_kept(x, linears, biases, zero_offset, nullptr);
+}
+
+std::vector<at::Tensor> gptq_linears_kept(const at::Tensor& x, at::TensorList linears,
+                                          const c10::List<c10::optional<at::Tensor>>& biases, int64_t zero_offset,
+                                          Int4WeightCache* cache) {
   const char* op = "gptq_linears_cpu";
   const at::Device cpu(at::kCPU);
   TORCH_CHECK(!linears.empty() && linears.size() % 4 == 0, op, ": linears must hold qweight, qzeros, scales and "
@@ -56,36 +83,40 @@ std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList lin
   const int64_t L = static_cast<int64_t>(linears.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == L, op, ": biases must hold one entry (a tensor or None) per "
               "Linear: ", L, " for ", linears.size(), " tensors, got ", biases.size());
-  std::vector<qmoe::Int4Weight> w(L);
+  std::vector<std::shared_ptr<const Int4Weight>> kept(L);
+  std::vector<const Int4Weight*> wp(L);
   for (int64_t i = 0; i < L; ++i) {
-    w[i].prepare(linears[4 * i], linears[4 * i + 1], linears[4 * i + 2], linears[4 * i + 3], zero_offset,
-                 std::string(op) + ": linear " + std::to_string(i));
-    TORCH_CHECK(w[i].K == w[0].K, op, ": linear ", i, " has ", w[i].K, " inputs, linear 0 has ", w[0].K,
+    kept[i] = int4_weight(linears.data() + 4 * i, zero_offset, std::string(op) + ": linear " + std::to_string(i),
+                          cache, static_cast<size_t>(i));
+    wp[i] = kept[i].get();
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    TORCH_CHECK(wp[i]->K == wp[0]->K, op, ": linear ", i, " has ", wp[i]->K, " inputs, linear 0 has ", wp[0]->K,
                 " (every Linear reads the same x)");
   }
-  const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w[0].K}, "linears[0] (qweight)")
+  const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, wp[0]->K}, "linears[0] (qweight)")
                             .tensor().to(at::kFloat).contiguous();
   std::vector<at::Tensor> bias(L);
   for (int64_t i = 0; i < L; ++i) {
     const c10::optional<at::Tensor> b = biases.get(i);
     if (b.has_value() && b->defined()) {
       bias[i] = qmoe::TensorArg(*b, op, "biases[" + std::to_string(i) + "]", cpu).floating()
-                    .sizes({w[i].N}, "its qweight").tensor();
+                    .sizes({wp[i]->N}, "its qweight").tensor();
     }
   }
-  const int64_t M = x.size(0), K = w[0].K;
+  const int64_t M = x.size(0), K = wp[0]->K;
   const qmoe::Int4Act act = qmoe::int4_act(x.scalar_type());
   std::vector<at::Tensor> out(L);
-  for (int64_t i = 0; i < L; ++i) out[i] = at::empty({M, w[i].N}, x.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < L; ++i) out[i] = at::empty({M, wp[i]->N}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   bool one_region = M == 1;
-  for (int64_t i = 0; i < L && one_region; ++i) one_region = qmoe::int4_row_in_region(w[i], act);
+  for (int64_t i = 0; i < L && one_region; ++i) one_region = qmoe::int4_row_in_region(*wp[i], act);
   if (one_region) {
     std::vector<qmoe::Int4RowJob> jobs;
-    for (int64_t i = 0; i < L; ++i) jobs.push_back({&w[i], xp, out[i].data_ptr<float>()});
+    for (int64_t i = 0; i < L; ++i) jobs.push_back({wp[i], xp, out[i].data_ptr<float>()});
     qmoe::int4_rows_one_region(jobs);
   } else {
-    for (int64_t i = 0; i < L; ++i) qmoe::int4_matmul(w[i], xp, M, out[i].data_ptr<float>(), w[i].N, act);
+    for (int64_t i = 0; i < L; ++i) qmoe::int4_matmul(*wp[i], xp, M, out[i].data_ptr<float>(), wp[i]->N, act);
   }
   for (int64_t i = 0; i < L; ++i) {
     if (bias[i].defined()) out[i].add_(bias[i].to(at::kFloat));

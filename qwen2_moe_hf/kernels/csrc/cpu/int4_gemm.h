@@ -29,7 +29,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -230,6 +232,11 @@ struct Int4Weight {
 
   int64_t num_runs() const { return runs.empty() ? 0 : static_cast<int64_t>(runs.size()) - 1; }
 
+  // Makes a grouped weight (runs non-empty) safe to keep past the call that prepared it: the kernels index scales
+  // and qzeros by g_idx's values, checked once in prepare(), so a kept weight reads a copy of them that nobody else
+  // can write. The common g_idx[k] = k / group_size shares one copy per (K, group_size) for the process.
+  void own_g_idx();
+
   // Per x row, the sum of its inputs over each run (the grouped path's zero correction). [M, num_runs]
   std::vector<float> row_sums(const float* x, int64_t M, int64_t ldx) const {
     const int64_t R = num_runs();
@@ -242,6 +249,106 @@ struct Int4Weight {
       }
     return sums;
   }
+};
+
+inline void Int4Weight::own_g_idx() {
+  TORCH_CHECK(!runs.empty(), "Int4Weight::own_g_idx: only grouped weights are kept");
+  const int64_t size = 8 * runs[1];  // the first run's inputs: the group size when g_idx is k / group_size
+  bool common = true;
+  for (int64_t k = 0; k < K && common; ++k) common = g_idx[k] == k / size;
+  if (!common) {
+    g_idx_t = g_idx_t.clone();
+  } else {
+    static std::mutex mu;
+    static std::map<std::pair<int64_t, int64_t>, at::Tensor> shared;  // never written after it is made
+    std::lock_guard<std::mutex> lock(mu);
+    at::Tensor& t = shared[{K, size}];
+    if (!t.defined()) t = g_idx_t.clone();
+    g_idx_t = t;
+  }
+  g_idx = g_idx_t.data_ptr<int32_t>();
+}
+
+// What a kept Int4Weight saw of one of its four tensors when it was prepared: its memory, dtype, version (which
+// every in-place write through the tensor or a view of it advances), shape and strides. While all four still
+// match, the weight's pointers and run boundaries are the ones prepare() would compute again. `param.data = ...`
+// advances no version but gives the tensor other memory; should new memory land at the old address with the same
+// shape, the weight reads it in place all the same (qweight, qzeros and scales are read live), and g_idx, whose
+// values the weight keeps a copy of, has its old memory held by the cache so that nothing else can land there.
+struct TensorState {
+  static constexpr int kMaxDim = 4;
+  const void* data = nullptr;
+  int64_t version = -1;
+  int64_t dtype = -1, dim = -1;
+  int64_t shape[2 * kMaxDim] = {};  // sizes, then strides
+
+  // Whether a tensor can be tracked: a contiguous CPU tensor with storage (the weight then reads it in place, never
+  // a copy that could go stale) whose version is kept (inference tensors have none: their weights are prepared on
+  // every call), of at most kMaxDim dimensions.
+  static bool trackable(const at::Tensor& t) {
+    return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.has_storage() &&
+           !t.is_inference() && t.dim() <= kMaxDim && t.is_contiguous();
+  }
+  explicit TensorState(const at::Tensor& t)
+      : data(t.data_ptr()), version(t._version()), dtype(static_cast<int64_t>(t.scalar_type())), dim(t.dim()) {
+    for (int64_t i = 0; i < dim; ++i) {
+      shape[i] = t.size(i);
+      shape[kMaxDim + i] = t.stride(i);
+    }
+  }
+  TensorState() = default;
+  bool operator==(const TensorState& o) const {
+    bool same = data == o.data && version == o.version && dtype == o.dtype && dim == o.dim;
+    for (int i = 0; i < 2 * kMaxDim; ++i) same = same && shape[i] == o.shape[i];
+    return same;
+  }
+};
+
+// Prepared Int4Weights kept between calls for a fixed set of GPTQ tensors (a LayerPack's experts, a
+// DecodeLayerPack's q, k, v, o): a decode step of the real shape prepares 15 expert weights a layer, ~1.7 us each
+// hot and ~75 us together with caches cold (8% of the int4 block at one token); a kept one is checked in ~1.3 us.
+// A slot is prepared on first use, and again whenever one of its tensors no longer matches its TensorState.
+// Grouped weights only: the general path's dequantization tables are ~12% of the weight's own size. Safe to share
+// between threads (one lock per lookup; a weight in use stays alive while a newer one replaces it).
+class Int4WeightCache {
+ public:
+  explicit Int4WeightCache(size_t slots) : slots_(slots) {}
+
+  // The weight of slot i from tensors t[0..3] (qweight, qzeros, scales, g_idx), prepared by prepare(w) when the
+  // slot is empty or stale. A weight that cannot be kept comes back prepared and is not stored.
+  template <typename Prepare>
+  std::shared_ptr<const Int4Weight> get(size_t i, const at::Tensor* t, Prepare&& prepare) {
+    TORCH_CHECK(i < slots_.size(), "Int4WeightCache: slot ", i, " of ", slots_.size());
+    bool trackable = true;
+    for (int j = 0; j < 4; ++j) trackable = trackable && TensorState::trackable(t[j]);
+    if (trackable) {
+      // The four states are read before any is compared: their cache misses (in decode, tensor metadata is cold
+      // after the step's GBs of weights) overlap instead of queueing one behind another.
+      const TensorState now[4] = {TensorState(t[0]), TensorState(t[1]), TensorState(t[2]), TensorState(t[3])};
+      std::lock_guard<std::mutex> lock(mu_);
+      const Slot& slot = slots_[i];
+      if (slot.weight && now[0] == slot.states[0] && now[1] == slot.states[1] && now[2] == slot.states[2] &&
+          now[3] == slot.states[3])
+        return slot.weight;
+    }
+    auto w = std::make_shared<Int4Weight>();
+    prepare(*w);  // checks every tensor; throws naming the weight
+    if (!trackable || w->runs.empty()) return w;
+    w->own_g_idx();
+    Slot fresh{w, {TensorState(t[0]), TensorState(t[1]), TensorState(t[2]), TensorState(t[3])}, t[3].storage()};
+    std::lock_guard<std::mutex> lock(mu_);
+    slots_[i] = std::move(fresh);
+    return w;
+  }
+
+ private:
+  struct Slot {
+    std::shared_ptr<const Int4Weight> weight;
+    TensorState states[4];
+    c10::Storage g_idx_memory;  // kept alive: an equal g_idx data pointer then means the same memory (TensorState)
+  };
+  std::mutex mu_;
+  std::vector<Slot> slots_;
 };
 
 }  // namespace qmoe

@@ -1092,7 +1092,7 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
 template <typename F>
 at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::TensorList shared,
                              const c10::optional<at::Tensor>& shared_expert_gate, int64_t zero_offset, const char* op,
-                             F&& body) {
+                             F&& body, Int4WeightCache* cache = nullptr) {
   TORCH_CHECK(!experts.empty() && experts.size() % 12 == 0, op, ": experts must hold 12 tensors "
               "(qweight, qzeros, scales, g_idx for gate, up, down) per expert, got ", experts.size());
   TORCH_CHECK(shared.empty() || shared.size() == 12, op, ": shared must hold 12 tensors or none, got ",
@@ -1107,28 +1107,37 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
   TORCH_CHECK(inputs == H, op, ": x has hidden size ", H, ", expert 0 gate_proj: qweight has shape ",
               experts[0].sizes(), " (", inputs, " inputs; x and the experts must agree)");
   lw.I = intermediate;
-  std::vector<Int4Weight> prepared(3 * lw.E + 3);
+  std::vector<std::shared_ptr<const Int4Weight>> held;  // the call's weights, alive until it returns
+  held.reserve(16);
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
-  auto prepare = [&](Int4Weight& w, at::TensorList t, size_t at, int which, int64_t K, int64_t N,
-                     const std::string& who) {
-    w.prepare(t[at], t[at + 1], t[at + 2], t[at + 3], zero_offset, who);
-    TORCH_CHECK(w.K == K && w.N == N, who, ": qweight holds a ", w.K, " -> ", w.N, " Linear, expected ", K, " -> ",
-                N, " to match x and expert 0 gate_proj: qweight");
+  // The weight of `slot` from t[0..3]: kept in `cache` (a LayerPack's) between calls, else prepared for this call.
+  auto weight = [&](Job& job, size_t slot, const at::Tensor* t, int64_t K, int64_t N, auto&& who) {
+    auto prepare = [&](Int4Weight& w) { w.prepare(t[0], t[1], t[2], t[3], zero_offset, who()); };
+    std::shared_ptr<const Int4Weight> w;
+    if (cache != nullptr) {
+      w = cache->get(slot, t, prepare);
+    } else {
+      auto fresh = std::make_shared<Int4Weight>();
+      prepare(*fresh);
+      w = std::move(fresh);
+    }
+    TORCH_CHECK(w->K == K && w->N == N, who(), ": qweight holds a ", w->K, " -> ", w->N, " Linear, expected ", K,
+                " -> ", N, " to match x and expert 0 gate_proj: qweight");
+    job.q = w.get();
+    held.push_back(std::move(w));
   };
   lw.expert = [&](Job& job, int64_t e, int which) {
-    Int4Weight& w = prepared[3 * e + which];
     const int64_t K = which == 2 ? lw.I : H, N = which == 2 ? H : lw.I;
-    prepare(w, experts, 12 * e + 4 * which, which, K, N,
-            std::string(op) + ": expert " + std::to_string(e) + " " + names[which]);
-    job.q = &w;
+    weight(job, 3 * e + which, experts.data() + 12 * e + 4 * which, K, N, [&] {
+      return std::string(op) + ": expert " + std::to_string(e) + " " + names[which];
+    });
   };
   if (!shared.empty()) {
     lw.S = Int4Weight::sizes_of(shared[0], std::string(op) + ": shared expert gate_proj").second;
     lw.shared = [&](Job& job, int which) {
-      Int4Weight& w = prepared[3 * lw.E + which];
       const int64_t K = which == 2 ? lw.S : H, N = which == 2 ? H : lw.S;
-      prepare(w, shared, 4 * which, which, K, N, std::string(op) + ": shared expert " + names[which]);
-      job.q = &w;
+      weight(job, 3 * lw.E + which, shared.data() + 4 * which, K, N,
+             [&] { return std::string(op) + ": shared expert " + names[which]; });
     };
     lw.shared_expert_gate = shared_expert_gate;
   }
@@ -1152,6 +1161,7 @@ struct LayerPack {
   std::vector<at::Tensor> gate, up, down, shared, int4_experts, int4_shared;
   int64_t zero_offset = 0;
   bool int4 = false;
+  std::unique_ptr<Int4WeightCache> int4_cache;  // int4: each expert's prepared weights, kept between calls
 
   LayerPack(std::vector<at::Tensor> tensors, int64_t experts, bool is_int4, int64_t offset)
       : zero_offset(offset), int4(is_int4) {
@@ -1164,6 +1174,7 @@ struct LayerPack {
     if (is_int4) {
       int4_experts.assign(first, first + 12 * experts);
       int4_shared.assign(first + 12 * experts, tensors.end());
+      int4_cache = std::make_unique<Int4WeightCache>(3 * (experts + 1));
       return;
     }
     for (int64_t e = 0; e < experts; ++e) {
@@ -1184,7 +1195,7 @@ at::Tensor layer_from_logits(const at::Tensor& x, const at::Tensor& logits, int6
   };
   if (pack.int4)
     return with_int4_weights(x, pack.int4_experts, pack.int4_shared, shared_expert_gate, pack.zero_offset, op,
-                             routed);
+                             routed, pack.int4_cache.get());
   const bool has_shared = !pack.shared.empty();
   auto shared = [&](int i) { return has_shared ? c10::optional<at::Tensor>(pack.shared[i]) : c10::nullopt; };
   return with_dense_weights(x, pack.gate, pack.up, pack.down, shared(0), shared(1), shared(2),
@@ -1268,6 +1279,7 @@ struct DecodeLayerPack {
   bool int4 = false;
   std::vector<at::Tensor> projections;         // dense: q, k, v, o weights; int4: 4 GPTQ tensors per Linear
   c10::List<c10::optional<at::Tensor>> biases;  // q, k, v, o
+  std::unique_ptr<Int4WeightCache> int4_cache;  // int4: q, k, v, o prepared, kept between calls
 
   DecodeLayerPack(at::Tensor ln1_, double eps1_, at::Tensor ln2_, double eps2_, std::vector<at::Tensor> projections_,
                   std::vector<c10::optional<at::Tensor>> biases_, bool int4_, int64_t zero_offset_, int64_t heads_,
@@ -1283,6 +1295,7 @@ struct DecodeLayerPack {
     TORCH_CHECK(biases_.size() == 4, op, ": biases must hold one entry (a tensor or None) for each of q, k, v and o, "
                 "got ", biases_.size());
     for (auto& b : biases_) biases.push_back(b);
+    if (int4) int4_cache = std::make_unique<Int4WeightCache>(4);
     check_range(heads, 1, 1 << 20, op, "heads");
     check_range(kv_heads, 1, heads, op, "kv_heads");
     TORCH_CHECK(heads % kv_heads == 0, op, ": heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ")");
@@ -1346,7 +1359,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor& hidden, const 
   if (p.int4) {
     const std::vector<at::Tensor> out = naming("q_proj, k_proj, v_proj (projections[0:12], biases[0:3])", [&] {
       c10::List<c10::optional<at::Tensor>> qkv_bias({p.biases.get(0), p.biases.get(1), p.biases.get(2)});
-      return gptq_linears_cpu(x, at::TensorList(p.projections).slice(0, 12), qkv_bias, p.zero_offset);
+      return gptq_linears_kept(x, at::TensorList(p.projections).slice(0, 12), qkv_bias, p.zero_offset,
+                               p.int4_cache.get());
     });
     q = out[0], k = out[1], v = out[2];
   } else {
@@ -1368,8 +1382,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor& hidden, const 
   });
   const at::Tensor a = attn.reshape({1, NH * D});
   const at::Tensor o = naming("o_proj (projections[3] or [12:16], biases[3])", [&] {
-    return p.int4 ? gptq_linear_cpu(a, p.projections[12], p.projections[13], p.projections[14], p.projections[15],
-                                    p.zero_offset, p.biases.get(3))
+    return p.int4 ? gptq_linear_kept(a, p.projections.data() + 12, p.zero_offset, p.biases.get(3), p.int4_cache.get(),
+                                     3)
                   : dense_linear_cpu(a, p.projections[3], p.biases.get(3));
   });
   TORCH_CHECK(o.size(1) == H, op, ": o_proj (projections) gives ", o.size(1), " features, hidden has ", H);
