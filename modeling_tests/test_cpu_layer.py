@@ -172,6 +172,24 @@ def test_empty_sums_give_zeros(hidden, inter):
         out = torch.ops.qwen2_moe_hf.moe_ffn_cpu(x, ids, weights, gate, up, down, None, None, None, None)
         assert out.shape == (tokens, hidden) and out.dtype == dtype
         assert torch.equal(out, torch.zeros_like(out))
+    # The fused lane with GPTQ-Int4 experts, whose pack keeps each prepared weight: twice, the second call on what
+    # the first one kept (a weight with no inputs has no group runs to keep).
+    from qwen2_moe_hf.kernels.build import cpu_module
+
+    def int4_linear(k, n):
+        groups = max(1, -(-k // 32))
+        return [torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32),
+                torch.zeros(groups, n // 8, dtype=torch.int32), torch.rand(groups, n).to(torch.bfloat16),
+                (torch.arange(k) // 32).to(torch.int32)]
+
+    tensors = [t for _ in range(experts) for k, n in ((hidden, inter), (hidden, inter), (inter, hidden))
+               for t in int4_linear(k, n)]
+    pack = cpu_module().LayerPack(tensors, experts, True, 1)
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    router = torch.randn(experts, hidden).to(torch.bfloat16)
+    for _ in range(2):
+        out, _ = cpu_module().moe_layer(x, router, 2, False, pack, None)
+        assert out.shape == (tokens, hidden) and torch.equal(out, torch.zeros_like(out))
 
 
 def test_fused_lane_equals_the_general_way():

@@ -232,7 +232,7 @@ struct Int4Weight {
 
   int64_t num_runs() const { return runs.empty() ? 0 : static_cast<int64_t>(runs.size()) - 1; }
 
-  // Makes a grouped weight (runs non-empty) safe to keep past the call that prepared it: the kernels index scales
+  // Makes a grouped weight (num_runs() > 0) safe to keep past the call that prepared it: the kernels index scales
   // and qzeros by g_idx's values, checked once in prepare(), so a kept weight reads a copy of them that nobody else
   // can write. The common g_idx[k] = k / group_size shares one copy per (K, group_size) for the process.
   void own_g_idx();
@@ -252,7 +252,7 @@ struct Int4Weight {
 };
 
 inline void Int4Weight::own_g_idx() {
-  TORCH_CHECK(!runs.empty(), "Int4Weight::own_g_idx: only grouped weights are kept");
+  TORCH_CHECK(num_runs() > 0, "Int4Weight::own_g_idx: only grouped weights with inputs are kept");
   const int64_t size = 8 * runs[1];  // the first run's inputs: the group size when g_idx is k / group_size
   bool common = true;
   for (int64_t k = 0; k < K && common; ++k) common = g_idx[k] == k / size;
@@ -333,7 +333,7 @@ class Int4WeightCache {
     }
     auto w = std::make_shared<Int4Weight>();
     prepare(*w);  // checks every tensor; throws naming the weight
-    if (!trackable || w->runs.empty()) return w;
+    if (!trackable || w->num_runs() == 0) return w;  // (no inputs, K = 0: nothing to keep)
     w->own_g_idx();
     Slot fresh{w, {TensorState(t[0]), TensorState(t[1]), TensorState(t[2]), TensorState(t[3])}, t[3].storage()};
     std::lock_guard<std::mutex> lock(mu_);
