@@ -29,14 +29,11 @@ namespace qmoe {
 
 namespace {
 
-// The weight from t[0..3]: kept in `cache` at `slot` (a DecodeLayerPack's) between calls, else prepared for this one.
+// The weight from t[0..3], kept in `cache` at `slot` (a DecodeLayerPack's) or prepared for this call.
 std::shared_ptr<const Int4Weight> int4_weight(const at::Tensor* t, int64_t zero_offset, const std::string& what,
                                               Int4WeightCache* cache, size_t slot) {
-  auto prepare = [&](Int4Weight& w) { w.prepare(t[0], t[1], t[2], t[3], zero_offset, what); };
-  if (cache != nullptr) return cache->get(slot, t, prepare);
-  auto w = std::make_shared<Int4Weight>();
-  prepare(*w);
-  return w;
+  return kept_or_prepared(cache, slot, t,
+                          [&](Int4Weight& w) { w.prepare(t[0], t[1], t[2], t[3], zero_offset, what); });
 }
 
 }  // namespace

@@ -351,6 +351,16 @@ class Int4WeightCache {
   std::vector<Slot> slots_;
 };
 
+// The weight from t[0..3]: kept in `cache` at `slot` where there is a cache, else prepared for this call alone.
+template <typename Prepare>
+std::shared_ptr<const Int4Weight> kept_or_prepared(Int4WeightCache* cache, size_t slot, const at::Tensor* t,
+                                                   Prepare&& prepare) {
+  if (cache != nullptr) return cache->get(slot, t, prepare);
+  auto w = std::make_shared<Int4Weight>();
+  prepare(*w);
+  return w;
+}
+
 }  // namespace qmoe
 
 #include "int4_vnni.h"  // needs Int4Weight

@@ -74,6 +74,34 @@ constexpr int64_t kVnniPrefetchRows = 16;
 
 inline __mmask16 cols_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
+// x's four broadcasts for one packed row (VnniActs::at): hi of inputs (0, 2, 4, 6), hi of (1, 3, 5, 7), lo of the
+// even ones, lo of the odd ones.
+struct RowPlanes {
+  __m512i he, ho, le, lo;
+  explicit RowPlanes(const int32_t* b)
+      : he(_mm512_set1_epi32(b[0])), ho(_mm512_set1_epi32(b[1])), le(_mm512_set1_epi32(b[2])),
+        lo(_mm512_set1_epi32(b[3])) {}
+};
+
+// One vector of packed words (16 columns x 8 inputs) into its hi-plane sums s and lo-plane sums t.
+inline void dot_packed(__m512i q, const RowPlanes& x, __m512i& s, __m512i& t) {
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  const __m512i even = _mm512_and_si512(q, nib);                       // bytes (q0, q2, q4, q6) of each column
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(q, 4), nib);  // (q1, q3, q5, q7)
+  s = _mm512_dpbusd_epi32(s, even, x.he);
+  t = _mm512_dpbusd_epi32(t, even, x.le);
+  s = _mm512_dpbusd_epi32(s, odd, x.ho);
+  t = _mm512_dpbusd_epi32(t, odd, x.lo);
+}
+
+// A run's epilogue for one vector of 16 columns: y + scales * sx * (s + t / 254 - (z + offset) * sum x), in the
+// one order every kernel here uses (so that their results agree bit for bit).
+inline __m512 run_epilogue(__m512i s, __m512i t, __m512 sc, __m512 z, float sx, float xsum, __m512 y) {
+  const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(1.f / 254.f), _mm512_cvtepi32_ps(s));
+  const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum), dot);
+  return _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(sx)), centred, y);
+}
+
 }  // namespace int4_vnni_detail
 
 // One run of one x row as two int8 planes (hi, lo: len values each), its scale sx (NaN when the run holds a NaN
@@ -162,7 +190,6 @@ QMOE_KERNEL void vnni_tile(const Int4Weight& w, const S* scales, const VnniActs&
                            const __mmask16* mask, float* y, int64_t ldy) {
   using namespace int4_vnni_detail;
   const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
-  const __m512 lo_scale = _mm512_set1_ps(1.f / 254.f);
   for (int64_t run = 0; run < a.R; ++run) {
     __m512i s[MR][C], t[MR][C];
     QMOE_UNROLL
@@ -207,10 +234,8 @@ QMOE_KERNEL void vnni_tile(const Int4Weight& w, const S* scales, const VnniActs&
       for (int m = 0; m < MR; ++m) {
         const int64_t i = (m0 + m) * a.R + run;
         float* o = y + (m0 + m) * ldy + n;
-        const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[m][c]), lo_scale, _mm512_cvtepi32_ps(s[m][c]));
-        const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.xsum[i]), dot);
-        const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(a.sx[i]));
-        _mm512_mask_storeu_ps(o, mask[c], _mm512_fmadd_ps(scaled, centred, _mm512_maskz_loadu_ps(mask[c], o)));
+        _mm512_mask_storeu_ps(o, mask[c], run_epilogue(s[m][c], t[m][c], sc, z, a.sx[i], a.xsum[i],
+                                                       _mm512_maskz_loadu_ps(mask[c], o)));
       }
     }
   }
@@ -254,27 +279,15 @@ void vnni_row_pair(const Int4Weight& w, const S* scales, const VnniActs& acts, i
   using namespace int4_vnni_detail;
   constexpr int C = 8;  // vectors of 16 columns: 4 per block
   const int64_t R = w.num_runs();
-  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
-  const __m512 lo_scale = _mm512_set1_ps(1.f / 254.f);
   for (int64_t run = 0; run < R; ++run) {
     __m512i s[C], t[C];
     QMOE_UNROLL
     for (int c = 0; c < C; ++c) s[c] = t[c] = _mm512_setzero_si512();
     for (int64_t r = w.runs[run]; r < w.runs[run + 1]; ++r) {
-      const int32_t* b = acts.at(0, r);
-      const __m512i he = _mm512_set1_epi32(b[0]), ho = _mm512_set1_epi32(b[1]);
-      const __m512i le = _mm512_set1_epi32(b[2]), lodd = _mm512_set1_epi32(b[3]);
+      const RowPlanes x(acts.at(0, r));
       const int32_t* rows[2] = {w.q_at(r, nb), w.q_at(r, nb + kInt4BlockCols)};
       QMOE_UNROLL
-      for (int c = 0; c < C; ++c) {
-        const __m512i q = _mm512_loadu_si512(rows[c / 4] + 16 * (c % 4));
-        const __m512i even = _mm512_and_si512(q, nib);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(q, 4), nib);
-        s[c] = _mm512_dpbusd_epi32(s[c], even, he);
-        t[c] = _mm512_dpbusd_epi32(t[c], even, le);
-        s[c] = _mm512_dpbusd_epi32(s[c], odd, ho);
-        t[c] = _mm512_dpbusd_epi32(t[c], odd, lodd);
-      }
+      for (int c = 0; c < C; ++c) dot_packed(_mm512_loadu_si512(rows[c / 4] + 16 * (c % 4)), x, s[c], t[c]);
     }
     const int32_t g = w.g_idx[8 * w.runs[run]];
     const S* srow = scales + g * w.N;
@@ -284,10 +297,7 @@ void vnni_row_pair(const Int4Weight& w, const S* scales, const VnniActs& acts, i
       const int64_t n = nb + 16 * c;
       const __m512 sc = scales16(srow + n, __mmask16(0xFFFF));
       const __m512 z = zeros16(zrow, n, __mmask16(0xFFFF), w.zero_offset);
-      const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[c]), lo_scale, _mm512_cvtepi32_ps(s[c]));
-      const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(acts.xsum[run]), dot);
-      const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(acts.sx[run]));
-      _mm512_storeu_ps(y + n, _mm512_fmadd_ps(scaled, centred, _mm512_loadu_ps(y + n)));
+      _mm512_storeu_ps(y + n, run_epilogue(s[c], t[c], sc, z, acts.sx[run], acts.xsum[run], _mm512_loadu_ps(y + n)));
     }
   }
 }
@@ -309,8 +319,6 @@ void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int6
   constexpr int C = 4;  // vectors of 16 columns per block: 4 hi + 4 lo + 4 y sums, 4 broadcasts, a few temporaries
   const int64_t R = w.num_runs(), rows = w.K / 8;
   const VnniActs acts(w, x, 1, w.K);  // one row: made in the calling thread
-  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
-  const __m512 lo_scale = _mm512_set1_ps(1.f / 254.f);
   if (w.blocked) {  // n0 on a block: whole pairs of blocks first, then any last block (or part of one) below
     for (; n0 + 2 * kInt4BlockCols <= n1; n0 += 2 * kInt4BlockCols) vnni_row_pair<S>(w, scales, acts, n0, y);
   }
@@ -336,18 +344,8 @@ void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int6
           // Into L2 (T1): from DRAM ~19-20 GB/s against ~15 into L1 (T0) at distances 8-32, 2 threads, Zen 4.
           for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + 16 * c), _MM_HINT_T1);
         }
-        const int32_t* b = acts.at(0, r);
-        const __m512i he = _mm512_set1_epi32(b[0]), ho = _mm512_set1_epi32(b[1]);
-        const __m512i le = _mm512_set1_epi32(b[2]), lodd = _mm512_set1_epi32(b[3]);
-        for (int c = 0; c < C; ++c) {
-          const __m512i q = _mm512_maskz_loadu_epi32(mask[c], qrow + 16 * c);
-          const __m512i even = _mm512_and_si512(q, nib);
-          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(q, 4), nib);
-          s[c] = _mm512_dpbusd_epi32(s[c], even, he);
-          t[c] = _mm512_dpbusd_epi32(t[c], even, le);
-          s[c] = _mm512_dpbusd_epi32(s[c], odd, ho);
-          t[c] = _mm512_dpbusd_epi32(t[c], odd, lodd);
-        }
+        const RowPlanes xr(acts.at(0, r));
+        for (int c = 0; c < C; ++c) dot_packed(_mm512_maskz_loadu_epi32(mask[c], qrow + 16 * c), xr, s[c], t[c]);
       }
       const int32_t g = w.g_idx[8 * w.runs[run]];
       const S* srow = scales + g * w.N;
@@ -357,10 +355,7 @@ void grouped_vnni_row(const Int4Weight& w, const S* scales, const float* x, int6
         const int64_t n = nb + 16 * c;
         const __m512 sc = scales16(srow + n, mask[c]);
         const __m512 z = zeros16(zrow, n, mask[c], w.zero_offset);
-        const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[c]), lo_scale, _mm512_cvtepi32_ps(s[c]));
-        const __m512 centred = _mm512_fnmadd_ps(z, _mm512_set1_ps(acts.xsum[run]), dot);
-        const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(acts.sx[run]));
-        yv[c] = _mm512_fmadd_ps(scaled, centred, yv[c]);
+        yv[c] = run_epilogue(s[c], t[c], sc, z, acts.sx[run], acts.xsum[run], yv[c]);
       }
     }
     for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + nb + 16 * c, mask[c], yv[c]);

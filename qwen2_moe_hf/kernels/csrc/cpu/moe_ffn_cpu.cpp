@@ -1112,15 +1112,8 @@ at::Tensor with_int4_weights(const at::Tensor& x, at::TensorList experts, at::Te
   static const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
   // The weight of `slot` from t[0..3]: kept in `cache` (a LayerPack's) between calls, else prepared for this call.
   auto weight = [&](Job& job, size_t slot, const at::Tensor* t, int64_t K, int64_t N, auto&& who) {
-    auto prepare = [&](Int4Weight& w) { w.prepare(t[0], t[1], t[2], t[3], zero_offset, who()); };
-    std::shared_ptr<const Int4Weight> w;
-    if (cache != nullptr) {
-      w = cache->get(slot, t, prepare);
-    } else {
-      auto fresh = std::make_shared<Int4Weight>();
-      prepare(*fresh);
-      w = std::move(fresh);
-    }
+    std::shared_ptr<const Int4Weight> w = kept_or_prepared(
+        cache, slot, t, [&](Int4Weight& iw) { iw.prepare(t[0], t[1], t[2], t[3], zero_offset, who()); });
     TORCH_CHECK(w->K == K && w->N == N, who(), ": qweight holds a ", w->K, " -> ", w->N, " Linear, expected ", K,
                 " -> ", N, " to match x and expert 0 gate_proj: qweight");
     job.q = w.get();
