@@ -215,6 +215,62 @@ def test_cpu_int4_linear_matches_dequantized(group_size, sym, zero_offset, act_o
         assert rel(got, want) < TOL[dtype], (tokens, rel(got, want))
 
 
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+@pytest.mark.parametrize("blocked", [False, True])
+def test_the_int4_epilogue_adds_the_bias_in_fp32_and_rounds_once(blocked):
+    """The CPU int4 Linear's epilogue (plain loops, not ATen's add_ and to): fp32 sums + the bias as fp32, rounded
+    once to x's dtype. fp32 x shows the sums themselves: with a bias of any dtype the output is exactly the
+    bias-free output + bias.float(); for bf16 / fp16 x, a bias of the same values in another dtype or a strided
+    view, and x as a strided view, give the same bits. 1 row (q/k/v in one region, o alone), 3 rows and 600 rows
+    (the epilogue's parallel loop)."""
+    widths = (192, 64) if blocked else (72, 64)
+    layers = [_random_layer(256, n, 64, False, 1, False, bias=False, seed=n) for n in widths]
+    if blocked:
+        assert all(layer.use_blocked_layout() for layer in layers)
+    ops = torch.ops.qwen2_moe_hf
+    gen = torch.Generator().manual_seed(7)
+
+    def one(x, layer, bias):
+        return ops.gptq_linear_cpu(x, *layer.tensors(), 1, bias)
+
+    def both(x, biases):
+        return ops.gptq_linears_cpu(x, [t for layer in layers for t in layer.tensors()], biases, 1)
+
+    for rows in (1, 3, 600):
+        for bias_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # a strided view of the same values: every other element of a tensor twice as long
+            spread = [(torch.randn(2 * layer.out_features, generator=gen) * 4).to(bias_dtype) for layer in layers]
+            strided = [b[::2] for b in spread]
+            dense = [b.contiguous() for b in strided]
+            x = torch.randn(rows, 256, generator=gen)
+            for i, layer in enumerate(layers):
+                plain = one(x, layer, None)
+                got = one(x, layer, strided[i])
+                assert torch.equal(got, plain + dense[i].float()), (rows, bias_dtype)
+                assert torch.equal(one(x, layer, dense[i]), got)
+            assert all(torch.equal(g, one(x, layer, b)) for g, layer, b in zip(both(x, strided), layers, dense))
+            for dtype in (torch.bfloat16, torch.float16):
+                xd = x.to(dtype)
+                x_strided = xd.t().contiguous().t()  # the same values, strides (1, rows)
+                assert not x_strided.is_contiguous() or rows == 1
+                for i, layer in enumerate(layers):
+                    want = one(xd, layer, dense[i].float())
+                    assert torch.equal(one(xd, layer, dense[i]), want), (rows, bias_dtype, dtype)
+                    assert torch.equal(one(x_strided, layer, strided[i]), want)
+                    assert torch.equal(one(xd, layer, None), one(x_strided, layer, None))
+                fused = both(x_strided, strided)
+                assert all(torch.equal(f, one(xd, layer, b)) for f, layer, b in zip(fused, layers, dense))
+        # bf16 x: the sums are not at hand (the VNNI path quantizes x), but their error is far below bf16's
+        # rounding, so rounding once to bf16 lands on the fp32 reference's rounding almost everywhere, and
+        # rounding the sums first, then the sum with the bias, visibly less often.
+        if rows == 600:
+            xd, layer, b = x.bfloat16(), layers[0], dense[0].float() / 4
+            exact = torch.nn.functional.linear(xd.float(), layer.dequantize(torch.float32))
+            once, twice = (exact + b).bfloat16(), (exact.bfloat16().float() + b).bfloat16()
+            assert (twice == once).float().mean() < 0.85  # the check below tells the two apart
+            assert (one(xd, layer, b) == once).float().mean() > 0.93
+
+
 @pytest.fixture
 def native_int4_rows():
     """Sets the rows from which the CPU int4 GEMM dequantizes to bf16 and hands the product to oneDNN (0: never),

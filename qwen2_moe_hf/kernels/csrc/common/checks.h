@@ -34,6 +34,14 @@ inline std::string dtype_name(at::ScalarType s) {
   }
 }
 
+// f(T{}) for T the C++ type of a dtype TensorArg::floating() accepts (float32, bfloat16, float16).
+template <typename F>
+void with_floating(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16) f(at::BFloat16{});
+  else if (dtype == at::kHalf) f(at::Half{});
+  else f(float{});
+}
+
 // One tensor argument of an op. Checks chain: TensorArg(t, op, "qweight", device).dtype(at::kInt).dim(2)...
 class TensorArg {
  public:

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,61 @@ std::shared_ptr<const Int4Weight> int4_weight(const at::Tensor* t, int64_t zero_
                           [&](Int4Weight& w) { w.prepare(t[0], t[1], t[2], t[3], zero_offset, what); });
 }
 
+// x's conversion to fp32 and the epilogue (bias, rounding to x's dtype) are plain loops rather than ATen's to() and
+// add_(): in a decode step these run with caches cold (each layer's MoE block streams ~36 MB of weights through
+// them), where each ATen call costs ~15-35 us before its first element, its code and metadata read from memory
+// (docs/benchmarks.md). Same arithmetic: one fp32 add, then one round-to-nearest-even to x's dtype.
+
+// Rows per parallel task of the elementwise loops: one task (no parallel region) for a decode step's rows.
+int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cols)); }
+
+// x [M, K] (float, bf16 or fp16, any strides) as contiguous fp32 rows.
+at::Tensor float_rows(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x;
+  const int64_t M = x.size(0), K = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  at::Tensor out = at::empty({M, K}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  with_floating(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = x.data_ptr<T>();
+    at::parallel_for(0, M, rows_grain(K), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t j = 0; j < K; ++j) o[i * K + j] = static_cast<float>(p[i * s0 + j * s1]);
+    });
+  });
+  return out;
+}
+
+// y [M, N] (the kernel's fp32 sums, contiguous) + bias [N] (if defined; float, bf16 or fp16, any stride), rounded
+// once to dtype: what y.add_(bias.to(float)).to(dtype) gives, bit for bit.
+at::Tensor finish(at::Tensor y, const at::Tensor& bias, at::ScalarType dtype) {
+  if (!bias.defined() && dtype == at::kFloat) return y;
+  const int64_t M = y.size(0), N = y.size(1);
+  at::Tensor out = dtype == at::kFloat ? y : at::empty({M, N}, y.options().dtype(dtype));
+  const float* yp = y.data_ptr<float>();
+  with_floating(dtype, [&](auto out_tag) {
+    using O = decltype(out_tag);
+    O* op = out.data_ptr<O>();
+    if (!bias.defined()) {  // no add: y + 0 would turn -0.0 into +0.0
+      at::parallel_for(0, M, rows_grain(N), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin * N; i < end * N; ++i) op[i] = static_cast<O>(yp[i]);
+      });
+      return;
+    }
+    with_floating(bias.scalar_type(), [&](auto bias_tag) {
+      using B = decltype(bias_tag);
+      const B* bp = bias.data_ptr<B>();
+      const int64_t bs = bias.stride(0);
+      at::parallel_for(0, M, rows_grain(N), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          for (int64_t j = 0; j < N; ++j)
+            op[i * N + j] = static_cast<O>(yp[i * N + j] + static_cast<float>(bp[j * bs]));
+      });
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor gptq_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
@@ -52,17 +108,15 @@ at::Tensor gptq_linear_kept(const at::Tensor& x, const at::Tensor* t, int64_t ze
   // checks the four GPTQ tensors and keeps (contiguous copies of) them for the call
   const std::shared_ptr<const Int4Weight> kept = int4_weight(t, zero_offset, op, cache, slot);
   const Int4Weight& w = *kept;
-  const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w.K}, "qweight").tensor().to(at::kFloat)
-                            .contiguous();
+  const at::Tensor xf = float_rows(qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w.K}, "qweight").tensor());
   const int64_t M = x.size(0), N = w.N;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined())
+    b = qmoe::TensorArg(*bias, op, "bias", cpu).floating().sizes({N}, "qweight").tensor();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   qmoe::int4_matmul(w, xf.data_ptr<float>(), M, out.data_ptr<float>(), N,  // K = 0 gives zeros
                     qmoe::int4_act(x.scalar_type()));
-  if (bias.has_value() && bias->defined()) {
-    qmoe::TensorArg(*bias, op, "bias", cpu).floating().sizes({N}, "qweight");
-    out.add_(bias->to(at::kFloat));
-  }
-  return out.to(x.scalar_type());
+  return finish(out, b, x.scalar_type());
 }
 
 std::vector<at::Tensor> gptq_linears_cpu(const at::Tensor& x, at::TensorList linears,
@@ -91,8 +145,8 @@ std::vector<at::Tensor> gptq_linears_kept(const at::Tensor& x, at::TensorList li
     TORCH_CHECK(wp[i]->K == wp[0]->K, op, ": linear ", i, " has ", wp[i]->K, " inputs, linear 0 has ", wp[0]->K,
                 " (every Linear reads the same x)");
   }
-  const at::Tensor xf = qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, wp[0]->K}, "linears[0] (qweight)")
-                            .tensor().to(at::kFloat).contiguous();
+  const at::Tensor xf = float_rows(qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, wp[0]->K},
+                                                                                    "linears[0] (qweight)").tensor());
   std::vector<at::Tensor> bias(L);
   for (int64_t i = 0; i < L; ++i) {
     const c10::optional<at::Tensor> b = biases.get(i);
@@ -115,10 +169,7 @@ std::vector<at::Tensor> gptq_linears_kept(const at::Tensor& x, at::TensorList li
   } else {
     for (int64_t i = 0; i < L; ++i) qmoe::int4_matmul(*wp[i], xp, M, out[i].data_ptr<float>(), wp[i]->N, act);
   }
-  for (int64_t i = 0; i < L; ++i) {
-    if (bias[i].defined()) out[i].add_(bias[i].to(at::kFloat));
-    out[i] = out[i].to(x.scalar_type());
-  }
+  for (int64_t i = 0; i < L; ++i) out[i] = finish(out[i], bias[i], x.scalar_type());
   return out;
 }
 
