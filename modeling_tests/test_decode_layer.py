@@ -91,6 +91,29 @@ def test_generate_is_the_modules_bit_for_bit(preset, kind, lane):
     _same_cache(fused, modules)
 
 
+def test_fp16_sums_past_fp16s_range_are_clamped_as_the_modules_do(lane):
+    """The lane's residual sums (plain loops) round to fp16 and then clamp as the modules' clamp_fp16(residual +
+    hidden_states) does: with hidden states at +-60000 and a large o_proj, some sums pass fp16's range (inf before
+    the clamp) and come out at the clamp's bound, bit for bit as in the modules."""
+    model = helpers.build_model("gqa").half()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.copy_(torch.where(torch.rand(emb.shape, generator=torch.Generator().manual_seed(0)) < 0.5, -6e4, 6e4))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(2000)
+    clamped = []
+    handles = [layer.register_forward_hook(lambda m, a, out: clamped.append(out[0].abs().max().item()))
+               for layer in model.model.layers]
+    _generate(model, IDS)  # hooks: the modules
+    for h in handles:
+        h.remove()
+    assert max(clamped) == float(torch.tensor(65504.0 - 1000.0).half())  # the clamp's bound, 64512 in fp16
+    fused, modules, calls = _both(model, IDS, lane)
+    assert calls == 5 * len(model.model.layers)
+    _same(fused, modules)
+    _same_cache(fused, modules)
+
+
 def test_the_lane_writes_the_cache_as_the_modules_do_through_regrowth(lane, monkeypatch):
     """With room for 2 more positions per buffer, a generate of 12 regrows the buffers on the lane's steps."""
     monkeypatch.setattr(compat, "KV_SPARE", 2)

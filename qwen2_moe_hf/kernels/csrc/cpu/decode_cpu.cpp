@@ -38,17 +38,10 @@
 namespace {
 
 using qmoe::TensorArg;
+using qmoe::with_floating;
 using qmoe::to_float;
 
 const at::Device kCpu(at::kCPU);
-
-// f(T{}) for T the C++ type of a dtype the boundary checks accepted (float32, bfloat16, float16).
-template <typename F>
-void with_floating(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kBFloat16) f(at::BFloat16{});
-  else if (dtype == at::kHalf) f(at::Half{});
-  else f(float{});
-}
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t D) {
@@ -102,10 +95,11 @@ inline float exp_sum(float* s, int64_t L, float m) {
   return sum;
 }
 
+// Attends to positions [0, L) of k and v (which may hold more).
 template <typename T>
-void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t L, const at::Tensor& mask,
                     bool bool_mask, float scaling, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), L = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1);
   const int64_t group = H / KVH;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -158,14 +152,22 @@ namespace qmoe {
 
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 const c10::optional<at::Tensor>& mask, double scaling) {
+  return decode_attention_prefix(query, key, value, -1, mask, scaling);
+}
+
+at::Tensor decode_attention_prefix(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                   int64_t length, const c10::optional<at::Tensor>& mask, double scaling) {
   const char* op = "decode_attention_cpu";
   TensorArg(query, op, "query", kCpu).floating().dim(4).sizes({-1, -1, 1, -1});
   const int64_t B = query.size(0), H = query.size(1), D = query.size(3);
   TensorArg(key, op, "key", kCpu).dtype(query.scalar_type()).dim(4).sizes({B, -1, -1, D}, "query");
-  const int64_t KVH = key.size(1), L = key.size(2);
+  const int64_t KVH = key.size(1);
+  TORCH_CHECK(length >= -1 && length <= key.size(2), op, ": length must be -1 (all of key) or in [0, ",
+              key.size(2), "] (key's positions), got ", length);
+  const int64_t L = length < 0 ? key.size(2) : length;
   TORCH_CHECK(KVH > 0 ? H % KVH == 0 : H == 0, op, ": query has ", H, " heads, key has ", KVH,
               " (query heads must be a multiple of key/value heads)");
-  TensorArg(value, op, "value", kCpu).dtype(query.scalar_type()).dim(4).sizes({B, KVH, L, D}, "key");
+  TensorArg(value, op, "value", kCpu).dtype(query.scalar_type()).dim(4).sizes({B, KVH, key.size(2), D}, "key");
   TORCH_CHECK(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
   // Rows are read in place; only a layout whose last stride is not 1 is copied.
   const at::Tensor k = key.stride(3) == 1 || D <= 1 ? key : key.contiguous();
@@ -189,7 +191,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
   if (out.numel() == 0) return out;
   if (L == 0) return out.zero_();  // nothing to attend to
   with_floating(query.scalar_type(), [&](auto tag) {
-    attention_rows<decltype(tag)>(query, k, v, m, bool_mask, static_cast<float>(scaling), out);
+    attention_rows<decltype(tag)>(query, k, v, L, m, bool_mask, static_cast<float>(scaling), out);
   });
   return out;
 }

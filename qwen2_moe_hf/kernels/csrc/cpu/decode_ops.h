@@ -13,6 +13,10 @@ namespace qmoe {
 // decode_cpu.cpp
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 const c10::optional<at::Tensor>& mask, double scaling);
+// The same over positions [0, length) of key and value (-1: all of them), which may hold more: the decode layer's
+// cache buffers, read in place without a view of their prefix.
+at::Tensor decode_attention_prefix(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                   int64_t length, const c10::optional<at::Tensor>& mask, double scaling);
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& cos,
                                             const at::Tensor& sin);

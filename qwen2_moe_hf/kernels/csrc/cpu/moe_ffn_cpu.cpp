@@ -1301,15 +1301,58 @@ struct DecodeLayerPack {
   }
 };
 
+// The step's part of the layer below is plain loops where it would otherwise be small ATen calls (a view, a copy,
+// an add): in a decode step each runs with caches cold (the MoE block before it streamed ~36 MB of weights), where
+// an ATen call costs ~15-35 us before its first element (docs/benchmarks.md), and a few microseconds when warm.
+
 // x + y as the model's eager `residual + hidden_states`, then its clamp_fp16 (values past fp16's range would
-// become inf, then NaN in the next norm).
+// become inf, then NaN in the next norm): the same two roundings, so the same bits.
 at::Tensor residual_add(const at::Tensor& x, const at::Tensor& y) {
+  if (x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes() && x.scalar_type() == y.scalar_type()) {
+    at::Tensor s = at::empty(x.sizes(), x.options());
+    with_floating(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* a = x.data_ptr<T>();
+      const T* b = y.data_ptr<T>();
+      T* o = s.data_ptr<T>();
+      const int64_t n = x.numel();
+      if constexpr (std::is_same_v<T, Half>) {
+        const float limit = static_cast<float>(static_cast<Half>(65504.0f - 1000.0f));  // clamp's bound, in fp16
+        for (int64_t i = 0; i < n; ++i) {
+          const float sum = static_cast<Half>(static_cast<float>(a[i]) + static_cast<float>(b[i]));  // x + y
+          o[i] = static_cast<Half>(std::min(std::max(sum, -limit), limit));  // then the clamp; NaN stays NaN
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+      }
+    });
+    return s;
+  }
   at::Tensor s = x + y;
   if (s.scalar_type() == at::kHalf) {
     const double limit = 65504.0 - 1000.0;  // torch.finfo(torch.float16).max - 1000, as clamp_fp16
     s = s.clamp(-limit, limit);
   }
   return s;
+}
+
+// step [1, kv_heads, 1, D] (the step's key or value) written at position `held` of a cache buffer
+// [1, kv_heads, capacity, D] (checked by the caller; any strides): cache.narrow(2, held, 1).copy_(step). Buffers
+// whose elements overlap (an expanded tensor) go to copy_, which refuses them.
+void write_position(const at::Tensor& cache, int64_t held, const at::Tensor& step) {
+  if (!step.is_contiguous() || step.scalar_type() != cache.scalar_type() ||
+      step.numel() != cache.size(1) * cache.size(3) || at::has_internal_overlap(cache) == at::MemOverlap::Yes) {
+    cache.narrow(2, held, 1).copy_(step);
+    return;
+  }
+  const int64_t KVH = cache.size(1), D = cache.size(3), s1 = cache.stride(1), s3 = cache.stride(3);
+  with_floating(cache.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* dst = cache.data_ptr<T>() + held * cache.stride(2);
+    const T* src = step.data_ptr<T>();
+    for (int64_t h = 0; h < KVH; ++h)
+      for (int64_t d = 0; d < D; ++d) dst[h * s1 + d * s3] = src[h * D + d];
+  });
 }
 
 // f(), with any error it raises prefixed by the decode_layer argument(s) it came from: the functions called below
@@ -1367,11 +1410,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor& hidden, const 
   // [1, heads, 1, D] views of the projections, as the attention module's view(...).transpose(1, 2).
   auto [q_rot, k_rot] = rope_cpu(q.view({1, 1, NH, D}).transpose(1, 2), k.view({1, 1, KVH, D}).transpose(1, 2),
                                  cos, sin);
-  key_cache.narrow(2, held, 1).copy_(k_rot);
-  value_cache.narrow(2, held, 1).copy_(v.view({1, 1, KVH, D}).transpose(1, 2));
+  write_position(key_cache, held, k_rot);
+  write_position(value_cache, held, v.view({1, 1, KVH, D}).transpose(1, 2));
   const at::Tensor attn = naming("mask", [&] {
-    return decode_attention_cpu(q_rot, key_cache.narrow(2, 0, held + 1), value_cache.narrow(2, 0, held + 1), mask,
-                                p.scaling);
+    return decode_attention_prefix(q_rot, key_cache, value_cache, held + 1, mask, p.scaling);
   });
   const at::Tensor a = attn.reshape({1, NH * D});
   const at::Tensor o = naming("o_proj (projections[3] or [12:16], biases[3])", [&] {
