@@ -734,6 +734,29 @@ struct Int4RowJob {
   float* y;        // [N] fp32, overwritten
 };
 
+// y[n0, n1) = x . W for one row on the VNNI row kernel (the path int4_row_in_region picks), with x's planes from
+// the thread's RowActs; without VNNI (never reached there: int4_row_in_region is false) int4_rows_times_weight.
+struct RowJobRunner {
+#ifdef QMOE_VNNI
+  RowActs acts;
+#endif
+  void operator()(const Int4RowJob& job, int64_t n0, int64_t n1) {
+    const Int4Weight& w = *job.w;
+#ifdef QMOE_VNNI
+    const VnniActs& a = acts.get(w, job.x);
+    std::fill(job.y + n0, job.y + n1, 0.f);
+    switch (w.scale_type) {
+      case at::kFloat: return grouped_vnni_row<float>(w, static_cast<const float*>(w.scales), a, n0, n1, job.y);
+      case at::kBFloat16:
+        return grouped_vnni_row<BFloat16>(w, static_cast<const BFloat16*>(w.scales), a, n0, n1, job.y);
+      default: return grouped_vnni_row<Half>(w, static_cast<const Half*>(w.scales), a, n0, n1, job.y);
+    }
+#else
+    int4_rows_times_weight(w, job.x, 1, w.K, nullptr, n0, n1, job.y, w.N, /*vnni=*/true);
+#endif
+  }
+};
+
 // Whether a one-row product with w takes int4_rows_one_region (the VNNI row kernel's path) rather than int4_matmul.
 inline bool int4_row_in_region(const Int4Weight& w, Int4Act act) {
   return w.K > 0 && w.N > 0 && vnni_row_enabled().load() &&
@@ -752,6 +775,7 @@ inline void int4_rows_one_region(const std::vector<Int4RowJob>& jobs) {
   const int64_t blocks = first.back();
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    RowJobRunner run;
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b0 = blocks * s / slices, b1 = blocks * (s + 1) / slices;
       for (int64_t i = 0; i < L; ++i) {
@@ -759,7 +783,7 @@ inline void int4_rows_one_region(const std::vector<Int4RowJob>& jobs) {
         if (lo >= hi) continue;
         const Int4Weight& w = *jobs[i].w;
         const int64_t n0 = unit[i] * (lo - first[i]), n1 = std::min(w.N, unit[i] * (hi - first[i]));
-        int4_rows_times_weight(w, jobs[i].x, 1, w.K, nullptr, n0, n1, jobs[i].y, w.N, /*vnni=*/true);
+        run(jobs[i], n0, n1);
       }
     }
   });
@@ -773,12 +797,12 @@ inline void int4_rows_one_region(const std::vector<Int4RowJob>& jobs) {
 inline void int4_rows_each_sliced(const std::vector<Int4RowJob>& jobs) {
   const int64_t threads = at::get_num_threads();
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    RowJobRunner run;
     for (int64_t t = t0; t < t1; ++t) {
       for (const Int4RowJob& job : jobs) {
         const Int4Weight& w = *job.w;
         const ColumnSlices cut(w, 8, threads);
-        if (t < cut.slices)
-          int4_rows_times_weight(w, job.x, 1, w.K, nullptr, cut.n0(t), cut.n1(w, t), job.y, w.N, /*vnni=*/true);
+        if (t < cut.slices) run(job, cut.n0(t), cut.n1(w, t));
       }
     }
   });

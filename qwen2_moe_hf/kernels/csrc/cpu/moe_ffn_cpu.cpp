@@ -922,7 +922,7 @@ at::Tensor moe_ffn_core(const at::Tensor& x, const Routing& routing, const Layer
   for (int64_t e = 0; e < E; ++e) {
     const int64_t M = offsets[e + 1] - offsets[e];
     if (M == 0) continue;
-    const float* xe = xs + offsets[e] * H;
+    const float* xe = T == 1 ? xf : xs + offsets[e] * H;  // one token: every expert's x is x (the same planes)
     float* gue = gu + offsets[e] * 2 * I;
     Job g{xe, M, nullptr, gue, I, H, 2 * I}, u{xe, M, nullptr, gue + I, I, H, 2 * I};
     Job d{act + offsets[e] * I, M, nullptr, ys + offsets[e] * H, H, I, H};
