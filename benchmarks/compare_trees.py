@@ -8,7 +8,8 @@ public API only, so any two commits compare:
                    shared expert 5632; int4: GPTQ group 128, sym, shared expert too), random weights, at 1 / 16 /
                    256 tokens, a 64 MiB read before every call; median ms;
   decode / _int4   a 4-layer model of that shape (vocabulary 32,000), greedy generate from a 16-token prompt: the
-                   median of (time for 25 new tokens - time for 1) / 24, in ms per token.
+                   median of (time for 25 new tokens - time for 1) / 24, in ms per token;
+  decode_gptq      the same with q/k/v/o in GPTQ-Int4 too, as the released GPTQ-Int4 checkpoint has them.
 Pairs alternate which tree runs first; the table gives the medians over pairs and new / old.
 """
 
@@ -24,18 +25,20 @@ SHAPE = dict(hidden_size=2048, num_experts=60, num_experts_per_tok=4, moe_interm
              shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
              num_hidden_layers=1, vocab_size=1024)
 PROJ = ("gate_proj", "up_proj", "down_proj")
-MODES = ("bf16", "int4", "decode", "decode_int4")
+MODES = ("bf16", "int4", "decode", "decode_int4", "decode_gptq")
 
 
-def _quantized(module):
-    """`module` with every expert and shared-expert projection in GPTQ-Int4 (from fp32), then bf16."""
+def _quantized(module, attention=False):
+    """`module` with every expert and shared-expert projection (and with `attention` q/k/v/o) in GPTQ-Int4 (from
+    fp32), then bf16."""
     import torch
     from qwen2_moe_hf.gptq.format import GPTQSpec
     from qwen2_moe_hf.gptq.quantize import quantize_linears_
 
     module = module.float()
     names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)
-             and n.rsplit(".", 1)[-1] in PROJ and ("experts." in n or "shared_expert." in n)]
+             and (n.rsplit(".", 1)[-1] in PROJ and ("experts." in n or "shared_expert." in n)
+                  or attention and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"))]
     quantize_linears_(module, names, GPTQSpec(bits=4, group_size=128, sym=True))
     return module.to(torch.bfloat16)
 
@@ -47,7 +50,7 @@ def child(mode, rounds):
     from qwen2_moe_hf import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeSparseMoeBlock
 
     torch.manual_seed(0)
-    int4 = mode.endswith("int4")
+    int4 = mode.endswith("int4") or mode == "decode_gptq"
     if mode.startswith("decode"):
         model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{**SHAPE, "num_hidden_layers": 4, "vocab_size": 32000}))
     else:
@@ -55,7 +58,7 @@ def child(mode, rounds):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model = (_quantized(model) if int4 else model.to(torch.bfloat16)).eval()
+    model = (_quantized(model, attention=mode == "decode_gptq") if int4 else model.to(torch.bfloat16)).eval()
     result = {}
     with torch.no_grad():
         if mode.startswith("decode"):
