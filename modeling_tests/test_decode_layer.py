@@ -23,25 +23,28 @@ pytestmark = [
 
 @pytest.fixture
 def lane(monkeypatch):
-    """Counts the layer steps the lane runs; `lane.off()` makes every layer run its modules."""
+    """Counts the layer steps the lane runs (`calls`; `model_calls`: the steps that ran with every layer in one
+    call); `lane.off()` makes every layer run its modules."""
     class Lane:
         calls = 0
+        model_calls = 0
 
         def off(self):
-            monkeypatch.setattr(modeling.Qwen2MoeDecoderLayer, "_decode_step", lambda self, *a, **k: None)
+            monkeypatch.setattr(modeling.Qwen2MoeDecoderLayer, "_decode_call", lambda self, *a, **k: None)
 
         def on(self):
-            monkeypatch.setattr(modeling.Qwen2MoeDecoderLayer, "_decode_step", step)
+            monkeypatch.setattr(modeling.Qwen2MoeDecoderLayer, "_decode_call", decode_call)
 
-    step = modeling.Qwen2MoeDecoderLayer._decode_step
+    decode_call = modeling.Qwen2MoeDecoderLayer._decode_call
     counter = Lane()
-    run = decode_layer.run
+    run = decode_layer.run_steps
 
-    def counting(*args, **kwargs):
-        counter.calls += 1
-        return run(*args, **kwargs)
+    def counting(steps, *args, **kwargs):
+        counter.calls += len(steps)
+        counter.model_calls += len(steps) > 1
+        return run(steps, *args, **kwargs)
 
-    monkeypatch.setattr(decode_layer, "run", counting)
+    monkeypatch.setattr(decode_layer, "run_steps", counting)
     return counter
 
 
@@ -87,8 +90,30 @@ def test_generate_is_the_modules_bit_for_bit(preset, kind, lane):
     fused, modules, calls = _both(model, IDS, lane)
     moe_layers = sum(isinstance(layer.mlp, modeling.Qwen2MoeSparseMoeBlock) for layer in model.model.layers)
     assert calls == 5 * moe_layers  # every decode step (6 tokens: the prompt's step gives the first) of each
+    # every layer in one call per step where every layer takes the lane (dense-MLP layers do not)
+    assert lane.model_calls == (5 if moe_layers == len(model.model.layers) else 0)
     _same(fused, modules)
     _same_cache(fused, modules)
+
+
+def test_a_hook_on_a_decoder_layer_runs_and_keeps_the_one_call_off(lane):
+    """With a forward hook (or pre-hook) on one decoder layer, every layer is called on its own (each still takes its
+    lane), so the hook runs on every step and sees the layer's output; removed, the layers run in one call again."""
+    model = helpers.build_model("gqa").bfloat16()
+    seen = []
+    for register in ("register_forward_hook", "register_forward_pre_hook"):
+        lane.calls = lane.model_calls = 0
+        hook = getattr(model.model.layers[1], register)(lambda module, *args: seen.append(module))
+        fused, modules, calls = _both(model, IDS, lane)
+        hook.remove()
+        assert calls == 5 * 3 and lane.model_calls == 0
+        assert len(seen) == 2 * 6  # both runs, every forward (the prompt's and 5 decode steps)
+        seen.clear()
+        _same(fused, modules)
+        _same_cache(fused, modules)
+    lane.calls = lane.model_calls = 0
+    _both(model, IDS, lane)
+    assert lane.model_calls == 5
 
 
 def test_fp16_sums_past_fp16s_range_are_clamped_as_the_modules_do(lane):
@@ -358,7 +383,7 @@ def test_a_failing_step_leaves_the_cache_as_it_was(lane, monkeypatch):
         model.model.layers[0].mlp.gate.weight.data = torch.zeros(6, 63, dtype=torch.bfloat16)
         with pytest.raises(RuntimeError, match="router_weight"):
             model(IDS[:, :1], past_key_values=cache, use_cache=True)
-    assert lane.calls == 1
+    assert lane.calls == 3 and lane.model_calls == 1  # the three layers' steps in one call; the first raised
     assert all(torch.equal(layer.keys, h) for layer, h in zip(cache.layers, held))
 
 

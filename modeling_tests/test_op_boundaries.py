@@ -208,8 +208,10 @@ def call(op, a):
         pack = m.DecodeLayerPack(a["ln1"], a["eps1"], a["ln2"], a["eps2"], a["projections"], a["biases"], a["int4"],
                                  a["zero_offset"], a["heads"], a["kv_heads"], a["head_dim"], a["scaling"])
         moe = m.LayerPack(a["tensors"], a["experts"], a["int4"], a["zero_offset"])
-        return m.decode_layer(a["hidden"], a["cos"], a["sin"], a["key_cache"], a["value_cache"], a["held"], a["mask"],
-                              pack, a["router_weight"], a["top_k"], a["renormalize"], moe, a["shared_expert_gate"])
+        out, logits = m.decode_layers(a["hidden"], [(a["key_cache"], a["value_cache"], a["held"], a["mask"], a["cos"],
+                                                     a["sin"], pack, a["router_weight"], a["top_k"], a["renormalize"],
+                                                     moe, a["shared_expert_gate"])])
+        return out, logits[0]
     return getattr(_ops(), op)(*a.values())
 
 
@@ -644,7 +646,7 @@ def test_every_compiled_entry_point_is_in_the_table():
         functions = {n for n in dir(cpu_module()) if not n.startswith("_")}
         switches = {*PATH_SWITCHES, *(s for s in PATH_SWITCHES.values() if s)}
         kept = {"workspace_bytes", "release_workspace"}  # the layers' kept workspace (test_cpu_layer.py)
-        layer = {"DecodeLayerPack", "decode_layer"}  # the whole decode layer (moe/decode_layer.py)
+        layer = {"DecodeLayerPack", "decode_layers"}  # whole decode layers (moe/decode_layer.py)
         assert functions == {"IdentityWatch", "LayerPack", "moe_layer", *layer, *kept, *switches}, functions
 
 

@@ -417,6 +417,17 @@ class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
         """CPU decode of one sequence: the forward above in one call to the CPU ops (moe/decode_layer.py: the same
         ops, in the same order, bit for bit), with the new position written into the cache's buffers in place;
         None where anything differs from that case (then the modules run)."""
+        step = self._decode_call(hidden_states, position_embeddings, attention_mask, past_key_values, attention_kwargs)
+        if step is None:
+            return None
+        out = decode_layer.run_steps([step], hidden_states)
+        return out, step.router_logits
+
+    def _decode_call(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+                     attention_mask: Optional[torch.Tensor], past_key_values: Optional[compat.Cache],
+                     attention_kwargs: Dict[str, Any]) -> Optional[decode_layer.DecodeStep]:
+        """This call's decode step where it can take the lane (its cache layer, its plan's arguments, its mask), else
+        None. Nothing is changed yet: decode_layer.run_steps writes the cache."""
         cache_layer = compat.decode_kv_layer(past_key_values, self.self_attn.layer_idx)
         if cache_layer is None:
             return None
@@ -426,11 +437,7 @@ class Qwen2MoeDecoderLayer(compat.GradientCheckpointingLayer):
         held = cache_layer.keys.shape[-2] if cache_layer.keys.dim() == 4 else 0
         if not mask_fits(attention_mask, held + 1):
             return None
-        shape = (1, call.plan.kv_heads, 1, call.plan.head_dim)
-        key_cache, value_cache, held = cache_layer.reserve(shape, shape, hidden_states.dtype, hidden_states.device)
-        out = decode_layer.run(call, hidden_states, key_cache, value_cache, held, attention_mask)
-        cache_layer.commit(held + 1)
-        return out
+        return decode_layer.DecodeStep(call, cache_layer, attention_mask)
 
 
 def validate_config(config: Qwen2MoeConfig) -> None:
@@ -556,6 +563,31 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def _decode_layers(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+                       masks: Dict[str, Any], past_key_values: Optional[compat.Cache], attention_kwargs: Dict[str, Any]
+                       ) -> Optional[Tuple[torch.Tensor, list]]:
+        """A CPU decode step of every layer in one call to the extension: (hidden states after the last layer,
+        each layer's router logits), what calling each layer in turn gives bit for bit (each takes its lane,
+        Qwen2MoeDecoderLayer._decode_step), or None where any layer would not (then the loop calls the layers, and
+        nothing has changed). Why: each layer's own call from Python (its checks, its cache's bookkeeping) ran
+        between the layers' weight streams with caches cold, ~0.2 ms a layer at the real shape; here they run back
+        to back before the extension's loop (docs/benchmarks.md). Calling a layer is its forward exactly when it is
+        our class with its own forward and no hooks (global hooks keep every lane off: decode_layer.prepare)."""
+        steps = []
+        for layer, kind in zip(self.layers, self.config.layer_types):
+            if (type(layer) is not Qwen2MoeDecoderLayer or "forward" in layer.__dict__
+                    or layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                    or layer._backward_pre_hooks):
+                return None
+            step = layer._decode_call(hidden_states, position_embeddings, masks[kind], past_key_values,
+                                      attention_kwargs)
+            if step is None:
+                return None
+            steps.append(step)
+        if not steps:
+            return None
+        return decode_layer.run_steps(steps, hidden_states), [step.router_logits for step in steps]
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -628,7 +660,14 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_router_logits = () if output_router_logits else None
-        for layer, kind in zip(self.layers, config.layer_types):
+        fused = None
+        if not (output_hidden_states or output_attentions or torch.is_grad_enabled()):
+            fused = self._decode_layers(hidden_states, position_embeddings, masks, past_key_values, kwargs)
+        if fused is not None:
+            hidden_states, router_logits = fused
+            if output_router_logits:
+                all_router_logits += tuple(router_logits)
+        for layer, kind in zip(self.layers if fused is None else (), config.layer_types):
             mask = masks[kind]
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)

@@ -12,7 +12,10 @@ are not called, so the lane is taken only where calling them would have taken ex
 - the norms' weights have the activations' dtype; the MoE block takes the cpu backend's fused lane;
 - the call: a [1, 1, hidden] CPU tensor, no autograd, torch.compile or function / dispatch modes, sdpa attention
   without extra keyword arguments, cos / sin of one position, and a mask the decode attention op takes.
-The caller (the decoder layer) brings the cache's buffers (compat.decode_kv_layer) and commits the new position.
+The caller (the decoder layer) brings its cache layer (compat.decode_kv_layer); run_steps writes the new position
+into its buffers and commits it. Where every layer of the model takes the lane, Qwen2MoeModel hands all their steps
+to run_steps at once: one call to the extension for the whole step, with each layer's Python run back to back
+rather than between the layers' weight streams, where it ran with caches cold (~0.2 ms a layer at the real shape).
 
 Everything a layer's plan was built from is watched by one IdentityWatch, checked once per call: every module and
 tensor slot it read (the experts' too), the scalar attributes it holds (training, eps, scaling, top_k, ...) as slots
@@ -235,10 +238,29 @@ def prepare(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: 
     return DecodeCall(plan, cos, sin)
 
 
-def run(call: DecodeCall, hidden_states: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, held: int,
-        mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(the layer's output [1, 1, hidden], router logits [1, experts]); the step's key and value are written at
-    position `held` of the cache buffers."""
-    p = call.plan
-    return cpu_module().decode_layer(hidden_states, call.cos, call.sin, key_cache, value_cache, held, mask, p.pack,
-                                     p.router, p.top_k, p.renormalize, p.moe_pack, p.shared_gate)
+class DecodeStep:
+    """One layer's decode step as run_steps takes it: the call's arguments, the cache layer it appends to (an
+    AppendingLayer: compat.decode_kv_layer) and its mask; router_logits is set by run_steps."""
+    __slots__ = ("call", "cache", "mask", "router_logits")
+
+    def __init__(self, call: DecodeCall, cache: Any, mask: Optional[torch.Tensor]) -> None:
+        self.call, self.cache, self.mask, self.router_logits = call, cache, mask, None
+
+
+def run_steps(steps: List[DecodeStep], hidden_states: torch.Tensor) -> torch.Tensor:
+    """The layers' steps in order, each on the previous one's output, in one call to the extension's decode_layers
+    (one layer: the model's per-layer path; all of them: Qwen2MoeModel._decode_layers). Each step's key and value go
+    into its cache layer's buffers, then every cache layer commits its new position; if the call raises, none
+    does, and the caches hold what they held. Returns the last layer's output; each step's router_logits is set."""
+    args = []
+    for step in steps:
+        p = step.call.plan
+        shape = (1, p.kv_heads, 1, p.head_dim)
+        key_cache, value_cache, held = step.cache.reserve(shape, shape, hidden_states.dtype, hidden_states.device)
+        args.append((key_cache, value_cache, held, step.mask, step.call.cos, step.call.sin, p.pack, p.router,
+                     p.top_k, p.renormalize, p.moe_pack, p.shared_gate))
+    out, logits = cpu_module().decode_layers(hidden_states, args)
+    for step, (_, _, held, *_rest), step_logits in zip(steps, args, logits):
+        step.cache.commit(held + 1)
+        step.router_logits = step_logits
+    return out

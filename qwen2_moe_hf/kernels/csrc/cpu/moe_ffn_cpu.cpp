@@ -1493,18 +1493,73 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ln1"), py::arg("eps1"), py::arg("ln2"), py::arg("eps2"), py::arg("projections"),
            py::arg("biases"), py::arg("int4"), py::arg("zero_offset"), py::arg("heads"), py::arg("kv_heads"),
            py::arg("head_dim"), py::arg("scaling"));
-  m.def("decode_layer", [](const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
-                           const at::Tensor& key_cache, const at::Tensor& value_cache, int64_t held,
-                           const c10::optional<at::Tensor>& mask, const DecodeLayerPack& pack,
-                           const at::Tensor& router_weight, int64_t top_k, bool renormalize, const LayerPack& moe,
-                           const c10::optional<at::Tensor>& shared_expert_gate) {
-    RECORD_FUNCTION("qwen2_moe_hf::decode_layer", std::vector<c10::IValue>({hidden}));
+  // Layers' decode steps in order, each on the previous one's output (moe/decode_layer.py run_steps: one layer, or
+  // every layer of the model in one call). Each step: (key_cache, value_cache, held, mask, cos, sin, pack,
+  // router_weight, top_k, renormalize, moe, shared_expert_gate), as decode_layer takes them. -> (the last layer's
+  // output, [each layer's router logits]). The items are read with the GIL held, the layers run without it.
+  m.def("decode_layers", [](const at::Tensor& hidden, const std::vector<py::tuple>& steps) {
+    struct Step {
+      at::Tensor key_cache, value_cache, cos, sin, router_weight;
+      c10::optional<at::Tensor> mask, shared_expert_gate;
+      int64_t held = 0, top_k = 0;
+      bool renormalize = false;
+      const DecodeLayerPack* pack = nullptr;
+      const LayerPack* moe = nullptr;
+    };
+    static const char* names[12] = {"key_cache", "value_cache", "held", "mask", "cos", "sin", "pack",
+                                    "router_weight", "top_k", "renormalize", "moe", "shared_expert_gate"};
+    std::vector<Step> parsed(steps.size());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const py::tuple& t = steps[i];
+      TORCH_CHECK(t.size() == 12, "decode_layers: steps[", i, "] must hold 12 items (key_cache, value_cache, held, "
+                  "mask, cos, sin, pack, router_weight, top_k, renormalize, moe, shared_expert_gate), got ", t.size());
+      auto item = [&](int j, auto tag) {
+        using V = decltype(tag);
+        try {
+          return t[j].cast<V>();
+        } catch (const py::cast_error&) {
+          TORCH_CHECK(false, "decode_layers: steps[", i, "][", j, "] (", names[j], ") has the wrong type or value: ",
+                      py::str(py::repr(t[j].get_type())).cast<std::string>());
+        }
+      };
+      auto optional = [&](int j) {
+        return t[j].is_none() ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(item(j, at::Tensor{}));
+      };
+      Step& s = parsed[i];
+      s.key_cache = item(0, at::Tensor{});
+      s.value_cache = item(1, at::Tensor{});
+      s.held = item(2, int64_t{});
+      s.mask = optional(3);
+      s.cos = item(4, at::Tensor{});
+      s.sin = item(5, at::Tensor{});
+      try {
+        s.pack = &t[6].cast<const DecodeLayerPack&>();
+        s.moe = &t[10].cast<const LayerPack&>();
+      } catch (const py::cast_error&) {
+        TORCH_CHECK(false, "decode_layers: steps[", i, "]: pack must be a DecodeLayerPack and moe a LayerPack");
+      }
+      s.router_weight = item(7, at::Tensor{});
+      s.top_k = item(8, int64_t{});
+      s.renormalize = item(9, bool{});
+      s.shared_expert_gate = optional(11);
+    }
     py::gil_scoped_release no_gil;
-    return decode_layer(hidden, cos, sin, key_cache, value_cache, held, mask, pack, router_weight, top_k,
-                        renormalize, moe, shared_expert_gate);
-  }, py::arg("hidden"), py::arg("cos"), py::arg("sin"), py::arg("key_cache"), py::arg("value_cache"), py::arg("held"),
-     py::arg("mask"), py::arg("pack"), py::arg("router_weight"), py::arg("top_k"), py::arg("renormalize"),
-     py::arg("moe"), py::arg("shared_expert_gate"));
+    at::Tensor h = hidden;
+    std::vector<at::Tensor> logits;
+    for (size_t i = 0; i < parsed.size(); ++i) {
+      const Step& s = parsed[i];
+      RECORD_FUNCTION("qwen2_moe_hf::decode_layer", std::vector<c10::IValue>({h}));
+      try {
+        auto [out, l] = decode_layer(h, s.cos, s.sin, s.key_cache, s.value_cache, s.held, s.mask, *s.pack,
+                                     s.router_weight, s.top_k, s.renormalize, *s.moe, s.shared_expert_gate);
+        h = out;
+        logits.push_back(l);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "decode_layers: steps[", i, "]: ", e.what_without_backtrace());
+      }
+    }
+    return std::make_tuple(h, logits);
+  }, py::arg("hidden"), py::arg("steps"));
   m.def("moe_layer", [](const at::Tensor& x, const at::Tensor& router_weight, int64_t top_k, bool renormalize,
                         const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
     RECORD_FUNCTION("qwen2_moe_hf::moe_layer", std::vector<c10::IValue>({x}));
