@@ -37,28 +37,19 @@ std::shared_ptr<const Int4Weight> int4_weight(const at::Tensor* t, int64_t zero_
                           [&](Int4Weight& w) { w.prepare(t[0], t[1], t[2], t[3], zero_offset, what); });
 }
 
-// x's conversion to fp32 and the epilogue (bias, rounding to x's dtype) are plain loops rather than ATen's to() and
-// add_(): in a decode step these run with caches cold (each layer's MoE block streams ~36 MB of weights through
-// them), where each ATen call costs ~15-35 us before its first element, its code and metadata read from memory
-// (docs/benchmarks.md). Same arithmetic: one fp32 add, then one round-to-nearest-even to x's dtype.
+// The epilogue (bias, rounding to x's dtype) is a plain loop rather than ATen's add_() and to(), as x's conversion
+// is (read_floats): in a decode step these run with caches cold (each layer's MoE block streams ~36 MB of weights
+// through them), where each ATen call costs ~15-35 us before its first element (docs/benchmarks.md). Same
+// arithmetic: one fp32 add, then one round-to-nearest-even to x's dtype.
 
-// Rows per parallel task of the elementwise loops: one task (no parallel region) for a decode step's rows.
+// Rows per parallel task of the epilogue: one task (no parallel region) for a decode step's rows.
 int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cols)); }
 
-// x [M, K] (float, bf16 or fp16, any strides) as contiguous fp32 rows.
-at::Tensor float_rows(const at::Tensor& x) {
+// x [M, K] (checked: float, bf16 or fp16, any strides) as contiguous fp32 rows.
+at::Tensor float_rows(const at::Tensor& x, const char* op) {
   if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x;
-  const int64_t M = x.size(0), K = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-  at::Tensor out = at::empty({M, K}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  with_floating(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = x.data_ptr<T>();
-    at::parallel_for(0, M, rows_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        for (int64_t j = 0; j < K; ++j) o[i * K + j] = static_cast<float>(p[i * s0 + j * s1]);
-    });
-  });
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  read_floats(x, out.data_ptr<float>(), op, "x");
   return out;
 }
 
@@ -108,7 +99,8 @@ at::Tensor gptq_linear_kept(const at::Tensor& x, const at::Tensor* t, int64_t ze
   // checks the four GPTQ tensors and keeps (contiguous copies of) them for the call
   const std::shared_ptr<const Int4Weight> kept = int4_weight(t, zero_offset, op, cache, slot);
   const Int4Weight& w = *kept;
-  const at::Tensor xf = float_rows(qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w.K}, "qweight").tensor());
+  const at::Tensor xf =
+      float_rows(qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, w.K}, "qweight").tensor(), op);
   const int64_t M = x.size(0), N = w.N;
   at::Tensor b;
   if (bias.has_value() && bias->defined())
@@ -145,8 +137,8 @@ std::vector<at::Tensor> gptq_linears_kept(const at::Tensor& x, at::TensorList li
     TORCH_CHECK(wp[i]->K == wp[0]->K, op, ": linear ", i, " has ", wp[i]->K, " inputs, linear 0 has ", wp[0]->K,
                 " (every Linear reads the same x)");
   }
-  const at::Tensor xf = float_rows(qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, wp[0]->K},
-                                                                                    "linears[0] (qweight)").tensor());
+  const at::Tensor xf = float_rows(
+      qmoe::TensorArg(x, op, "x", cpu).floating().sizes({-1, wp[0]->K}, "linears[0] (qweight)").tensor(), op);
   std::vector<at::Tensor> bias(L);
   for (int64_t i = 0; i < L; ++i) {
     const c10::optional<at::Tensor> b = biases.get(i);

@@ -736,27 +736,6 @@ struct LayerWeights {
   c10::optional<at::Tensor> shared_expert_gate;
 };
 
-// Reads a float32 / bfloat16 / float16 tensor (any layout) as n fp32 values: plain loops rather than ATen ops,
-// whose per-call dispatch costs more than a decode step's worth of these conversions when caches are cold.
-void read_floats(const at::Tensor& t, float* dst, const char* op, const char* what) {
-  const at::Tensor c = TensorArg(t, op, what, kCpu).floating().contiguous();
-  const int64_t n = c.numel();
-  switch (c.scalar_type()) {
-    case at::kFloat: std::copy(c.data_ptr<float>(), c.data_ptr<float>() + n, dst); return;
-    case at::kBFloat16: {
-      const BFloat16* p = c.data_ptr<BFloat16>();
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
-      return;
-    }
-    case at::kHalf: {
-      const Half* p = c.data_ptr<Half>();
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
-      return;
-    }
-    default: TORCH_CHECK(false, op, ": ", what, " must be float32, bfloat16 or float16, got ", c.scalar_type());
-  }
-}
-
 // v rounded to `dtype` (float32, bfloat16 or float16) and back, as Tensor.to(dtype) rounds.
 inline float round_to(float v, at::ScalarType dtype) {
   if (dtype == at::kBFloat16) return static_cast<float>(static_cast<BFloat16>(v));

@@ -3,6 +3,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "../common/checks.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -24,6 +27,20 @@ using at::Half;
 inline float to_float(float v) { return v; }
 inline float to_float(BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(Half v) { return static_cast<float>(v); }
+
+// Reads a float32 / bfloat16 / float16 tensor (checked here, any layout) as its numel() fp32 values: plain loops
+// rather than ATen's to(), whose per-call cost exceeds a decode step's worth of these conversions when caches are
+// cold (docs/benchmarks.md); a prefill's many rows are split between threads.
+inline void read_floats(const at::Tensor& t, float* dst, const char* op, const char* what) {
+  const at::Tensor c = TensorArg(t, op, what, at::Device(at::kCPU)).floating().contiguous();
+  with_floating(c.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = c.data_ptr<T>();
+    at::parallel_for(0, c.numel(), int64_t{1} << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<float>(p[i]);
+    });
+  });
+}
 
 #ifdef QMOE_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
