@@ -571,13 +571,10 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         Qwen2MoeDecoderLayer._decode_step), or None where any layer would not (then the loop calls the layers, and
         nothing has changed). Why: each layer's own call from Python (its checks, its cache's bookkeeping) ran
         between the layers' weight streams with caches cold, ~0.2 ms a layer at the real shape; here they run back
-        to back before the extension's loop (docs/benchmarks.md). Calling a layer is its forward exactly when it is
-        our class with its own forward and no hooks (global hooks keep every lane off: decode_layer.prepare)."""
+        to back before the extension's loop (docs/benchmarks.md)."""
         steps = []
         for layer, kind in zip(self.layers, self.config.layer_types):
-            if (type(layer) is not Qwen2MoeDecoderLayer or "forward" in layer.__dict__
-                    or layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
-                    or layer._backward_pre_hooks):
+            if not decode_layer.calls_forward(layer, Qwen2MoeDecoderLayer):
                 return None
             step = layer._decode_call(hidden_states, position_embeddings, masks[kind], past_key_values,
                                       attention_kwargs)

@@ -207,6 +207,12 @@ def _build(layer: nn.Module, x: torch.Tensor, kinds: DecodeKinds) -> DecodePlan:
                 lanes=lanes, int4_probe=projs[0] if int4 else None)
 
 
+def calls_forward(module: nn.Module, cls: type) -> bool:
+    """Whether calling `module` runs exactly cls.forward on it: of class cls, its forward not replaced, no hooks of
+    its own (global hooks keep every lane off: prepare)."""
+    return type(module) is cls and "forward" not in module.__dict__ and not any(getattr(module, h) for h in _HOOKS)
+
+
 def drop(layer: nn.Module) -> None:
     """Forget the layer's plan (its tensors may have been converted in place: .to(), .half(), load_state_dict)."""
     layer.__dict__.pop("_decode_plan", None)
@@ -252,15 +258,16 @@ def run_steps(steps: List[DecodeStep], hidden_states: torch.Tensor) -> torch.Ten
     (one layer: the model's per-layer path; all of them: Qwen2MoeModel._decode_layers). Each step's key and value go
     into its cache layer's buffers, then every cache layer commits its new position; if the call raises, none
     does, and the caches hold what they held. Returns the last layer's output; each step's router_logits is set."""
-    args = []
+    args, held = [], []
     for step in steps:
         p = step.call.plan
         shape = (1, p.kv_heads, 1, p.head_dim)
-        key_cache, value_cache, held = step.cache.reserve(shape, shape, hidden_states.dtype, hidden_states.device)
-        args.append((key_cache, value_cache, held, step.mask, step.call.cos, step.call.sin, p.pack, p.router,
+        key_cache, value_cache, n = step.cache.reserve(shape, shape, hidden_states.dtype, hidden_states.device)
+        held.append(n)
+        args.append((key_cache, value_cache, n, step.mask, step.call.cos, step.call.sin, p.pack, p.router,
                      p.top_k, p.renormalize, p.moe_pack, p.shared_gate))
     out, logits = cpu_module().decode_layers(hidden_states, args)
-    for step, (_, _, held, *_rest), step_logits in zip(steps, args, logits):
-        step.cache.commit(held + 1)
+    for step, n, step_logits in zip(steps, held, logits):
+        step.cache.commit(n + 1)
         step.router_logits = step_logits
     return out
