@@ -471,6 +471,75 @@ def test_our_4_38_rope_scaling_equals_transformers(rope_type, length):
     torch.testing.assert_close(ours[1], sin, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rope_type", ["default", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_the_rope_table_gives_what_each_call_computes(rope_type, dtype):
+    """cos / sin looked up in the rotary embedding's table (default and linear RoPE) against computing them for the
+    call's positions: a prompt, decode steps across the table's growth, out-of-order batches, positions past the
+    table's limit and negative ones (computed per call); a changed config is read at once; nothing in state_dict."""
+    from qwen2_moe_hf.modeling_qwen2_moe import Qwen2MoeRotaryEmbedding
+
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, **({"factor": 2.0} if rope_type == "linear" else {})}
+    emb = Qwen2MoeRotaryEmbedding(_config(rope_theta=10000.0, rope_parameters=rope))
+    x = torch.zeros(1, dtype=dtype)
+    tol = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)  # one ulp: the same ops, batched
+
+    def check(positions):
+        got, want = emb(x, positions), emb._cos_sin(x, positions)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and g.shape == w.shape == (*positions.shape, emb.config.head_dim)
+            torch.testing.assert_close(g, w, **tol)
+
+    check(torch.arange(10)[None])
+    table = emb.__dict__["_table"][1]
+    for p in (10, 11, 255, 256, 700):  # 256 and 700 grow the table
+        check(torch.tensor([[p]]))
+    assert emb.__dict__["_table"][1].shape[0] == 1024 and table.shape[0] == 256
+    check(torch.tensor([[5, 3, 900, 0], [1, 2, 3, 4]]))
+    check(torch.tensor([[Qwen2MoeRotaryEmbedding.TABLE_MAX + 5]]))
+    check(torch.tensor([[-3, 4]]))
+    assert emb.__dict__["_table"][1].shape[0] == 1024  # neither of those two went into the table
+    emb.config.rope_parameters["rope_theta"] = 500.0  # read at once: a new table
+    check(torch.tensor([[7]]))
+    want = Qwen2MoeRotaryEmbedding(_config(rope_theta=500.0, rope_parameters=dict(rope, rope_theta=500.0)))(
+        x, torch.tensor([[7]]))
+    assert all(torch.equal(a, b) for a, b in zip(emb(x, torch.tensor([[7]])), want))
+    assert dict(emb.state_dict()) == {}
+
+
+def test_outputs_built_without_the_constructors_checks_are_the_constructors():
+    """compat.model_output(cls, **fields) against cls(**fields): the same class, items (the fields that are not None,
+    in order), attributes, tuple form, indexing and pickling; names it does not know raise as the constructor does."""
+    import pickle
+
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+    h, logits, loss = torch.randn(1, 2, 4), torch.randn(1, 2, 8), torch.tensor(0.5)
+    cache, router = compat.DynamicCache(), (torch.randn(2, 3),)
+    cases = [(MoeModelOutputWithPast, dict(last_hidden_state=h, past_key_values=cache, hidden_states=None,
+                                           attentions=None, router_logits=())),
+             (MoeModelOutputWithPast, dict(last_hidden_state=h, hidden_states=(h, h), router_logits=router)),
+             (MoeCausalLMOutputWithPast, dict(loss=None, aux_loss=None, logits=logits, past_key_values=cache,
+                                              hidden_states=None, attentions=None, router_logits=None)),
+             (MoeCausalLMOutputWithPast, dict(loss=loss, aux_loss=loss, logits=logits, router_logits=router)),
+             (MoeCausalLMOutputWithPast, dict(loss=None, logits=None))]  # nothing set: the constructor's case
+    for cls, fields in cases * 2:  # the second time round each class is known
+        want, got = cls(**fields), compat.model_output(cls, **fields)
+        assert type(got) is cls
+        assert list(got.keys()) == list(want.keys())
+        assert all(a is b for a, b in zip(got.values(), want.values()))
+        assert all(getattr(got, name) is getattr(want, name) for name in cls.__dataclass_fields__)
+        assert len(got.to_tuple()) == len(want.to_tuple())
+        assert all(a is b for a, b in zip(got.to_tuple(), want.to_tuple()))
+        if want.keys():
+            first = next(iter(want.keys()))
+            assert got[0] is want[0] and got[first] is want[first]
+        again = pickle.loads(pickle.dumps(got))
+        assert type(again) is cls and list(again.keys()) == list(want.keys())
+    with pytest.raises(TypeError):
+        compat.model_output(MoeModelOutputWithPast, last_hidden_state=h, logits=logits)
+
+
 def test_plugin_warnings_follow_transformers_verbosity(caplog):
     """`transformers.logging.set_verbosity_error()` silences our warnings too; the default verbosity keeps them."""
     from transformers.utils import logging as hf_logging

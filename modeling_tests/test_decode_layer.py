@@ -116,6 +116,43 @@ def test_a_hook_on_a_decoder_layer_runs_and_keeps_the_one_call_off(lane):
     assert lane.model_calls == 5
 
 
+def test_the_final_norm_joins_the_call_only_as_its_module_would_compute(lane, monkeypatch):
+    """The model's final norm is applied in the layers' one call (no module call); with a hook on it, or its forward
+    replaced, the module runs as before. The tokens, logits and cache are the modules' bit for bit either way."""
+    model = helpers.build_model("gqa").bfloat16()
+    norm_calls = []
+    original = modeling.Qwen2MoeRMSNorm.forward
+
+    def counted(self, x):
+        norm_calls.append(self)
+        return original(self, x)
+
+    monkeypatch.setattr(modeling.Qwen2MoeRMSNorm, "forward", counted)
+    final = model.model.norm
+
+    def final_calls():
+        n = sum(m is final for m in norm_calls)
+        norm_calls.clear()
+        return n
+
+    lane.on()
+    _generate(model, IDS)
+    assert final_calls() == 1 and lane.model_calls == 5  # the prompt's forward only; its 5 decode steps: in the call
+    seen = []
+    hook = final.register_forward_hook(lambda module, args, out: seen.append(out))
+    lane.model_calls = 0
+    fused, modules, _ = _both(model, IDS, lane)
+    hook.remove()
+    assert lane.model_calls == 5 and len(seen) == 2 * 6 and final_calls() == 2 * 6
+    _same(fused, modules)
+    _same_cache(fused, modules)
+    final.forward = counted.__get__(final)
+    lane.model_calls = 0
+    fused, modules, _ = _both(model, IDS, lane)
+    assert lane.model_calls == 5 and final_calls() == 2 * 6
+    _same(fused, modules)
+
+
 def test_fp16_sums_past_fp16s_range_are_clamped_as_the_modules_do(lane):
     """The lane's residual sums (plain loops) round to fp16 and then clamp as the modules' clamp_fp16(residual +
     hidden_states) does: with hidden states at +-60000 and a large o_proj, some sums pass fp16's range (inf before

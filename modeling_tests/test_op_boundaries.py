@@ -181,7 +181,8 @@ def _decode_layer_args(gen, int4):
                                          torch.randn(KVH * D, generator=gen), None],
         int4=int4, zero_offset=1 if int4 else 0, heads=NH, kv_heads=KVH, head_dim=D, scaling=D ** -0.5,
         router_weight=_router_weight(), top_k=K, renormalize=int4, tensors=tensors, experts=E,
-        shared_expert_gate=moe["shared_expert_gate"])
+        shared_expert_gate=moe["shared_expert_gate"], norm_weight=1 + 0.1 * torch.randn(H, generator=gen),
+        norm_eps=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- calls
@@ -208,9 +209,13 @@ def call(op, a):
         pack = m.DecodeLayerPack(a["ln1"], a["eps1"], a["ln2"], a["eps2"], a["projections"], a["biases"], a["int4"],
                                  a["zero_offset"], a["heads"], a["kv_heads"], a["head_dim"], a["scaling"])
         moe = m.LayerPack(a["tensors"], a["experts"], a["int4"], a["zero_offset"])
-        out, logits = m.decode_layers(a["hidden"], [(a["key_cache"], a["value_cache"], a["held"], a["mask"], a["cos"],
-                                                     a["sin"], pack, a["router_weight"], a["top_k"], a["renormalize"],
-                                                     moe, a["shared_expert_gate"])])
+        out, logits, keys, values = m.decode_layers(
+            a["hidden"], [(a["key_cache"], a["value_cache"], a["held"], a["mask"], a["cos"], a["sin"], pack,
+                           a["router_weight"], a["top_k"], a["renormalize"], moe, a["shared_expert_gate"])],
+            a["norm_weight"], a["norm_eps"])
+        n = a["held"] + 1  # the views the cache layer commits: the buffers' first held + 1 positions
+        assert keys[0].data_ptr() == a["key_cache"].data_ptr() and keys[0].shape[2] == n
+        assert values[0].data_ptr() == a["value_cache"].data_ptr() and values[0].shape[2] == n
         return out, logits[0]
     return getattr(_ops(), op)(*a.values())
 
@@ -257,6 +262,7 @@ def _decode_layer_reference(a):
     x2 = ref.rms_norm(h1, a["ln2"], a["eps2"])
     logits = (x2.float() @ a["router_weight"].float().t()).to(x2.dtype)
     out = h1 + ref.moe_block(x2, logits, a["top_k"], a["renormalize"], *_moe_weights(a))
+    out = ref.rms_norm(out, a["norm_weight"], a["norm_eps"])  # the model's final norm, given to the last layer's call
     return out.view(a["hidden"].shape), logits
 
 
@@ -452,6 +458,7 @@ def _scalar_cases(op, args):
     if "held" in args:
         bad("held", [-1, CAP, 2**40], r"held=-?\d+ must be in")
         bad("eps1", [math.inf, math.nan, -1.0], r"eps must be finite")
+        bad("norm_eps", [math.inf, math.nan, -1.0], r"norm_eps must be finite")
         bad("heads", [0, 2**40], r"heads=-?\d+ must be in")
         bad("kv_heads", [0, NH + 1], r"kv_heads=-?\d+ must be in")
         bad("kv_heads", [3], r"heads \(\d+\) must be a multiple of kv_heads")

@@ -3,6 +3,8 @@
 Nothing else in the package branches on the transformers version.
 """
 
+import collections
+import dataclasses
 import logging
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -113,11 +115,13 @@ if _DynamicLayer is not None:
                 self._kbuf, self._vbuf = kbuf, vbuf
             return kbuf, vbuf, held
 
-        def commit(self, need: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        def commit(self, need: int, keys: Optional[torch.Tensor] = None,
+                   values: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
             """The buffers' first `need` positions (written by update or by the caller of reserve) become this
-            layer's keys and values."""
-            self.keys = self._kview = self._kbuf.narrow(2, 0, need)
-            self.values = self._vview = self._vbuf.narrow(2, 0, need)
+            layer's keys and values: the views `keys` / `values` where the caller made them (the decode lane's
+            extension call: buffer[:, :, :need]), else made here."""
+            self.keys = self._kview = self._kbuf.narrow(2, 0, need) if keys is None else keys
+            self.values = self._vview = self._vbuf.narrow(2, 0, need) if values is None else values
             self._written = need
             return self.keys, self.values
 
@@ -131,6 +135,41 @@ if _DynamicLayer is not None:
                 and shape[3] == buf.shape[3] and (device.type == "cpu" and buf.is_cpu or device == buf.device))
 else:
     AppendingLayer = None
+
+
+_OUTPUT_FIELDS: Dict[type, Tuple[Tuple[Tuple[str, Any], ...], frozenset]] = {}
+
+
+def model_output(cls: type, **values: Any) -> Any:
+    """cls(**values) for a transformers ModelOutput dataclass, built as its constructor builds it (each field an
+    attribute, the fields that are not None its items, in field order) without its per-field checks: the
+    constructor's __setattr__ reads dataclasses.fields() once per field, ~60-90 us an output with caches cold, as
+    they are after a decode step's weights (docs/benchmarks.md). The class's first output goes through its own
+    constructor (it registers the class and checks it), and so does any output the constructor would treat apart (a
+    first field that is not a tensor with every other field None: it unpacks that one)."""
+    known = _OUTPUT_FIELDS.get(cls)
+    fields = known[0] if known is not None else ()
+    if (known is None or not values.keys() <= known[1]  # unknown names: the constructor's TypeError
+            or not torch.is_tensor(values.get(fields[0][0])) and all(values.get(n) is None for n, _ in fields[1:])):
+        out = cls(**values)
+        if known is None:
+            fields = tuple((f.name, None if f.default is dataclasses.MISSING else f.default)
+                           for f in dataclasses.fields(cls))
+            _OUTPUT_FIELDS[cls] = (fields, frozenset(name for name, _ in fields))
+        return out
+    out = cls.__new__(cls)
+    dict_init, dict_set, set_attr = _ORDERED_DICT_INIT, _ORDERED_DICT_SET, object.__setattr__
+    dict_init(out)
+    for name, default in fields:
+        value = values.get(name, default)
+        set_attr(out, name, value)
+        if value is not None:
+            dict_set(out, name, value)
+    return out
+
+
+_ORDERED_DICT_INIT = collections.OrderedDict.__init__
+_ORDERED_DICT_SET = collections.OrderedDict.__setitem__
 
 
 def append_kv_in_place(cache: Optional[Cache], layer_idx: int, key: torch.Tensor) -> None:

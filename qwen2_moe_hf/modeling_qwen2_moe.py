@@ -57,13 +57,43 @@ class Qwen2MoeRotaryEmbedding(nn.Module):
     """cos/sin of RoPE for given positions, with the config's rope_type (`rope_parameters` or `rope_scaling`):
     default, and every scaling the installed transformers defines (5.x: its own init functions; 4.38: linear and
     dynamic). The frequencies are recomputed per call (head_dim/2 numbers), so there is no buffer to get lost when
-    models are built on the meta device."""
+    models are built on the meta device.
+
+    For the rope types whose frequencies do not depend on the positions (default, linear), cos/sin are also kept as
+    a table over positions [0, n), made by the same ops on all of them at once (the same numbers), and looked up
+    while the config, dtype and device are the ones it was made for. Why: a decode step computed them with a dozen
+    small ops, ~0.16 ms a step with caches cold (docs/benchmarks.md). It is not module state: not in state_dict,
+    made again after `.to()` or a config change."""
+
+    TABLE_TYPES = ("default", "linear")
+    TABLE_MAX = 1 << 15  # positions; past it, computed per call (a 32k table of bf16 cos + sin is 16 MiB)
 
     def __init__(self, config: Qwen2MoeConfig) -> None:
         super().__init__()
         self.config = config  # read on every call: a rope_parameters change takes effect at once
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        rope = self.config.rope_parameters
+        if (rope.get("rope_type", "default") in self.TABLE_TYPES and position_ids.dtype == torch.long
+                and x.device.type != "meta" and position_ids.device == x.device
+                and not torch.compiler.is_compiling()):
+            key = (rope.get("rope_type", "default"), rope.get("rope_theta"), rope.get("factor"),
+                   self.config.head_dim, x.dtype, x.device)
+            table = self.__dict__.get("_table")
+            if table is not None and table[0] == key:
+                try:  # positions outside the table (past it, negative) raise: then it is made again, or not used
+                    return F.embedding(position_ids, table[1]), F.embedding(position_ids, table[2])
+                except IndexError:
+                    pass
+            if position_ids.numel() and int(position_ids.min()) >= 0:
+                n = max(256, 1 << int(position_ids.max()).bit_length())
+                if n <= self.TABLE_MAX:
+                    cos, sin = self._cos_sin(x, torch.arange(n, device=x.device)[None])
+                    self.__dict__["_table"] = (key, cos[0], sin[0])
+                    return F.embedding(position_ids, cos[0]), F.embedding(position_ids, sin[0])
+        return self._cos_sin(x, position_ids)
+
+    def _cos_sin(self, x: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = compat.rope_frequencies(self.config, position_ids, x.device)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -563,15 +593,31 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """embed_tokens(input_ids), ids outside the vocabulary refused by check_input_ids. On CPU a plain Embedding's
+        lookup refuses them itself (IndexError), so the check runs only then, to name the id: its four ops cost ~45
+        us of a decode step with caches cold. Elsewhere it runs first (a GPU's lookup would assert on the device)."""
+        embed = self.embed_tokens
+        if type(embed) is nn.Embedding and embed.max_norm is None and embed.weight.is_cpu and input_ids.is_cpu:
+            try:
+                return embed(input_ids)
+            except IndexError as error:  # raised outside the handler: the ValueError is not "during handling"
+                failed = error
+            check_input_ids(input_ids, embed.num_embeddings)
+            raise failed
+        check_input_ids(input_ids, embed.num_embeddings)
+        return embed(input_ids)
+
     def _decode_layers(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
                        masks: Dict[str, Any], past_key_values: Optional[compat.Cache], attention_kwargs: Dict[str, Any]
-                       ) -> Optional[Tuple[torch.Tensor, list]]:
+                       ) -> Optional[Tuple[torch.Tensor, list, bool]]:
         """A CPU decode step of every layer in one call to the extension: (hidden states after the last layer,
-        each layer's router logits), what calling each layer in turn gives bit for bit (each takes its lane,
-        Qwen2MoeDecoderLayer._decode_step), or None where any layer would not (then the loop calls the layers, and
-        nothing has changed). Why: each layer's own call from Python (its checks, its cache's bookkeeping) ran
-        between the layers' weight streams with caches cold, ~0.2 ms a layer at the real shape; here they run back
-        to back before the extension's loop (docs/benchmarks.md)."""
+        each layer's router logits, whether the final norm is applied to them), what calling each layer in turn
+        (and then the norm) gives bit for bit (each takes its lane, Qwen2MoeDecoderLayer._decode_step), or None
+        where any layer would not (then the loop calls the layers, and nothing has changed). Why: each layer's own
+        call from Python (its checks, its cache's bookkeeping) ran between the layers' weight streams with caches
+        cold, ~0.2 ms a layer at the real shape; here they run back to back before the extension's loop, and the
+        final norm's call (~0.13 ms cold) is in it (docs/benchmarks.md)."""
         steps = []
         for layer, kind in zip(self.layers, self.config.layer_types):
             if not decode_layer.calls_forward(layer, Qwen2MoeDecoderLayer):
@@ -583,7 +629,9 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
             steps.append(step)
         if not steps:
             return None
-        return decode_layer.run_steps(steps, hidden_states), [step.router_logits for step in steps]
+        norm = decode_layer.final_norm(self.norm, Qwen2MoeRMSNorm, hidden_states)
+        out = decode_layer.run_steps(steps, hidden_states, norm)
+        return out, [step.router_logits for step in steps], norm is not None
 
     def forward(
         self,
@@ -616,8 +664,7 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
         if inputs_embeds is None:
-            check_input_ids(input_ids, self.embed_tokens.num_embeddings)
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self._embed(input_ids)
         batch, q_len = inputs_embeds.shape[:2]
 
         past_key_values = compat.as_cache(past_key_values)
@@ -657,11 +704,11 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_router_logits = () if output_router_logits else None
-        fused = None
+        fused, normed = None, False
         if not (output_hidden_states or output_attentions or torch.is_grad_enabled()):
             fused = self._decode_layers(hidden_states, position_embeddings, masks, past_key_values, kwargs)
         if fused is not None:
-            hidden_states, router_logits = fused
+            hidden_states, router_logits, normed = fused
             if output_router_logits:
                 all_router_logits += tuple(router_logits)
         for layer, kind in zip(self.layers if fused is None else (), config.layer_types):
@@ -681,11 +728,13 @@ class Qwen2MoeModel(Qwen2MoePreTrainedModel):
                 all_attentions += (attn,)
             if output_router_logits and router_logits is not None:
                 all_router_logits += (router_logits,)
-        hidden_states = self.norm(hidden_states)
+        if not normed:
+            hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        output = MoeModelOutputWithPast(
+        output = compat.model_output(
+            MoeModelOutputWithPast,
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
@@ -802,7 +851,8 @@ class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
             if loss is not None and torch.is_tensor(aux_loss):
                 loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
 
-        output = MoeCausalLMOutputWithPast(
+        output = compat.model_output(
+            MoeCausalLMOutputWithPast,
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,

@@ -253,11 +253,23 @@ class DecodeStep:
         self.call, self.cache, self.mask, self.router_logits = call, cache, mask, None
 
 
-def run_steps(steps: List[DecodeStep], hidden_states: torch.Tensor) -> torch.Tensor:
+def final_norm(norm: nn.Module, cls: type, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, float]]:
+    """(weight, eps) where calling `norm` on x (the last layer's output of a decode step) runs exactly the CPU
+    rms_norm op on them (cls.forward through moe.dense.rms_norm), so run_steps may apply it; else None."""
+    weight = norm._parameters.get("weight") if calls_forward(norm, cls) else None
+    if (weight is None or not _plain(weight) or not weight.is_cpu or weight.dtype != x.dtype or weight.dim() != 1
+            or weight.shape[0] != x.shape[-1]):
+        return None
+    return weight, float(norm.variance_epsilon)
+
+
+def run_steps(steps: List[DecodeStep], hidden_states: torch.Tensor,
+              norm: Optional[Tuple[torch.Tensor, float]] = None) -> torch.Tensor:
     """The layers' steps in order, each on the previous one's output, in one call to the extension's decode_layers
     (one layer: the model's per-layer path; all of them: Qwen2MoeModel._decode_layers). Each step's key and value go
     into its cache layer's buffers, then every cache layer commits its new position; if the call raises, none
-    does, and the caches hold what they held. Returns the last layer's output; each step's router_logits is set."""
+    does, and the caches hold what they held. Returns the last layer's output, normed by `norm` (final_norm's)
+    when given; each step's router_logits is set."""
     args, held = [], []
     for step in steps:
         p = step.call.plan
@@ -266,8 +278,8 @@ def run_steps(steps: List[DecodeStep], hidden_states: torch.Tensor) -> torch.Ten
         held.append(n)
         args.append((key_cache, value_cache, n, step.mask, step.call.cos, step.call.sin, p.pack, p.router,
                      p.top_k, p.renormalize, p.moe_pack, p.shared_gate))
-    out, logits = cpu_module().decode_layers(hidden_states, args)
-    for step, n, step_logits in zip(steps, held, logits):
-        step.cache.commit(n + 1)
+    out, logits, keys, values = cpu_module().decode_layers(hidden_states, args, *(norm or (None, 0.0)))
+    for step, n, step_logits, k, v in zip(steps, held, logits, keys, values):
+        step.cache.commit(n + 1, k, v)
         step.router_logits = step_logits
     return out

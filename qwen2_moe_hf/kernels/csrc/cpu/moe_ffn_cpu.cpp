@@ -1475,8 +1475,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Layers' decode steps in order, each on the previous one's output (moe/decode_layer.py run_steps: one layer, or
   // every layer of the model in one call). Each step: (key_cache, value_cache, held, mask, cos, sin, pack,
   // router_weight, top_k, renormalize, moe, shared_expert_gate), as decode_layer takes them. -> (the last layer's
-  // output, [each layer's router logits]). The items are read with the GIL held, the layers run without it.
-  m.def("decode_layers", [](const at::Tensor& hidden, const std::vector<py::tuple>& steps) {
+  // output, [each layer's router logits], [each layer's key_cache[:, :, :held + 1]], [the same of value_cache]: the
+  // views its cache layer commits, made here rather than from Python). The items are read with the GIL held, the
+  // layers run without it.
+  // norm_weight (optional): the model's final RMSNorm applied to the last output (rms_norm_cpu, as its module
+  // computes it), so that the model's forward does not call the norm from Python with caches cold.
+  m.def("decode_layers", [](const at::Tensor& hidden, const std::vector<py::tuple>& steps,
+                            const c10::optional<at::Tensor>& norm_weight, double norm_eps) {
     struct Step {
       at::Tensor key_cache, value_cache, cos, sin, router_weight;
       c10::optional<at::Tensor> mask, shared_expert_gate;
@@ -1522,9 +1527,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       s.renormalize = item(9, bool{});
       s.shared_expert_gate = optional(11);
     }
+    const char* op = "decode_layers";
+    TORCH_CHECK(std::isfinite(norm_eps) && norm_eps >= 0, op, ": norm_eps must be finite and >= 0, got ", norm_eps);
     py::gil_scoped_release no_gil;
     at::Tensor h = hidden;
-    std::vector<at::Tensor> logits;
+    std::vector<at::Tensor> logits, keys, values;
     for (size_t i = 0; i < parsed.size(); ++i) {
       const Step& s = parsed[i];
       RECORD_FUNCTION("qwen2_moe_hf::decode_layer", std::vector<c10::IValue>({h}));
@@ -1533,12 +1540,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                      s.router_weight, s.top_k, s.renormalize, *s.moe, s.shared_expert_gate);
         h = out;
         logits.push_back(l);
+        keys.push_back(s.key_cache.narrow(2, 0, s.held + 1));
+        values.push_back(s.value_cache.narrow(2, 0, s.held + 1));
       } catch (const c10::Error& e) {
         TORCH_CHECK(false, "decode_layers: steps[", i, "]: ", e.what_without_backtrace());
       }
     }
-    return std::make_tuple(h, logits);
-  }, py::arg("hidden"), py::arg("steps"));
+    if (norm_weight) {  // h: the last layer's output (decode_layer checked hidden), or hidden itself
+      TORCH_CHECK(h.dim() >= 1, op, ": hidden must have at least 1 dimension, got a 0-D tensor");
+      TensorArg(*norm_weight, op, "norm_weight", kCpu).dtype(h.scalar_type()).sizes({h.size(-1)}, "hidden");
+      h = rms_norm_cpu(h, *norm_weight, norm_eps);
+    }
+    return std::make_tuple(h, logits, keys, values);
+  }, py::arg("hidden"), py::arg("steps"), py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0);
   m.def("moe_layer", [](const at::Tensor& x, const at::Tensor& router_weight, int64_t top_k, bool renormalize,
                         const LayerPack& pack, const c10::optional<at::Tensor>& shared_expert_gate) {
     RECORD_FUNCTION("qwen2_moe_hf::moe_layer", std::vector<c10::IValue>({x}));
