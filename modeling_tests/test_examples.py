@@ -1,5 +1,6 @@
 """The README's main command and every example, run as a user runs them (subprocesses, no network)."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from qwen2_moe_hf import serve
-from qwen2_moe_hf.demo import build_demo_checkpoint
+from qwen2_moe_hf.demo import DEMO_VERSION, build_demo_checkpoint
 
 import helpers
 
@@ -41,12 +42,12 @@ def test_chat_runs_with_no_arguments_on_the_embedded_model(demo_cache):
     # The demo model was taught one answer; greedy decoding must reproduce it.
     assert "assistant> A large language model is a neural network" in out
     assert "tokens/s]" in out
-    assert os.path.isfile(os.path.join(cache, "demo-v1", ".complete"))
+    assert os.path.isfile(os.path.join(cache, f"demo-v{DEMO_VERSION}", ".complete"))
 
 
 def test_blog_snippet_runs_on_a_checkpoint_path(demo_cache):
     cache, env = demo_cache
-    path = build_demo_checkpoint(os.path.join(cache, "demo-v1"))  # reuses the folder the chat test made
+    path = build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}"))  # reuses the folder the chat test made
     out = _run(["examples/blog_snippet.py", path], env)
     assert out.startswith("A large language model is")
 
@@ -66,7 +67,7 @@ def demo_gptq(demo_cache, tmp_path_factory):
     from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
 
     cache, env = demo_cache
-    source = build_demo_checkpoint(os.path.join(cache, "demo-v1"))
+    source = build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}"))
     return quantize_checkpoint(source, str(tmp_path_factory.mktemp("demo-gptq") / "gptq"), progress=False)
 
 
@@ -74,7 +75,7 @@ def demo_gptq(demo_cache, tmp_path_factory):
 def test_lora_trainer_example_lowers_the_loss_and_saves_adapters(kind, demo_cache, request, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is not installed (both stacks of run_all.sh install it)")
     cache, env = demo_cache
-    path = (build_demo_checkpoint(os.path.join(cache, "demo-v1")) if kind == "full-precision"
+    path = (build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}")) if kind == "full-precision"
             else request.getfixturevalue("demo_gptq"))
     adapter = str(tmp_path / "adapter")
     result = _complete(["examples/lora_trainer.py", path, "--steps", "4", "--lr", "5e-3", "--output-dir", adapter],
@@ -101,7 +102,7 @@ def test_serve_client_example_parses_its_arguments():
 def test_serve_client_example_against_qwen2_moe_hf_serve(demo_cache, tmp_path):
     pytest.importorskip("openai", reason="the openai client is not installed (the newest stack installs it)")
     cache, env = demo_cache
-    path = build_demo_checkpoint(os.path.join(cache, "demo-v1"))
+    path = build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}"))
     with helpers.running_server(path, tmp_path / "serve.log", env=env, cwd=ROOT) as url:
         out = _run(["examples/serve_client.py", path, "--base-url", url, "--max-tokens", "64"], env)
     whole, _, streamed = out.partition("--- streamed:\n")
@@ -110,9 +111,38 @@ def test_serve_client_example_against_qwen2_moe_hf_serve(demo_cache, tmp_path):
     assert "64 completion tokens" in whole, out
 
 
-@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
+BENCHMARKS = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py"))
+
+# Runs each script given as `python benchmarks/SCRIPT --help` would, in one interpreter: the directory of the
+# scripts first on sys.path, each as __main__; prints one JSON line per script (its exit code and output).
+_HELP_CHILD = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+sys.path.insert(0, os.path.abspath("benchmarks"))
+for script in sys.argv[1:]:
+    out = io.StringIO()
+    sys.argv = [os.path.join("benchmarks", script), "--help"]
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    except BaseException:
+        code = traceback.format_exc()
+    print(json.dumps([script, code, out.getvalue()]), flush=True)
+"""
+_HELP = {}
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
 def test_benchmark_scripts_start(script):
     """Every benchmark imports what it needs and parses its arguments (they share helpers, and a renamed helper
-    once broke one of them unseen). Running them is for a quiet machine, not for CI."""
-    out = _run([os.path.join("benchmarks", script), "--help"], dict(os.environ))
-    assert out.startswith(f"usage: {script}")
+    once broke one of them unseen). Running them is for a quiet machine, not for CI. All of them start in one
+    child process (one interpreter start instead of eight)."""
+    if not _HELP:
+        result = _complete(["-c", _HELP_CHILD, *BENCHMARKS], dict(os.environ))
+        assert result.returncode == 0, result.stderr[-3000:]
+        _HELP.update((name, (code, out)) for name, code, out in map(json.loads, result.stdout.splitlines()))
+    code, out = _HELP[script]
+    assert code in (0, None), code
+    assert out.startswith(f"usage: {script}"), out[:500]

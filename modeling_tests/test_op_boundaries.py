@@ -16,8 +16,9 @@ layers where every expert gets tokens, so every weight is read) and changes one 
   empty       no tokens at all (every token-sized argument)   -> the right (empty) result
   nan         NaN in the activations                          -> anything but a crash
 
-The cases run in one child process per op (`python test_op_boundaries.py OP FIRST`); a child killed by a signal
-fails its case with the signal and the end of its stderr, and the next child resumes after it. Under
+Every op's cases run in one child process (`python test_op_boundaries.py FIRST`, FIRST the index of the first case
+to run); a child killed by a signal fails its case with the signal and the end of its stderr, and the next child
+resumes after it. Under
 `run_all.sh sanitize` the children load the AddressSanitizer + UBSan build, so a read out of bounds fails here even
 when it would have passed by luck.
 """
@@ -565,32 +566,41 @@ def run_case(op, case_id, args, expect):
 # ----------------------------------------------------------------------------------------------- the child
 
 
-def child(op, first):
+def _flat_cases():
+    """(op, case id, args, expect) of every op's cases in table order, made one op at a time."""
+    for op in CPU_OPS:
+        for case_id, args, expect in cases(op):
+            yield op, case_id, args, expect
+
+
+def child(first):
     from qwen2_moe_hf.kernels.build import load_cpu_ops
 
     ok, why = load_cpu_ops()
     if not ok:
         print("UNAVAILABLE " + json.dumps(why), flush=True)
         return
-    for i, (case_id, args, expect) in enumerate(cases(op)):
+    for i, (op, case_id, args, expect) in enumerate(_flat_cases()):
         if i < first:
             continue
-        print("START " + json.dumps([i, case_id]), flush=True)
+        print("START " + json.dumps([i, op, case_id]), flush=True)
         with torch.no_grad():
             passed, detail = run_case(op, case_id, args, expect)
-        print("RESULT " + json.dumps([i, case_id, passed, detail]), flush=True)
+        print("RESULT " + json.dumps([i, op, case_id, passed, detail]), flush=True)
     print("DONE", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- the parent
 
 
-def _run_op(op):
-    """{case id: (passed, detail)} for every case of `op`, each child resuming after a crash."""
+def _run_all():
+    """{(op, case id): (passed, detail)} for every case of every op, run in one child process (one start of the
+    interpreter and the extension instead of one per op: ~4 s each); after a crash, a new child resumes at the next
+    case, and the crashed case fails with the signal and the child's stderr."""
     results, first = {}, 0
     while True:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), op, str(first)], capture_output=True,
-                              text=True, timeout=600, env=dict(os.environ))
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(first)], capture_output=True,
+                              text=True, timeout=1800, env=dict(os.environ))
         started = None
         for line in proc.stdout.splitlines():
             if line.startswith("UNAVAILABLE "):
@@ -598,16 +608,16 @@ def _run_op(op):
             if line.startswith("START "):
                 started = json.loads(line[6:])
             elif line.startswith("RESULT "):
-                i, case_id, passed, detail = json.loads(line[7:])
-                results[case_id] = (passed, detail)
+                i, op, case_id, passed, detail = json.loads(line[7:])
+                results[op, case_id] = (passed, detail)
                 started = None
         if "DONE" in proc.stdout.splitlines():
             return results
         if started is None:
-            pytest.fail(f"the child for {op} ended without a result (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-        i, case_id = started
+            pytest.fail(f"the child ended without a result (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        i, op, case_id = started
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        results[case_id] = (False, f"the process died ({how}):\n{proc.stderr[-4000:]}")
+        results[op, case_id] = (False, f"the process died ({how}):\n{proc.stderr[-4000:]}")
         first = i + 1
 
 
@@ -633,9 +643,9 @@ def cpu_ops_available():
 @pytest.mark.parametrize("op,case_id", _case_ids())
 def test_op_boundary(op, case_id, cpu_ops_available):
     assert op != "collection", case_id
-    if op not in _RESULTS:
-        _RESULTS[op] = _run_op(op)
-    passed, detail = _RESULTS[op].get(case_id, (False, "no result"))
+    if not _RESULTS:
+        _RESULTS.update(_run_all())
+    passed, detail = _RESULTS.get((op, case_id), (False, "no result"))
     assert passed, f"{op} [{case_id}]: {detail}"
 
 
@@ -774,4 +784,4 @@ def test_cuda_op_boundaries():
 
 
 if __name__ == "__main__":
-    child(sys.argv[1], int(sys.argv[2]))
+    child(int(sys.argv[1]))

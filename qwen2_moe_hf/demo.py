@@ -20,8 +20,8 @@ from .files import new_folder
 from .modeling_qwen2_moe import Qwen2MoeForCausalLM
 from .registration import QWEN_CHATML_TEMPLATE
 
-DEMO_VERSION = "1"
-TRAIN_STEPS = 200
+DEMO_VERSION = "2"
+TRAIN_STEPS = 120  # v2: 120 steps (v1: 200) reach the same greedy answer, in ~11 s instead of ~21
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 DEMO_CONFIG = dict(
