@@ -37,7 +37,7 @@ from torch.nn.modules import module as _torch_module
 from ..kernels.build import cpu_module, load_cpu_ops
 from .backends import ENV_BACKEND, registry_version, requested_backend, resolve
 from .backends import cpu as cpu_backend
-from .dense import _ATTENTION_EXTRAS, DecodeLinear
+from .dense import _ATTENTION_EXTRAS, DecodeLinear, rms_norm_takes
 from .weights import Int4Projection
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -257,8 +257,7 @@ def final_norm(norm: nn.Module, cls: type, x: torch.Tensor) -> Optional[Tuple[to
     """(weight, eps) where calling `norm` on x (the last layer's output of a decode step) runs exactly the CPU
     rms_norm op on them (cls.forward through moe.dense.rms_norm), so run_steps may apply it; else None."""
     weight = norm._parameters.get("weight") if calls_forward(norm, cls) else None
-    if (weight is None or not _plain(weight) or not weight.is_cpu or weight.dtype != x.dtype or weight.dim() != 1
-            or weight.shape[0] != x.shape[-1]):
+    if weight is None or not rms_norm_takes(x, weight):
         return None
     return weight, float(norm.variance_epsilon)
 

@@ -89,12 +89,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     """weight * normalise(x) as the model computes it (fp32 statistics, rounded to x's dtype, scaled by weight in
     x's dtype) in one CPU op, or None where it does not apply (other devices or dtypes, gradients, compile, a
     weight of another dtype or a subclassed one)."""
-    if (not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or weight.dtype != x.dtype or not weight.is_cpu or type(weight) not in (nn.Parameter, torch.Tensor)
-            or weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]
-            or not _no_grad_needed(x, weight) or torch.compiler.is_compiling() or not load_cpu_ops()[0]):
+    if (not rms_norm_takes(x, weight) or not _no_grad_needed(x, weight) or torch.compiler.is_compiling()
+            or not load_cpu_ops()[0]):
         return None
     return torch.ops.qwen2_moe_hf.rms_norm_cpu(x, weight, float(eps))
+
+
+def rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the CPU rms_norm op takes these tensors as the module holds them (devices, dtypes, shapes, a plain
+    weight). One predicate for rms_norm and the decode lane's final norm, which must agree."""
+    return (x.is_cpu and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.dtype == x.dtype
+            and weight.is_cpu and type(weight) in (nn.Parameter, torch.Tensor) and weight.dim() == 1
+            and x.dim() != 0 and x.shape[-1] == weight.shape[0])
 
 
 def rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
