@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, TextStreamer
 
+from qwen2_moe_hf import compat
 from qwen2_moe_hf.demo import build_demo_checkpoint
 
 import helpers
@@ -54,6 +55,75 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
         torch.manual_seed(seed)
         samples.add(tuple(model.generate(ids, do_sample=True, temperature=2.0, **kwargs)[0].tolist()))
     assert len(samples) > 1, "sampling never varied"
+
+
+def _same_arguments(ours, theirs):
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if torch.is_tensor(value):
+            assert (ours[key].dtype, ours[key].shape, ours[key].device) == (value.dtype, value.shape, value.device), key
+            assert torch.equal(ours[key], value) and ours[key].is_contiguous() == value.is_contiguous(), key
+        else:
+            assert ours[key] is value or ours[key] == value, key
+
+
+GENERATE_CASES = {
+    "greedy": dict(do_sample=False),
+    "left-padded": dict(do_sample=False, attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])),
+    "sampling": dict(do_sample=True, temperature=1.3, top_p=0.9),
+    "scores and logits": dict(do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True),
+    "static cache": dict(do_sample=False, cache_implementation="static"),
+}
+
+
+@pytest.mark.skipif(not compat.IS_V5, reason="transformers 4.x: generate takes compat.prepare_inputs_for_generation "
+                                             "and its own kwargs update, tested by the rest of this file")
+@pytest.mark.parametrize("case", sorted(GENERATE_CASES))
+def test_a_decode_steps_arguments_are_what_generationmixin_makes(case, monkeypatch):
+    """The model's prepare_inputs_for_generation and _update_model_kwargs_for_generation build a decode step's
+    common case themselves (compat.decode_step_inputs / next_step_kwargs): at every call of a real generate, what
+    they return is what GenerationMixin's own returns on the same arguments (same keys, same objects, equal tensors of
+    the same layout); where they decline (the prompt, a compileable cache), GenerationMixin's runs."""
+    from transformers.generation.utils import GenerationMixin
+
+    model = helpers.build_model("gqa")
+    taken = {"inputs": 0, "kwargs": 0}
+    fast_inputs, fast_kwargs = compat.decode_step_inputs, compat.next_step_kwargs
+
+    def decode_step_inputs(model_, input_ids, kwargs):
+        theirs = GenerationMixin.prepare_inputs_for_generation(model_, input_ids, **kwargs)
+        ours = fast_inputs(model_, input_ids, kwargs)
+        if ours is not None:
+            taken["inputs"] += 1
+            _same_arguments(ours, theirs)
+        return ours
+
+    def next_step_kwargs(outputs, model_kwargs, *args, **kwargs):
+        theirs = GenerationMixin._update_model_kwargs_for_generation(model, outputs, dict(model_kwargs), *args,
+                                                                      **kwargs)
+        ours = fast_kwargs(outputs, model_kwargs, *args, **kwargs)
+        if ours is not None:
+            taken["kwargs"] += 1
+            assert ours is model_kwargs  # updated in place, as GenerationMixin's is
+            _same_arguments(ours, theirs)
+        return ours
+
+    monkeypatch.setattr(compat, "decode_step_inputs", decode_step_inputs)
+    monkeypatch.setattr(compat, "next_step_kwargs", next_step_kwargs)
+    kwargs = dict(GENERATE_CASES[case])
+    ids = torch.tensor([[5, 9, 22, 31, 7], [3, 8, 1, 40, 2]])
+    torch.manual_seed(0)
+    ours = model.generate(ids, max_new_tokens=6, min_new_tokens=6, pad_token_id=0, eos_token_id=None, **kwargs)
+    steps = 5  # 6 new tokens: the prompt's forward, then 5 decode steps
+    assert taken == ({"inputs": 0, "kwargs": steps + 1} if case == "static cache"
+                     else {"inputs": steps, "kwargs": steps + 1})
+    monkeypatch.setattr(compat, "decode_step_inputs", lambda *args: None)
+    monkeypatch.setattr(compat, "next_step_kwargs", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    theirs = model.generate(ids, max_new_tokens=6, min_new_tokens=6, pad_token_id=0, eos_token_id=None, **kwargs)
+    if case == "scores and logits":
+        ours, theirs = ours.sequences, theirs.sequences
+    assert torch.equal(ours, theirs)
 
 
 def test_text_streamer_prints_the_generated_text(demo, capsys):

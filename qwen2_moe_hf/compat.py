@@ -266,6 +266,59 @@ def as_cache(
     )
 
 
+# What a decode step of transformers 5.x's generate hands GenerationMixin.prepare_inputs_for_generation in the
+# common case (greedy or sampling, no token types, a cache that is not compileable).
+_DECODE_STEP_ARGS = frozenset(("next_sequence_length", "past_key_values", "attention_mask", "position_ids",
+                               "logits_to_keep", "use_cache"))
+
+
+def decode_step_inputs(model: torch.nn.Module, input_ids: torch.Tensor,
+                       kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """What 5.x's GenerationMixin.prepare_inputs_for_generation returns for a decode step of a decoder-only model in
+    the common case: the last token (a contiguous copy), the cache, the last position (a contiguous copy), the
+    attention mask and the remaining arguments as given. None where it is not that case (a prompt, token types,
+    input embeddings, a compileable cache, inputs on another device than the model's, remote code, transformers
+    4.x's arguments): the generic one runs. Why: with caches cold after a step's weights, its general code cost
+    ~0.13-0.17 ms a token (docs/benchmarks.md); this is the same dict, built with the few operations it needs."""
+    if kwargs.get("next_sequence_length") != 1 or not kwargs.keys() <= _DECODE_STEP_ARGS:
+        return None
+    cache, mask, positions = kwargs.get("past_key_values"), kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if (not isinstance(cache, Cache) or cache.is_compileable or type(input_ids) is not torch.Tensor
+            or input_ids.dim() != 2 or model.config.is_encoder_decoder or model._auto_class is not None
+            or input_ids.device != model.device):
+        return None
+    inputs = {"input_ids": input_ids[:, -1:].clone(memory_format=torch.contiguous_format), "past_key_values": cache}
+    if positions is not None:
+        inputs["position_ids"] = (positions if positions.shape[-1] == 1
+                                  else positions[..., -1:].clone(memory_format=torch.contiguous_format))
+    if mask is not None:
+        inputs["attention_mask"] = mask
+    for key in ("logits_to_keep", "use_cache"):
+        if key in kwargs:
+            inputs[key] = kwargs[key]
+    return inputs
+
+
+def next_step_kwargs(outputs: Any, model_kwargs: Dict[str, Any], is_encoder_decoder: bool = False,
+                     num_new_tokens: int = 1, **other: Any) -> Optional[Dict[str, Any]]:
+    """What 5.x's GenerationMixin._update_model_kwargs_for_generation makes of model_kwargs after a step of one new
+    token in the common case (a decoder-only model whose output holds past_key_values, no token types): the cache
+    taken from the output, the positions and the 2-D attention mask grown by one. model_kwargs is updated in place
+    and returned, as there; None where it is not that case (the generic one runs). Why: as decode_step_inputs."""
+    if (other or is_encoder_decoder or num_new_tokens != 1 or "cache_position" in model_kwargs
+            or model_kwargs.get("token_type_ids") is not None
+            or model_kwargs.get("mm_token_type_ids") is not None or "past_key_values" not in outputs):
+        return None
+    model_kwargs["past_key_values"] = outputs["past_key_values"]
+    positions = model_kwargs.get("position_ids")
+    if positions is not None:
+        model_kwargs["position_ids"] = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None:
+        model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+    return model_kwargs
+
+
 def prepare_inputs_for_generation(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,

@@ -81,7 +81,10 @@ class Qwen2MoeRotaryEmbedding(nn.Module):
                    self.config.head_dim, x.dtype, x.device)
             table = self.__dict__.get("_table")
             if table is not None and table[0] == key:
-                try:  # positions outside the table (past it, negative) raise: then it is made again, or not used
+                # Positions outside the table (past it, negative) raise: then it is made again, or not used. Past
+                # TABLE_MAX every call pays this try and a min / max (~30 us): small beside its attention over
+                # more than 32k cached positions.
+                try:
                     return F.embedding(position_ids, table[1]), F.embedding(position_ids, table[2])
                 except IndexError:
                     pass
@@ -872,6 +875,19 @@ class Qwen2MoeForCausalLM(Qwen2MoePreTrainedModel, GenerationMixin):
         def _reorder_cache(past_key_values, beam_idx):
             past_key_values.reorder_cache(beam_idx)
             return past_key_values
+
+    elif compat.IS_V5:  # GenerationMixin's own, with a decode step's common case built in a few lines (compat)
+
+        def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> Dict[str, Any]:
+            inputs = compat.decode_step_inputs(self, input_ids, kwargs)
+            return inputs if inputs is not None else super().prepare_inputs_for_generation(input_ids, **kwargs)
+
+        def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: Dict[str, Any],
+                                                *args: Any, **kwargs: Any) -> Dict[str, Any]:
+            updated = compat.next_step_kwargs(outputs, model_kwargs, *args, **kwargs)
+            if updated is None:
+                updated = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+            return updated
 
 
 class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel):
