@@ -317,6 +317,18 @@ def test_other_calls_keep_the_modules(lane):
     model.config._attn_implementation = "sdpa"  # back: the lane again
     fused, modules, calls = _both(model, IDS, lane)
     assert calls == 5 * 3
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:  # a global hook or a function mode: checked once for all layers (call_takes_lane), none takes the lane
+        _no_lane(model, IDS, lane)
+    finally:
+        hook.remove()
+
+    class Passing(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passing():
+        _no_lane(model, IDS, lane)
     _no_lane(model.float(), IDS, lane)  # float32: DecodeLinear keeps torch's own Linear there
 
 
