@@ -318,7 +318,7 @@ def test_other_calls_keep_the_modules(lane):
     fused, modules, calls = _both(model, IDS, lane)
     assert calls == 5 * 3
     hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
-    try:  # a global hook or a function mode: checked once for all layers (call_takes_lane), none takes the lane
+    try:  # a global hook or a function mode (decode_layer.prepare's checks): no layer takes the lane
         _no_lane(model, IDS, lane)
     finally:
         hook.remove()

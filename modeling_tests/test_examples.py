@@ -24,6 +24,11 @@ def demo_cache(tmp_path_factory):
     return cache, env
 
 
+def _demo_folder(cache):
+    """Where `qwen2-moe-hf chat` makes the demo checkpoint in the private cache (demo.default_cache_dir)."""
+    return os.path.join(cache, f"demo-v{DEMO_VERSION}")
+
+
 def _complete(args, env):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
                           stdin=subprocess.DEVNULL)
@@ -42,12 +47,12 @@ def test_chat_runs_with_no_arguments_on_the_embedded_model(demo_cache):
     # The demo model was taught one answer; greedy decoding must reproduce it.
     assert "assistant> A large language model is a neural network" in out
     assert "tokens/s]" in out
-    assert os.path.isfile(os.path.join(cache, f"demo-v{DEMO_VERSION}", ".complete"))
+    assert os.path.isfile(os.path.join(_demo_folder(cache), ".complete"))
 
 
 def test_blog_snippet_runs_on_a_checkpoint_path(demo_cache):
     cache, env = demo_cache
-    path = build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}"))  # reuses the folder the chat test made
+    path = build_demo_checkpoint(_demo_folder(cache))  # reuses the folder the chat test made
     out = _run(["examples/blog_snippet.py", path], env)
     assert out.startswith("A large language model is")
 
@@ -67,7 +72,7 @@ def demo_gptq(demo_cache, tmp_path_factory):
     from qwen2_moe_hf.gptq.quantize import quantize_checkpoint
 
     cache, env = demo_cache
-    source = build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}"))
+    source = build_demo_checkpoint(_demo_folder(cache))
     return quantize_checkpoint(source, str(tmp_path_factory.mktemp("demo-gptq") / "gptq"), progress=False)
 
 
@@ -75,7 +80,7 @@ def demo_gptq(demo_cache, tmp_path_factory):
 def test_lora_trainer_example_lowers_the_loss_and_saves_adapters(kind, demo_cache, request, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is not installed (both stacks of run_all.sh install it)")
     cache, env = demo_cache
-    path = (build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}")) if kind == "full-precision"
+    path = (build_demo_checkpoint(_demo_folder(cache)) if kind == "full-precision"
             else request.getfixturevalue("demo_gptq"))
     adapter = str(tmp_path / "adapter")
     result = _complete(["examples/lora_trainer.py", path, "--steps", "4", "--lr", "5e-3", "--output-dir", adapter],
@@ -102,7 +107,7 @@ def test_serve_client_example_parses_its_arguments():
 def test_serve_client_example_against_qwen2_moe_hf_serve(demo_cache, tmp_path):
     pytest.importorskip("openai", reason="the openai client is not installed (the newest stack installs it)")
     cache, env = demo_cache
-    path = build_demo_checkpoint(os.path.join(cache, f"demo-v{DEMO_VERSION}"))
+    path = build_demo_checkpoint(_demo_folder(cache))
     with helpers.running_server(path, tmp_path / "serve.log", env=env, cwd=ROOT) as url:
         out = _run(["examples/serve_client.py", path, "--base-url", url, "--max-tokens", "64"], env)
     whole, _, streamed = out.partition("--- streamed:\n")

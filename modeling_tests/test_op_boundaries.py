@@ -18,9 +18,8 @@ layers where every expert gets tokens, so every weight is read) and changes one 
 
 Every op's cases run in one child process (`python test_op_boundaries.py FIRST`, FIRST the index of the first case
 to run); a child killed by a signal fails its case with the signal and the end of its stderr, and the next child
-resumes after it. Under
-`run_all.sh sanitize` the children load the AddressSanitizer + UBSan build, so a read out of bounds fails here even
-when it would have passed by luck.
+resumes after it. Under `run_all.sh sanitize` the children load the AddressSanitizer + UBSan build, so a read out of
+bounds fails here even when it would have passed by luck.
 """
 
 import json
