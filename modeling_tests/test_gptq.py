@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+import transformers.modeling_utils
 from transformers import AutoModelForCausalLM
 
 import qwen2_moe_hf
@@ -517,6 +518,8 @@ def test_blocked_layout_keeps_the_checkpoint_format_outside():
     storage = in_place.qweight.data_ptr()
     assert in_place.use_blocked_layout(scratch=torch.empty(128 * 16 + 5, dtype=torch.int32))
     assert in_place.qweight.data_ptr() == storage and torch.equal(in_place.checkpoint_qweight(), original)
+    assert in_place.use_blocked_layout(False, scratch=torch.empty(128 * 16, dtype=torch.int32)) is False
+    assert in_place.qweight.data_ptr() == storage and torch.equal(in_place.qweight, original)
     narrow = _random_layer(128, 72, 32, True, 1, False, bias=False)
     assert not narrow.use_blocked_layout() and narrow.qweight.shape == (16, 72)
     eight = GPTQLinear(128, 128, False, GPTQSpec(bits=8, group_size=32))
@@ -554,6 +557,52 @@ def test_cpu_load_blocks_the_int4_layers_and_saves_the_checkpoint_back(gptq_chec
     for key, tensor in source.items():
         if key.endswith(".qweight"):
             assert torch.equal(again[key], tensor), key
+
+
+@pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")
+def test_save_pretrained_takes_no_copy_of_blocked_int4_weights(gptq_checkpoint, tmp_path, monkeypatch):
+    """save_pretrained puts the blocked qweights back in the checkpoint layout within their own storage while it runs
+    (state_dict() alone would make an unblocked copy of each: a second copy of the model's int4 weights), and blocks
+    them again after, also when the save fails: same storage, same logits and decode steps after as before."""
+    model = load(gptq_checkpoint)
+    blocked = [m for m in model.modules() if isinstance(m, GPTQLinear) and m.blocked]
+    storage = [m.qweight.data_ptr() for m in blocked]
+    ids = torch.randint(1, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        logits, tokens = model(ids).logits, model.generate(ids, **kwargs)
+
+    def no_copy(qweight):
+        raise AssertionError("save_pretrained made an unblocked copy of a qweight")
+
+    monkeypatch.setattr(gptq_format, "unblock_qweight", no_copy)
+    model.save_pretrained(str(tmp_path / "again"))
+    again = {}
+    for name in os.listdir(tmp_path / "again"):
+        if name.endswith(".safetensors"):
+            again.update(load_file(str(tmp_path / "again" / name)))
+    for name in os.listdir(gptq_checkpoint):
+        if name.endswith(".safetensors"):
+            for key, tensor in load_file(os.path.join(gptq_checkpoint, name)).items():
+                assert torch.equal(again[key], tensor.to(again[key].dtype)), key
+
+    def after_save(what):
+        assert all(m.blocked for m in blocked), what
+        assert [m.qweight.data_ptr() for m in blocked] == storage, what
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, logits), what
+            assert torch.equal(model.generate(ids, **kwargs), tokens), what
+
+    after_save("a save")
+
+    def disk_full(*args, **kwargs):
+        assert not any(m.blocked for m in blocked)  # the failure comes while the checkpoint layout is held
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)  # what both stacks' save calls
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(str(tmp_path / "full"))
+    after_save("a failed save")
 
 
 @pytest.mark.skipif(not CPU_OPS, reason=f"CPU ops unavailable: {CPU_OPS_WHY}")

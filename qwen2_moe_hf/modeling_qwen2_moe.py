@@ -24,6 +24,7 @@ from transformers.modeling_outputs import (
 
 from . import compat
 from .configuration_qwen2_moe import Qwen2MoeConfig
+from .loading import checkpoint_layout
 from .loading import from_pretrained as load_checkpoint
 from .moe import (DecodeLinear, ExpertWeights, decode_attention, fused_projections, prepare, requested_backend,
                   rms_norm, rope, route)
@@ -512,6 +513,13 @@ class Qwen2MoePreTrainedModel(PreTrainedModel):
         load = super().from_pretrained.__func__
         return load_checkpoint(cls, lambda *a, **k: load(cls, *a, **k), pretrained_model_name_or_path, model_args,
                                kwargs)
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' save_pretrained, with the int4 weights a CPU load blocked for its kernels put back in the
+        checkpoint layout within their own storage while it runs (gptq/linear.py's checkpoint_layout): the files
+        hold the checkpoint's layout, and saving takes no second copy of the int4 weights."""
+        with checkpoint_layout(self):
+            return super().save_pretrained(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return getattr(self, self.base_model_prefix, self).embed_tokens  # a head's is its base model's

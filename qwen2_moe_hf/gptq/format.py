@@ -173,6 +173,17 @@ def unblock_qweight(blocked: torch.Tensor) -> torch.Tensor:
     return blocked.permute(1, 0, 2).reshape(rows, blocks * cols)
 
 
+def unblock_qweight_(blocked: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """unblock_qweight within blocked's own (contiguous) storage, through `scratch` (int32, >= its size): returns the
+    [K/8, N] view of that storage; blocked's own values are reordered."""
+    blocks, rows, cols = blocked.shape
+    copy = scratch[:blocked.numel()].view(blocks, rows, cols)
+    copy.copy_(blocked)
+    flat = blocked.view(rows, blocks * cols)
+    flat.view(rows, blocks, cols).copy_(copy.permute(1, 0, 2))
+    return flat
+
+
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int = 4,
                zero_offset: int = 1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The full-precision weight [N, K] (nn.Linear layout) of GPTQ tensors, in `dtype` (default: scales' dtype)."""

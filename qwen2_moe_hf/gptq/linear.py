@@ -4,7 +4,8 @@ Its buffers are the checkpoint's own tensors (qweight, qzeros, scales, g_idx, op
 save_pretrained() write the format back unchanged and nothing is held twice. One exception, made once after a CPU
 load (`use_blocked_layout`): a 4-bit qweight [K/8, N] is held as the same words blocked [N/64, K/8, 64]
 (format.block_qweight), which the CPU kernels read ~2x faster from memory in a decode step; state_dict() still
-gives the checkpoint layout, load_state_dict takes it, and moving the layer off the CPU restores it.
+gives the checkpoint layout (an unblocked copy; the model's save_pretrained unblocks in place instead:
+`checkpoint_layout`), load_state_dict takes it, and moving the layer off the CPU restores it.
 forward(x) picks a kernel by device:
   cpu  -> the gptq_linear_cpu op (kernels/csrc/cpu/gptq_int4_cpu.cpp: 4 bits, reads the packed layout directly)
   cuda -> kernels/triton_moe.py's gptq_linear_triton (4 bits; in-kernel dequantization) when triton is installed
@@ -17,10 +18,11 @@ As an `Int4Projection` (moe/weights.py) it hands its 4-bit tensors to the MoE ba
 experts at once.
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -80,11 +82,12 @@ class GPTQLinear(nn.Module, Int4Projection):
         Blocking is done only where the CPU kernels read it: 4 bits, a plain CPU tensor, out_features a multiple
         of 64. The buffer is replaced by a new tensor, unless `scratch` (int32, at least qweight's size) is given:
         then the words are reordered within qweight's own storage through it (the loader's buffers: no memory
-        freed and taken again per layer; never a tensor the caller may still hold)."""
+        freed and taken again per layer; never a tensor the caller may still hold). The same holds the other way."""
         q = self.qweight
         if not blocked:
             if self.blocked:
-                self.qweight = gptq_format.unblock_qweight(q)
+                in_place = scratch is not None and q.is_contiguous()
+                self.qweight = gptq_format.unblock_qweight_(q, scratch) if in_place else gptq_format.unblock_qweight(q)
             return False
         if (self.blocked or self.bits != 4 or type(q) is not torch.Tensor or q.device.type != "cpu"
                 or q.dim() != 2 or q.shape[1] % gptq_format.BLOCK_COLS != 0):
@@ -162,6 +165,26 @@ def use_blocked_layout(model: nn.Module, blocked: bool = True, in_place: bool = 
         sizes = [m.qweight.numel() for m in layers if m.qweight is not None and m.qweight.device.type == "cpu"]
         scratch = torch.empty(max(sizes, default=0), dtype=torch.int32)
     return sum(m.use_blocked_layout(scratch=scratch) for m in layers)
+
+
+@contextlib.contextmanager
+def checkpoint_layout(model: nn.Module) -> Iterator[int]:
+    """For the duration, every GPTQLinear of `model` holding qweight blocked holds it in the checkpoint layout
+    instead, reordered within its own storage; blocked again after, also on error. Yields how many were blocked.
+    Why: state_dict() gives a blocked layer's qweight as an unblocked copy, so saving a loaded model held a second
+    copy of every int4 weight (~7 GB for the 24-layer Qwen1.5-MoE-A2.7B); inside, the buffers themselves are saved.
+    What state_dict() returns inside must not outlive it: the buffers are blocked again in place."""
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear) and m.blocked and m.qweight.is_contiguous()]
+    scratch = torch.empty(max((m.qweight.numel() for m in layers), default=0), dtype=torch.int32)
+    unblocked = []
+    try:
+        for m in layers:
+            m.use_blocked_layout(False, scratch=scratch)
+            unblocked.append(m)
+        yield len(layers)
+    finally:
+        for m in unblocked:
+            m.use_blocked_layout(True, scratch=scratch)
 
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
