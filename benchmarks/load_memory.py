@@ -124,11 +124,13 @@ def child(folder, kind):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, **compat.dtype_kwarg(dtype))
     # Without clear_refs the lifetime peak is all there is (it may include the imports' own peak).
     peak = status_bytes("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # The tensors the model holds, not state_dict(): that gives a CPU load's blocked int4 weights as unblocked copies.
+    tensors = list(model.parameters()) + list(model.buffers())
+    held = sum(t.numel() * t.element_size() for t in tensors)
     after = rss_bytes()
     # transformers 5.x may leave weights memory-mapped and untouched: read each once to see what they occupy.
     with torch.no_grad():
-        for tensor in model.state_dict().values():
+        for tensor in tensors:
             tensor.reshape(-1)[:: max(1, 4096 // tensor.element_size())].float().sum()
     print(json.dumps({"before": before, "peak": peak, "after": after, "touched": rss_bytes(), "model_bytes": held}))
 
