@@ -11,12 +11,17 @@
 #   sanitize: the newest stack's venv, with the CPU ops built with AddressSanitizer + UBSan (QWEN2_MOE_HF_SANITIZE)
 #             and the sanitizer runtime preloaded: the op, property and cpu-backend tests, where a read out of
 #             bounds aborts the test instead of passing by luck
+#   narrower-isa: the newest stack's venv, with the CPU ops built for each instruction set narrower than this
+#             machine's own (QWEN2_MOE_HF_CPU_ISA; on an AVX-512 BF16 machine the AVX-512 VNNI, AVX2 and portable
+#             builds, on an AVX2-only one the portable build): the kernels' and the decode lane's tests, so that
+#             every machine also tests the kernels the other machines get
 #   fresh-install: the README's main command as a new user runs it: a clean venv, `pip install .` (not editable),
 #             then `qwen2-moe-hf chat` from outside the source tree with a PATH that has no system ninja; it must
 #             build the CPU ops, make the demo model and give its answer
 # The CPU ops must build on the stacks that run them (QWEN2_MOE_HF_REQUIRE_CPU_OPS=1: conftest.py fails the run
 # instead of letting their tests skip).
-# Usage: bash modeling_tests/run_all.sh [newest|blog-era|cuda-build|sanitize|fresh-install|all] [extra pytest args]
+# Usage: bash modeling_tests/run_all.sh [newest|blog-era|cuda-build|sanitize|narrower-isa|fresh-install|all]
+#        [extra pytest args]
 # Env: VENV_ROOT (default: the repository), PYTHON (default: python3), KEEP_VENVS=1 to reuse existing venvs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,19 +39,24 @@ declare -A STACK_PACKAGES=(
   [cuda-build]="torch==2.14.1 transformers==5.23.0 accelerate"
 )
 STACK_PACKAGES[sanitize]=${STACK_PACKAGES[newest]}
+STACK_PACKAGES[narrower-isa]=${STACK_PACKAGES[newest]}
 # What each stack runs (default: the whole suite).
 declare -A STACK_TESTS=(
   [cuda-build]="modeling_tests/test_cuda_extension.py modeling_tests/test_moe_ops.py"
   [sanitize]="modeling_tests/test_op_boundaries.py modeling_tests/test_op_properties.py modeling_tests/test_moe_ops.py
               modeling_tests/test_properties.py modeling_tests/test_cpu_layer.py modeling_tests/test_moe_backends.py
               modeling_tests/test_gptq.py modeling_tests/test_decode_layer.py"
+  [narrower-isa]="modeling_tests/test_op_boundaries.py modeling_tests/test_op_properties.py modeling_tests/test_moe_ops.py
+                  modeling_tests/test_gptq.py modeling_tests/test_decode_ops.py modeling_tests/test_decode_linear.py
+                  modeling_tests/test_decode_layer.py"
 )
 # The venv each stack runs in (default: its own).
-declare -A STACK_VENV=([sanitize]=newest)
+declare -A STACK_VENV=([sanitize]=newest [narrower-isa]=newest)
 # Extra environment per stack.
 declare -A STACK_ENV=(
   [newest]="QWEN2_MOE_HF_REQUIRE_CPU_OPS=1"
   [blog-era]="QWEN2_MOE_HF_REQUIRE_CPU_OPS=1"
+  [narrower-isa]="QWEN2_MOE_HF_REQUIRE_CPU_OPS=1"
   [sanitize]="QWEN2_MOE_HF_REQUIRE_CPU_OPS=1 QWEN2_MOE_HF_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1
               UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1"
 )
@@ -85,6 +95,17 @@ run_stack() {
       || { cat "$venv/pip.log"; return 1; }
   fi
   "$venv/bin/python" -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
+  if [ "$name" = narrower-isa ]; then
+    local isa isas failed=0
+    isas=$("$venv/bin/python" -c "from qwen2_moe_hf.kernels.build import narrower_builds; print(*narrower_builds())")
+    [ -n "$isas" ] || { echo "no build narrower than this machine's own"; return 0; }
+    for isa in $isas; do
+      echo "--- QWEN2_MOE_HF_CPU_ISA=$isa ($(date -u +%H:%M:%S))"
+      env ${STACK_ENV[$name]} QWEN2_MOE_HF_CPU_ISA="$isa" \
+        "$venv/bin/python" -m pytest ${STACK_TESTS[$name]} -p no:cacheprovider -q -rs "$@" || failed=1
+    done
+    return $failed
+  fi
   local preload=""
   if [ "$name" = sanitize ]; then
     # ASan's runtime must come first; libstdc++ too, or ASan cannot intercept C++ throws (python does not link it).
@@ -124,7 +145,7 @@ fresh_install() {
 
 status=0
 case "$which_stacks" in
-  newest|blog-era|cuda-build|sanitize) run_stack "$which_stacks" "$@" || status=$? ;;
+  newest|blog-era|cuda-build|sanitize|narrower-isa) run_stack "$which_stacks" "$@" || status=$? ;;
   fresh-install) fresh_install || status=$? ;;
   all)
     # Each stack's packages install in the background while the stacks before it run: pip waits on the network and
@@ -137,9 +158,11 @@ case "$which_stacks" in
     fresh_install || status=$?
     run_stack newest "$@" || status=$?
     run_stack sanitize "$@" || status=$?
+    run_stack narrower-isa "$@" || status=$?
     run_stack blog-era "$@" || status=$?
     run_stack cuda-build "$@" || status=$?
     ;;
-  *) echo "unknown stack '$which_stacks' (newest | blog-era | cuda-build | sanitize | fresh-install | all)" >&2; exit 2 ;;
+  *) echo "unknown stack '$which_stacks' (newest | blog-era | cuda-build | sanitize | narrower-isa | fresh-install | all)" >&2
+     exit 2 ;;
 esac
 exit $status

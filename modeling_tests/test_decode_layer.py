@@ -8,7 +8,7 @@ import torch
 
 from qwen2_moe_hf import compat
 from qwen2_moe_hf import modeling_qwen2_moe as modeling
-from qwen2_moe_hf.kernels.build import load_cpu_ops
+from qwen2_moe_hf.kernels.build import cpu_module, load_cpu_ops
 from qwen2_moe_hf.moe import decode_layer
 from qwen2_moe_hf.moe.dense import mask_fits
 
@@ -78,6 +78,12 @@ def _both(model, ids, lane, **kwargs):
 IDS = torch.tensor([[5, 9, 2, 7, 1, 3, 11]])
 
 
+def _fp16_dense_takes_lane():
+    """Whether full-precision fp16 layers take the lane on this build: their q/k/v/o need DecodeLinear's fp16 GEMV,
+    the AVX-512 lanes kernel; on other builds (AVX2, generic) such layers run their modules."""
+    return cpu_module().dense_row_lanes()
+
+
 @pytest.mark.parametrize("preset", ["gqa", "top3_of_8_wide_heads", "sparse_step2_mha_norm", "mlp_only_mqa_norm"])
 @pytest.mark.parametrize("kind", ["bf16", "fp16", "int4-bf16", "int4-fp16"])
 def test_generate_is_the_modules_bit_for_bit(preset, kind, lane):
@@ -89,6 +95,8 @@ def test_generate_is_the_modules_bit_for_bit(preset, kind, lane):
     model = model.to(torch.float16 if kind.endswith("fp16") else torch.bfloat16)
     fused, modules, calls = _both(model, IDS, lane)
     moe_layers = sum(isinstance(layer.mlp, modeling.Qwen2MoeSparseMoeBlock) for layer in model.model.layers)
+    if kind == "fp16" and not _fp16_dense_takes_lane():
+        moe_layers = 0  # no layer takes the lane: the modules against the modules
     assert calls == 5 * moe_layers  # every decode step (6 tokens: the prompt's step gives the first) of each
     # every layer in one call per step where every layer takes the lane (dense-MLP layers do not)
     assert lane.model_calls == (5 if moe_layers == len(model.model.layers) else 0)
@@ -153,16 +161,26 @@ def test_the_final_norm_joins_the_call_only_as_its_module_would_compute(lane, mo
     _same(fused, modules)
 
 
-def test_fp16_sums_past_fp16s_range_are_clamped_as_the_modules_do(lane):
+@pytest.mark.parametrize("kind", ["fp16", "int4-fp16"])
+def test_fp16_sums_past_fp16s_range_are_clamped_as_the_modules_do(lane, kind):
     """The lane's residual sums (plain loops) round to fp16 and then clamp as the modules' clamp_fp16(residual +
     hidden_states) does: with hidden states at +-60000 and a large o_proj, some sums pass fp16's range (inf before
-    the clamp) and come out at the clamp's bound, bit for bit as in the modules."""
-    model = helpers.build_model("gqa").half()
+    the clamp) and come out at the clamp's bound, bit for bit as in the modules. The GPTQ model takes the lane on
+    every build; the full-precision one where its fp16 projections do."""
+    if kind == "fp16" and not _fp16_dense_takes_lane():
+        pytest.skip("fp16 dense projections take the lane only with the AVX-512 lanes kernel (this build has none)")
+    model = helpers.build_model("gqa")
+    if kind == "int4-fp16":
+        from qwen2_moe_hf.bench import int4_copy
+
+        model = int4_copy(model, attention=True, blocked=True)
+    model = model.half()
     with torch.no_grad():
         emb = model.model.embed_tokens.weight
         emb.copy_(torch.where(torch.rand(emb.shape, generator=torch.Generator().manual_seed(0)) < 0.5, -6e4, 6e4))
         for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.mul_(2000)
+            o_proj = layer.self_attn.o_proj
+            (o_proj.scales if kind == "int4-fp16" else o_proj.weight).mul_(2000)
     clamped = []
     handles = [layer.register_forward_hook(lambda m, a, out: clamped.append(out[0].abs().max().item()))
                for layer in model.model.layers]
@@ -360,7 +378,7 @@ def test_converted_and_copied_models_plan_again(lane):
     assert lane.calls == 5 * 3
     model.half()
     fused, modules, calls = _both(model, IDS, lane)
-    assert calls == 5 * 3
+    assert calls == (5 * 3 if _fp16_dense_takes_lane() else 0)
     _same(fused, modules)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert all(layer.__dict__.get("_decode_plan") is None for layer in clone.model.layers)

@@ -219,3 +219,23 @@ def test_the_build_is_picked_for_the_cpu_and_never_beyond_it(monkeypatch):
     monkeypatch.setenv(extension.ENV_ISA, "avx1024")
     with pytest.raises(ValueError, match="QWEN2_MOE_HF_CPU_ISA='avx1024': expected avx512, avx512vnni, avx2 or generic"):
         extension._cpu_flags()
+
+
+@pytest.mark.parametrize("flags, own, narrower", [
+    ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}, "avx512bf16",
+     ["avx512vnni", "avx2", "generic"]),  # Zen 4, Sapphire Rapids
+    ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "avx512vnni", ["avx2", "generic"]),
+    ({"avx2", "fma", "f16c", "avx512f"}, "avx2", ["generic"]),  # AVX-512 without VNNI builds for AVX2
+    ({"avx2", "fma", "f16c"}, "avx2", ["generic"]),  # Zen 2/3
+    ({"sse4_2"}, "generic", []),
+])
+def test_narrower_builds_are_every_build_below_the_machines_own(monkeypatch, flags, own, narrower):
+    """What CI's narrower-isa stage tests beside the machine's own build: each distinct build below it, widest first,
+    as QWEN2_MOE_HF_CPU_ISA values that give those builds (whatever the environment asks for now)."""
+    monkeypatch.setattr(extension, "_machine_flags", lambda: set(flags))
+    monkeypatch.setenv(extension.ENV_ISA, "generic")
+    assert extension._cpu_flags("avx512")[0] == own
+    assert extension.narrower_builds() == narrower
+    tags = [extension._cpu_flags(isa)[0] for isa in narrower]
+    assert len(set(tags)) == len(tags) and own not in tags
+    assert set(tags) | {own} == {extension._cpu_flags(isa)[0] for isa in extension.ISA_CHOICES}

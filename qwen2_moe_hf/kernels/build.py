@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch.utils import cpp_extension
@@ -56,17 +56,26 @@ AVX512_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 ENV_ISA = "QWEN2_MOE_HF_CPU_ISA"  # avx512 | avx512vnni | avx2 | generic: build for less than the machine has (tests)
 
 
-def _cpu_flags() -> Tuple[str, List[str]]:
-    """Vector flags this machine runs, picked at build time: AVX2 + FMA + F16C when present (+ AVX-512 VNNI when
-    present too, + AVX-512 BF16 on top of that when present), else portable code. QWEN2_MOE_HF_CPU_ISA asks for
-    less (never more than the CPU has)."""
+ISA_CHOICES = ("avx512", "avx512vnni", "avx2", "generic")  # widest first
+
+
+def _machine_flags() -> Set[str]:
+    """The CPU's flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        flags = set()
-    wanted = os.environ.get(ENV_ISA, "avx512")
-    if wanted not in ("avx512", "avx512vnni", "avx2", "generic"):
+        return set()
+
+
+def _cpu_flags(wanted: Optional[str] = None) -> Tuple[str, List[str]]:
+    """Vector flags this machine runs, picked at build time: AVX2 + FMA + F16C when present (+ AVX-512 VNNI when
+    present too, + AVX-512 BF16 on top of that when present), else portable code. QWEN2_MOE_HF_CPU_ISA (or
+    `wanted`) asks for less (never more than the CPU has)."""
+    flags = _machine_flags()
+    if wanted is None:
+        wanted = os.environ.get(ENV_ISA, "avx512")
+    if wanted not in ISA_CHOICES:
         raise ValueError(f"{ENV_ISA}={wanted!r}: expected avx512, avx512vnni, avx2 or generic")
     avx2 = ["-mavx2", "-mfma", "-mf16c"]
     if wanted.startswith("avx512") and {"avx2", "fma", "f16c"} <= flags and AVX512_VNNI <= flags:
@@ -77,6 +86,20 @@ def _cpu_flags() -> Tuple[str, List[str]]:
     if wanted != "generic" and {"avx2", "fma", "f16c"} <= flags:
         return "avx2", avx2
     return "generic", []
+
+
+def narrower_builds() -> List[str]:
+    """The QWEN2_MOE_HF_CPU_ISA values whose builds are narrower than this machine's own, one per distinct build,
+    widest first (on an AVX-512 BF16 machine: avx512vnni, avx2, generic; on an AVX2-only one: generic). CI runs the
+    kernels' tests on each of them too: a machine tests its own kernels and the ones the other machines get."""
+    seen = {_cpu_flags("avx512")[0]}
+    narrower = []
+    for wanted in ISA_CHOICES[1:]:
+        tag = _cpu_flags(wanted)[0]
+        if tag not in seen:
+            seen.add(tag)
+            narrower.append(wanted)
+    return narrower
 
 
 def sanitized() -> bool:
