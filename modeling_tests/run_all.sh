@@ -46,9 +46,9 @@ declare -A STACK_TESTS=(
   [sanitize]="modeling_tests/test_op_boundaries.py modeling_tests/test_op_properties.py modeling_tests/test_moe_ops.py
               modeling_tests/test_properties.py modeling_tests/test_cpu_layer.py modeling_tests/test_moe_backends.py
               modeling_tests/test_gptq.py modeling_tests/test_decode_layer.py"
-  [narrower-isa]="modeling_tests/test_op_boundaries.py modeling_tests/test_op_properties.py modeling_tests/test_moe_ops.py
-                  modeling_tests/test_gptq.py modeling_tests/test_decode_ops.py modeling_tests/test_decode_linear.py
-                  modeling_tests/test_decode_layer.py"
+  [narrower-isa]="modeling_tests/test_op_boundaries.py modeling_tests/test_op_properties.py
+                  modeling_tests/test_moe_ops.py modeling_tests/test_gptq.py modeling_tests/test_decode_ops.py
+                  modeling_tests/test_decode_linear.py modeling_tests/test_decode_layer.py"
 )
 # The venv each stack runs in (default: its own).
 declare -A STACK_VENV=([sanitize]=newest [narrower-isa]=newest)
@@ -162,7 +162,8 @@ case "$which_stacks" in
     run_stack blog-era "$@" || status=$?
     run_stack cuda-build "$@" || status=$?
     ;;
-  *) echo "unknown stack '$which_stacks' (newest | blog-era | cuda-build | sanitize | narrower-isa | fresh-install | all)" >&2
+  *) echo "unknown stack '$which_stacks'" \
+          "(newest | blog-era | cuda-build | sanitize | narrower-isa | fresh-install | all)" >&2
      exit 2 ;;
 esac
 exit $status

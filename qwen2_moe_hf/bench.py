@@ -91,7 +91,8 @@ class CopyProbe:
 
 class ReadProbe:
     """`tensor.sum()` over 512 MiB: bytes read per second. A block streaming its weights reads them about this
-    fast (docs/CHANGELOG.md, measurement log), while copies speed up and slow down apart from reads on this kind of machine."""
+    fast (docs/CHANGELOG.md, measurement log), while copies speed up and slow down apart from reads on this kind of
+    machine."""
 
     def __init__(self, nbytes: int = 512 << 20) -> None:
         self.buf = torch.ones(nbytes // 4)

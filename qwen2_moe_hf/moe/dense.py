@@ -27,9 +27,10 @@ class DecodeLinear(nn.Linear):
     ops' streaming GEMV (`dense_linear_cpu`) where it is the faster: bf16 up to DECODE_ROWS rows (oneDNN's bf16 GEMV
     reads the weight at 13-19 GB/s where ours reads it at 28-32; lm_head: 32.7 -> 22.2 ms per token), and one fp16
     row (a GPTQ checkpoint's lm_head in its default dtype) where the AVX-512 lanes kernel is built (torch's own fp16
-    GEMV is close behind it, 14.9 against 12.0 ms for lm_head, and ahead of the AVX2 kernels; docs/CHANGELOG.md, measurement log).
-    Same math: fp32 sums, the output rounded once. Anything else (more rows, other dtypes or devices, gradients,
-    torch.compile, distributed weights) is nn.Linear's own forward. Used for the attention projections and lm_head."""
+    GEMV is close behind it, 14.9 against 12.0 ms for lm_head, and ahead of the AVX2 kernels; docs/CHANGELOG.md,
+    measurement log). Same math: fp32 sums, the output rounded once. Anything else (more rows, other dtypes or
+    devices, gradients, torch.compile, distributed weights) is nn.Linear's own forward. Used for the attention
+    projections and lm_head."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
