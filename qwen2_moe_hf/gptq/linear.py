@@ -22,7 +22,7 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -160,11 +160,14 @@ def use_blocked_layout(model: nn.Module, blocked: bool = True, in_place: bool = 
     layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
     if not blocked or os.environ.get(ENV_LAYOUT, "").lower() == "checkpoint":
         return sum(m.use_blocked_layout(False) for m in layers)
-    scratch = None
-    if in_place:
-        sizes = [m.qweight.numel() for m in layers if m.qweight is not None and m.qweight.device.type == "cpu"]
-        scratch = torch.empty(max(sizes, default=0), dtype=torch.int32)
+    on_cpu = [m for m in layers if m.qweight is not None and m.qweight.device.type == "cpu"]
+    scratch = _scratch(on_cpu) if in_place else None
     return sum(m.use_blocked_layout(scratch=scratch) for m in layers)
+
+
+def _scratch(layers: List["GPTQLinear"]) -> torch.Tensor:
+    """One int32 buffer that can hold any of these layers' qweights: what an in-place reorder copies through."""
+    return torch.empty(max((m.qweight.numel() for m in layers), default=0), dtype=torch.int32)
 
 
 @contextlib.contextmanager
@@ -175,7 +178,7 @@ def checkpoint_layout(model: nn.Module) -> Iterator[int]:
     copy of every int4 weight (~7 GB for the 24-layer Qwen1.5-MoE-A2.7B); inside, the buffers themselves are saved.
     What state_dict() returns inside must not outlive it: the buffers are blocked again in place."""
     layers = [m for m in model.modules() if isinstance(m, GPTQLinear) and m.blocked and m.qweight.is_contiguous()]
-    scratch = torch.empty(max((m.qweight.numel() for m in layers), default=0), dtype=torch.int32)
+    scratch = _scratch(layers)
     unblocked = []
     try:
         for m in layers:
